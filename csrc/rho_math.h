@@ -1,0 +1,210 @@
+// rho_math.h -- the math of the fused score/select op, in one torch-free header.
+//
+// Shared by the CPU kernel (csrc/cpu) and the CUDA kernel (csrc/cuda); the Triton kernel
+// (rho_kernels/triton_select.py) and the PyTorch reference (rho_kernels/reference.py)
+// implement exactly these rules.  Nothing here includes torch.
+//
+// One row = the logits z[0..V) of one candidate, its target y and its irreducible loss il.
+// A kernel streams the row once and keeps an online accumulator relative to a running max m:
+//
+//   d   = sum_j exp(z_j - m)                    -> lse = m + log d
+//   t   = sum_j exp(z_j - m) * (z_j - m)        -> entropy H = log d - t / d
+//   dx  = sum_{j != y} exp(z_j - m)             -> 1 - p_y            = dx / d
+//   s2x = sum_{j != y} exp(z_j - m)^2           -> sum_{j != y} p_j^2 = s2x / d^2
+//
+// gradnorm = ||softmax(z) - onehot(y)||_2 = sqrt(s2x/d^2 + (dx/d)^2).  Excluding the target
+// from dx/s2x (instead of subtracting its term afterwards) avoids the cancellation that
+// would otherwise cost ~sqrt(eps) absolute error on confidently-correct rows.
+//
+// Scores (method ids are part of the op schema; keep in sync with rho_kernels/_contract.py):
+//   0 reducible   = CE - IL             (RHO-LOSS)
+//   1 loss        = CE                  (high-loss first / selective backprop)
+//   2 irreducible = -IL                 (lowest IL first; the logits are not read)
+//   3 gradnorm    = ||softmax(z) - onehot(y)||_2
+//   4 entropy     = -sum_j p_j log p_j  (label-free)
+//
+// Special values (the reference follows the same rules):
+//   * a NaN logit makes lse NaN; an all -inf row has lse = -inf; a +inf logit gives lse = +inf;
+//     CE = lse - z_y then follows IEEE (e.g. all -inf -> NaN, z_y = -inf -> +inf);
+//   * gradnorm and entropy are NaN whenever lse is not finite;
+//   * a -inf logit is an impossible class: it contributes exactly 0 to every sum;
+//   * target == ignore_index -> score -inf; target outside [0, V) -> score NaN (never read).
+// A row is *eligible* for selection iff its target is in range and its score is not NaN.
+//
+// Ordering (identical on every backend): score descending, ties to the lower row index,
+// ineligible rows after all eligible ones (among themselves by row index).  select_key()
+// packs this order into one uint64 so that "largest key first" is the whole rule.
+#pragma once
+
+#include <stdint.h>
+
+#include <cmath>
+#include <cstring>
+#include <limits>
+
+#if defined(__CUDACC__) || defined(__HIPCC__)
+#define RHO_HD __host__ __device__ __forceinline__
+#else
+#define RHO_HD inline
+#endif
+
+namespace rho {
+
+enum Method : int {
+  kReducible = 0,
+  kLoss = 1,
+  kIrreducible = 2,
+  kGradNorm = 3,
+  kEntropy = 4,
+};
+constexpr int kNumMethods = 5;
+
+// Which running sums a method needs; kernels template on these so that CE pays for nothing else.
+RHO_HD constexpr bool needs_logits(int method) { return method != kIrreducible; }
+RHO_HD constexpr bool needs_entropy_sum(int method) { return method == kEntropy; }
+RHO_HD constexpr bool needs_gradnorm_sums(int method) { return method == kGradNorm; }
+RHO_HD constexpr bool needs_il(int method) { return method == kReducible || method == kIrreducible; }
+
+// Target classification, decided once per row before any logit is read.
+enum TargetState : int { kTargetOk = 0, kTargetIgnored = 1, kTargetOutOfRange = 2 };
+
+RHO_HD int target_state(int64_t y, int64_t num_classes, int64_t ignore_index) {
+  if (y == ignore_index) return kTargetIgnored;
+  if (y < 0 || y >= num_classes) return kTargetOutOfRange;
+  return kTargetOk;
+}
+
+template <typename T>
+RHO_HD T pos_inf() { return std::numeric_limits<T>::infinity(); }
+template <typename T>
+RHO_HD T quiet_nan() { return std::numeric_limits<T>::quiet_NaN(); }
+
+// NaN-propagating max: a NaN anywhere in the row must make the row NaN.
+template <typename T>
+RHO_HD T nan_max(T a, T b) { return (a != a || a > b) ? a : b; }
+
+// e * (z - m) with 0 * (-inf) read as 0: a -inf logit is an impossible class, p log p -> 0.
+template <typename T>
+RHO_HD T entropy_term(T e, T shifted) {
+  const T lowest = std::numeric_limits<T>::lowest();
+  return e * (shifted < lowest ? lowest : shifted);
+}
+
+template <typename T>
+struct RowAcc {
+  T m;    // running max (NaN-propagating); -inf while nothing finite has been seen
+  T d;    // sum exp(z - m)
+  T t;    // sum exp(z - m) * (z - m)            (entropy only)
+  T dx;   // sum over j != y of exp(z - m)       (gradnorm only)
+  T s2x;  // sum over j != y of exp(z - m)^2     (gradnorm only)
+};
+
+template <typename T>
+RHO_HD RowAcc<T> acc_empty() { return RowAcc<T>{-pos_inf<T>(), T(0), T(0), T(0), T(0)}; }
+
+// Re-express `a` relative to a new (not smaller) max `m`.  Handles the empty accumulator
+// (a.m = -inf) without evaluating exp(-inf - -inf) = NaN.
+template <typename T>
+RHO_HD RowAcc<T> acc_rescale(const RowAcc<T>& a, T m) {
+  if (a.d == T(0) || a.m == m) {
+    RowAcc<T> r = a;
+    r.m = m;
+    return r;
+  }
+  const T shift = a.m - m;  // <= 0
+  const T alpha = std::exp(shift);
+  RowAcc<T> r;
+  r.m = m;
+  r.d = alpha * a.d;
+  r.t = alpha * (a.t + shift * a.d);
+  r.dx = alpha * a.dx;
+  r.s2x = alpha * alpha * a.s2x;
+  return r;
+}
+
+// Combine two partial accumulators of the same row (split-V kernels, SIMD lanes, warps).
+template <typename T>
+RHO_HD RowAcc<T> acc_merge(const RowAcc<T>& a, const RowAcc<T>& b) {
+  const T m = nan_max(a.m, b.m);
+  if (m == -pos_inf<T>()) return acc_empty<T>();
+  const RowAcc<T> x = acc_rescale(a, m);
+  const RowAcc<T> y = acc_rescale(b, m);
+  return RowAcc<T>{m, x.d + y.d, x.t + y.t, x.dx + y.dx, x.s2x + y.s2x};
+}
+
+// Add one logit z (column j) to an accumulator whose max m already covers z (m >= z or NaN).
+template <typename T, int kMethod>
+RHO_HD void acc_add(RowAcc<T>& a, T z, bool is_target) {
+  const T shifted = z - a.m;
+  const T e = (z == -pos_inf<T>()) ? T(0) : std::exp(shifted);
+  a.d += e;
+  if (needs_entropy_sum(kMethod)) a.t += entropy_term(e, shifted);
+  if (needs_gradnorm_sums(kMethod) && !is_target) {
+    a.dx += e;
+    a.s2x += e * e;
+  }
+}
+
+template <typename T>
+RHO_HD T finalize_lse(const RowAcc<T>& a) {
+  if (a.m != a.m) return quiet_nan<T>();
+  if (a.m == pos_inf<T>() || a.m == -pos_inf<T>()) return a.m;
+  return a.m + std::log(a.d);
+}
+
+RHO_HD bool is_finite_value(double x) { return x == x && x != pos_inf<double>() && x != -pos_inf<double>(); }
+
+// The score of one row.  `lse` comes from finalize_lse, `z_y` is the target logit (in the
+// accumulation type), `il` the irreducible loss (ignored by methods that do not use it).
+template <typename T>
+RHO_HD T finalize_score(int method, const RowAcc<T>& a, T lse, T z_y, T il, int tstate) {
+  if (tstate == kTargetIgnored) return -pos_inf<T>();
+  if (tstate == kTargetOutOfRange) return quiet_nan<T>();
+  switch (method) {
+    case kReducible:
+      return (lse - z_y) - il;
+    case kLoss:
+      return lse - z_y;
+    case kIrreducible:
+      return -il;
+    case kGradNorm: {
+      if (!is_finite_value(static_cast<double>(lse))) return quiet_nan<T>();
+      const T q = a.dx / a.d;          // 1 - p_y
+      const T s = a.s2x / (a.d * a.d);  // sum_{j != y} p_j^2
+      return std::sqrt(s + q * q);
+    }
+    case kEntropy:
+      if (!is_finite_value(static_cast<double>(lse))) return quiet_nan<T>();
+      return std::log(a.d) - a.t / a.d;
+    default:
+      return quiet_nan<T>();
+  }
+}
+
+RHO_HD bool is_eligible(float score, int tstate) { return tstate == kTargetOk && score == score; }
+
+// Monotone map of a float onto uint32 (larger float -> larger integer); -0 is read as +0 so
+// that the two zeros tie, as they do for every comparison-based sort.
+RHO_HD uint32_t ordered_bits(float s) {
+#if defined(__CUDA_ARCH__)
+  uint32_t u = __float_as_uint(s);
+#else
+  uint32_t u;
+  std::memcpy(&u, &s, sizeof(u));
+#endif
+  if (u == 0x80000000u) u = 0u;
+  return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+}
+
+// The whole ordering rule in one integer: larger key = selected first.  An eligible row's high
+// word is ordered_bits(score) >= ordered_bits(-inf) = 0x007fffff > 0; an ineligible row's is 0.
+// The low word is the complemented row index, so ties go to the lower index.  Rows < 2^32.
+RHO_HD uint64_t select_key(float score, bool eligible, uint32_t row) {
+  const uint64_t hi = eligible ? ordered_bits(score) : 0u;
+  return (hi << 32) | static_cast<uint64_t>(0xFFFFFFFFu - row);
+}
+
+RHO_HD uint32_t key_row(uint64_t key) { return 0xFFFFFFFFu - static_cast<uint32_t>(key & 0xFFFFFFFFu); }
+RHO_HD bool key_valid(uint64_t key) { return (key >> 32) != 0; }
+
+}  // namespace rho

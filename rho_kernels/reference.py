@@ -1,0 +1,91 @@
+"""Reference backend: plain PyTorch, no cleverness.
+
+This is the definition every other backend is tested against and what the benchmark compares
+with.  It materialises ``N x V`` temporaries on purpose (clarity over speed) and computes in
+float32 (float64 for float64 logits).  The special-value rules are those of csrc/rho_math.h.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from ._contract import IL_METHODS, METHODS, RowProblem, lse_dtype
+
+NAME = "reference"
+
+
+def unavailable_reason(device: torch.device) -> str | None:
+    return None  # runs wherever PyTorch runs
+
+
+def row_logits(p: RowProblem) -> Tensor:
+    """The logits as an ``[N, V]`` matrix in the accumulation dtype (a copy)."""
+    return p.logits.reshape(p.num_rows, p.num_classes).to(lse_dtype(p.logits.dtype))
+
+
+def score_rows(p: RowProblem) -> tuple[Tensor, Tensor]:
+    """Per-row score (float32 ``[N]``) and log-sum-exp (``[N]``, NaN for ``irreducible``)."""
+    method = METHODS[p.method]
+    acc = lse_dtype(p.logits.dtype)
+    t = p.targets
+    ignored = t == p.ignore_index
+    out_of_range = ~ignored & ((t < 0) | (t >= p.num_classes))
+    nan = torch.tensor(math.nan, dtype=acc, device=t.device)
+
+    if method == "irreducible":
+        assert p.il is not None
+        score = -p.il.to(acc)
+        lse = torch.full((p.num_rows,), math.nan, dtype=acc, device=t.device)
+    else:
+        z = row_logits(p)
+        # log-sum-exp with the header's special values: NaN anywhere -> NaN, +inf -> +inf,
+        # all -inf -> -inf (amax propagates NaN).
+        m = z.amax(dim=-1)
+        m_finite = torch.isfinite(m)
+        shift = torch.where(m_finite, m, torch.zeros_like(m))
+        lse = torch.where(m_finite, shift + torch.exp(z - shift[:, None]).sum(-1).log(), m)
+        safe_t = torch.where(ignored | out_of_range, torch.zeros_like(t), t)
+        z_y = z.gather(1, safe_t[:, None]).squeeze(1)
+        ce = lse - z_y
+        if method in ("reducible", "loss"):
+            score = ce
+            if method in IL_METHODS:
+                assert p.il is not None
+                score = ce - p.il.to(acc)
+        else:
+            prob = torch.exp(z - lse[:, None])
+            if method == "gradnorm":
+                onehot = torch.zeros_like(prob)
+                onehot.scatter_(1, safe_t[:, None], 1.0)
+                score = torch.linalg.vector_norm(prob - onehot, dim=-1)
+            else:  # entropy; a -inf logit is an impossible class and contributes 0
+                plogp = torch.where(z == -math.inf, torch.zeros_like(z), prob * (z - lse[:, None]))
+                score = -plogp.sum(-1)
+            score = torch.where(torch.isfinite(lse), score, nan)
+    score = torch.where(out_of_range, nan, score)
+    score = torch.where(ignored, torch.full_like(score, -math.inf), score)
+    return score.to(torch.float32), lse
+
+
+def eligible_rows(p: RowProblem, score: Tensor) -> Tensor:
+    t = p.targets
+    return (t != p.ignore_index) & (t >= 0) & (t < p.num_classes) & ~torch.isnan(score)
+
+
+def order_rows(score: Tensor, eligible: Tensor) -> Tensor:
+    """All row indices in selection order: score descending, lower index first on ties,
+    ineligible rows last (by index).  Two stable sorts: secondary key first."""
+    key = torch.where(eligible, score, torch.full_like(score, -math.inf))
+    order = torch.sort(key, descending=True, stable=True).indices
+    by_eligibility = torch.sort(eligible[order].to(torch.int8), descending=True, stable=True).indices
+    return order[by_eligibility]
+
+
+def select_rows(p: RowProblem, k: int) -> tuple[Tensor, Tensor, Tensor]:
+    score, _ = score_rows(p)
+    eligible = eligible_rows(p, score)
+    idx = order_rows(score, eligible)[:k]
+    return idx, score[idx], eligible[idx]
