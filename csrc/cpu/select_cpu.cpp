@@ -225,14 +225,16 @@ RowAcc<acc_t<scalar_t>> block_acc(const scalar_t* p, int64_t n, int64_t tgt) {
   if (bm == kNegInf) return rho::acc_empty<A>();
 
   // Pass 2: sums of exp(z - bm) (and the method's extra sums), two interleaved accumulator
-  // sets for instruction-level parallelism.
+  // sets for instruction-level parallelism.  For gradnorm, `d` accumulates dx (every column
+  // but the target's, so 1 - p_y has no cancellation when p_y ~ 1); the target's chunk is
+  // done apart with its lane masked, and d = dx + e_y at the end.
+  constexpr bool kGrad = rho::needs_gradnorm_sums(M);
   const V vm(bm);
   const V vlowest(std::numeric_limits<A>::lowest());
   V d[2] = {V(A(0)), V(A(0))};
   V t[2] = {V(A(0)), V(A(0))};
-  V dx[2] = {V(A(0)), V(A(0))};
   V s2[2] = {V(A(0)), V(A(0))};
-  auto step = [&](const V& x, int64_t col, int s) {
+  auto step = [&](const V& x, int s) {
     const V shifted = x - vm;
     const V e = exp_nonpos<A>(shifted);
     d[s] = d[s] + e;
@@ -240,33 +242,43 @@ RowAcc<acc_t<scalar_t>> block_acc(const scalar_t* p, int64_t n, int64_t tgt) {
       // entropy_term: a -inf logit has e = 0 and contributes 0 * lowest = 0, not 0 * -inf.
       t[s] = at::vec::fmadd(e, at::vec::clamp_min(shifted, vlowest), t[s]);
     }
-    if constexpr (rho::needs_gradnorm_sums(M)) {
-      V ex = e;
-      if (static_cast<uint64_t>(tgt - col) < static_cast<uint64_t>(W)) {
-        // The target's lane is left out of dx/s2x (no cancellation when p_y ~ 1).
-        __at_align__ A lanes[W];
-        e.store(lanes);
-        lanes[tgt - col] = A(0);
-        ex = V::loadu(lanes);
-      }
-      dx[s] = dx[s] + ex;
-      s2[s] = at::vec::fmadd(ex, ex, s2[s]);
-    }
+    if constexpr (kGrad) s2[s] = at::vec::fmadd(e, e, s2[s]);
   };
-  j = 0;
-  for (; j + 2 * W <= nfull; j += 2 * W) {
-    step(load_acc(p + j), j, 0);
-    step(load_acc(p + j + W), j + W, 1);
+  auto run = [&](int64_t from, int64_t to) {  // the full chunks in [from, to)
+    int64_t c = from;
+    for (; c + 2 * W <= to; c += 2 * W) {
+      step(load_acc(p + c), 0);
+      step(load_acc(p + c + W), 1);
+    }
+    if (c < to) step(load_acc(p + c), 0);
+  };
+  // Start column of the chunk holding the target (nfull = the tail), or -1.
+  const int64_t tchunk = (kGrad && tgt >= 0 && tgt < n) ? tgt / W * W : int64_t(-1);
+  A e_y = A(0);
+  if (tchunk >= 0 && tchunk < nfull) {
+    run(0, tchunk);
+    run(tchunk + W, nfull);
+  } else {
+    run(0, nfull);
   }
-  if (j < nfull) step(load_acc(p + j), j, 0);
-  if (rem) step(V::loadu(tail), nfull, 1);
+  if (tchunk >= 0) {
+    __at_align__ A lanes[W];
+    exp_nonpos<A>((tchunk < nfull ? load_acc(p + tchunk) : V::loadu(tail)) - vm).store(lanes);
+    e_y = lanes[tgt - tchunk];
+    lanes[tgt - tchunk] = A(0);
+    const V ex = V::loadu(lanes);
+    d[1] = d[1] + ex;
+    s2[1] = at::vec::fmadd(ex, ex, s2[1]);
+  }
+  if (rem && tchunk != nfull) step(V::loadu(tail), 1);
 
   RowAcc<A> r;
   r.m = bm;
-  r.d = hsum(d[0] + d[1]);
+  const A dsum = hsum(d[0] + d[1]);
+  r.d = kGrad ? dsum + e_y : dsum;
   r.t = rho::needs_entropy_sum(M) ? hsum(t[0] + t[1]) : A(0);
-  r.dx = rho::needs_gradnorm_sums(M) ? hsum(dx[0] + dx[1]) : A(0);
-  r.s2x = rho::needs_gradnorm_sums(M) ? hsum(s2[0] + s2[1]) : A(0);
+  r.dx = kGrad ? dsum : A(0);
+  r.s2x = kGrad ? hsum(s2[0] + s2[1]) : A(0);
   return r;
 }
 
