@@ -282,6 +282,18 @@ RowAcc<acc_t<scalar_t>> block_acc(const scalar_t* p, int64_t n, int64_t tgt) {
   return r;
 }
 
+// Folds one block's accumulator into a row's.  A NaN block makes the row NaN for good (its
+// lse is NaN whatever follows); an all -inf block contributes nothing.
+template <typename A>
+inline void fold_block(RowAcc<A>& acc, const RowAcc<A>& blk) {
+  if (acc.m != acc.m) return;
+  if (blk.m != blk.m) {
+    acc = blk;
+  } else if (blk.m != -std::numeric_limits<A>::infinity()) {
+    acc = rho::acc_merge(acc, blk);
+  }
+}
+
 // The accumulator of logits [j0, j1) of one row (`row` points at column 0, `stride` is the
 // column stride).  `tgt` is the target column, or -1 when the target is not a valid column.
 // Non-unit strides are gathered block by block into a stack buffer.
@@ -290,19 +302,39 @@ RowAcc<acc_t<scalar_t>> range_acc(const scalar_t* row, int64_t stride, int64_t j
   using A = acc_t<scalar_t>;
   RowAcc<A> acc = rho::acc_empty<A>();
   scalar_t gathered[kBlock];
-  for (int64_t b = j0; b < j1; b += kBlock) {
+  for (int64_t b = j0; b < j1 && acc.m == acc.m; b += kBlock) {
     const int64_t n = std::min(kBlock, j1 - b);
     const scalar_t* p = row + b * stride;
     if (stride != 1) {
       for (int64_t i = 0; i < n; ++i) gathered[i] = p[i * stride];
       p = gathered;
     }
-    const RowAcc<A> blk = block_acc<scalar_t, M>(p, n, tgt < 0 ? int64_t(-1) : tgt - b);
-    if (blk.m != blk.m) return blk;  // a NaN logit: the row's lse is NaN whatever follows
-    if (blk.m == -std::numeric_limits<A>::infinity()) continue;
-    acc = rho::acc_merge(acc, blk);
+    fold_block(acc, block_acc<scalar_t, M>(p, n, tgt < 0 ? int64_t(-1) : tgt - b));
   }
   return acc;
+}
+
+// Rows whose columns are not contiguous (e.g. transposed logits, where consecutive rows are
+// adjacent in memory) are gathered kGroup rows at a time, column by column, so that each
+// cache line is fetched once for the whole group instead of once per row.
+constexpr int64_t kGroup = 16;
+
+template <typename scalar_t, int M>
+void grouped_strided_acc(const scalar_t* const* rows, int64_t g, int64_t stride, int64_t V, const int64_t* tgt,
+                         scalar_t* buf, RowAcc<acc_t<scalar_t>>* acc) {
+  for (int64_t i = 0; i < g; ++i) acc[i] = rho::acc_empty<acc_t<scalar_t>>();
+  for (int64_t b = 0; b < V; b += kBlock) {
+    const int64_t n = std::min(kBlock, V - b);
+    for (int64_t j = 0; j < n; ++j) {
+      const int64_t off = (b + j) * stride;
+      for (int64_t i = 0; i < g; ++i) buf[i * kBlock + j] = rows[i][off];
+    }
+    for (int64_t i = 0; i < g; ++i) {
+      if (acc[i].m == acc[i].m) {
+        fold_block(acc[i], block_acc<scalar_t, M>(buf + i * kBlock, n, tgt[i] < 0 ? int64_t(-1) : tgt[i] - b));
+      }
+    }
+  }
 }
 
 // The (already checked) arguments of one call, as raw pointers and int64 strides.
@@ -373,6 +405,25 @@ void score_kernel(const Problem& p, float* score, acc_t<scalar_t>* lse, uint64_t
   const int64_t nthreads = at::get_num_threads();
   const int64_t nsplit = std::min<int64_t>(V / kMinSplit, (4 * nthreads + N - 1) / std::max<int64_t>(N, 1));
   if (!rho::needs_logits(M) || nthreads <= 1 || N >= 4 * nthreads || nsplit < 2) {
+    if (rho::needs_logits(M) && p.stride_v != 1) {
+      const int64_t grain = std::max<int64_t>(1, kChunkElems / (kGroup * V)) * kGroup;
+      parallel_chunks(N, grain, [&](int64_t begin, int64_t end) {
+        std::vector<scalar_t> buf(static_cast<size_t>(kGroup * kBlock));
+        const scalar_t* rows[kGroup];
+        int64_t tgt[kGroup];
+        RowAcc<A> acc[kGroup];
+        for (int64_t r0 = begin; r0 < end; r0 += kGroup) {
+          const int64_t g = std::min(kGroup, end - r0);
+          for (int64_t i = 0; i < g; ++i) {
+            rows[i] = logits + row_offset(p, r0 + i);
+            tgt[i] = state(r0 + i) == rho::kTargetOk ? p.targets[r0 + i] : -1;
+          }
+          grouped_strided_acc<scalar_t, M>(rows, g, p.stride_v, V, tgt, buf.data(), acc);
+          for (int64_t i = 0; i < g; ++i) finish(r0 + i, acc[i], state(r0 + i));
+        }
+      });
+      return;
+    }
     const int64_t grain = std::max<int64_t>(1, kChunkElems / (rho::needs_logits(M) ? V : 1));
     parallel_chunks(N, grain, [&](int64_t begin, int64_t end) {
       for (int64_t r = begin; r < end; ++r) {
