@@ -7,20 +7,26 @@
 // the block sums form a two-level (lane, then block) summation that keeps fp32 round-off
 // near that of PyTorch's cascade sum.  Sums are in fp32 (fp64 for fp64 logits); the per-row
 // finalisation (lse, CE - IL, gradnorm, entropy) runs in double and is rounded once.
+// bf16/fp16 logits are widened in registers; fp32 exp is an inline ~1-ulp routine
+// (exp_nonpos below); fp64 uses Sleef's exp through at::vec.
 //
 // Parallelism: rows are handed out to the at::parallel_for threads in chunks from an atomic
 // counter (the cores are often shared, so a static split would wait on the slowest thread).
 // With few rows and a long vocabulary the rows are also split along V and the partial
-// accumulators merged with rho::acc_merge.
+// accumulators merged with rho::acc_merge.  Rows whose columns are strided (transposed
+// logits) are gathered kGroup rows at a time.  Extra memory: O(N) (scores, select keys) plus
+// O(threads * kGroup * kBlock) gather buffers.
+//
+// Top-k: one uint64 key per row (rho::select_key: score, eligibility, row), std::nth_element
+// for the k largest, then a sort of those k only.
 //
 // ISA: ATen's at::vec::Vectorized<T> only vectorises when the translation unit defines the
 // matching CPU_CAPABILITY_* macro, and setup.py compiles this file with -march=$RHO_KERNELS_CPU_ARCH
-// (default "native").  We therefore derive the capability from the compiler's target macros
-// below (AVX-512 if __AVX512F/BW/VL/DQ__, else AVX2 if __AVX2__ and __FMA__, else the scalar
-// DEFAULT): the kernel targets the build host's instruction set; there is no runtime
-// dispatch.  Build with RHO_KERNELS_CPU_ARCH=x86-64-v3 (AVX2) or x86-64 (scalar) to run on
-// older machines.  exp() is Sleef's 1-ulp expf/exp (exported by libtorch_cpu, the same
-// routine eager PyTorch uses), so the kernel's accuracy matches the eager reference.
+// (default "native").  We derive the capability from the compiler's target macros below
+// (AVX-512 if __AVX512F/BW/VL/DQ__, else AVX2 if __AVX2__, __FMA__ and __F16C__, else the
+// scalar DEFAULT): the kernel targets the *build host's* instruction set, with no runtime
+// dispatch, so a binary built with -march=native may not run on an older CPU.  Build with
+// RHO_KERNELS_CPU_ARCH=x86-64-v3 (AVX2) or x86-64 (scalar, ~15x slower) for portable wheels.
 #if !defined(CPU_CAPABILITY)
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512DQ__) && \
     defined(__FMA__)
@@ -107,15 +113,9 @@ inline acc_t<scalar_t> to_acc(scalar_t x) {
   }
 }
 
-// exp(x) for x <= 0 (x - row max), fp32.  Inline (Sleef's vector expf is an out-of-line call
-// that spills the accumulators around every use) and ~1 ulp: Cody-Waite reduction
-// x = n ln2 + r, |r| <= ln2/2, a degree-7 minimax polynomial for e^r (Cephes expf
-// coefficients), and 2^n built in the exponent bits.  Inputs below ln(FLT_MIN) -- including
-// -inf -- give exactly 0; the result is unspecified for x > 0 or NaN (never used: such blocks
-// have a NaN or +inf max and the row's lse is decided by that).
 // exp(x) for x <= 0 (a logit minus its block max), fp32, inline.  Sleef's vector expf (what
 // Vectorized::exp calls) is an out-of-line call that spills the accumulators around every
-// use and costs ~40% of the kernel.  Here: n = round(x / ln2) by the 1.5 * 2^23 shifter,
+// use; with it the fp32 kernel was ~1.5x slower.  Here: n = round(x / ln2) by the 1.5 * 2^23 shifter,
 // r = x - n ln2 in one FMA (|r| <= ln2/2; the error of the rounded ln2 is ~1e-9 |n|, which
 // only touches terms ~2^n that are negligible in the sum), e^r by the degree-5 minimax
 // polynomial with p(0) = 1 (max relative error 9.2e-8, coefficients fitted for this file;
