@@ -102,6 +102,28 @@ inline Vec<acc_t<scalar_t>> load_acc(const scalar_t* p) {
   }
 }
 
+// 2W consecutive logits as two vectors in an unspecified lane order -- for the block max and
+// the plain sums, which do not care which lane holds which column.  bf16 then widens with one
+// unpack per vector (bf16 is the top half of an fp32) instead of a zero-extend and a shift.
+template <typename scalar_t>
+inline void load_pair(const scalar_t* p, Vec<acc_t<scalar_t>>& a, Vec<acc_t<scalar_t>>& b) {
+  if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+#if defined(CPU_CAPABILITY_AVX512)
+    const __m512i v = _mm512_loadu_si512(p);
+    a = Vec<float>(_mm512_castsi512_ps(_mm512_unpacklo_epi16(_mm512_setzero_si512(), v)));
+    b = Vec<float>(_mm512_castsi512_ps(_mm512_unpackhi_epi16(_mm512_setzero_si512(), v)));
+    return;
+#elif defined(CPU_CAPABILITY_AVX2)
+    const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+    a = Vec<float>(_mm256_castsi256_ps(_mm256_unpacklo_epi16(_mm256_setzero_si256(), v)));
+    b = Vec<float>(_mm256_castsi256_ps(_mm256_unpackhi_epi16(_mm256_setzero_si256(), v)));
+    return;
+#endif
+  }
+  a = load_acc(p);
+  b = load_acc(p + Vec<acc_t<scalar_t>>::size());
+}
+
 // One logit in the accumulation type.  fp16 goes through the bit-level conversion: the
 // intrinsic one in c10::Half trips GCC's -Wmaybe-uninitialized.
 template <typename scalar_t>
@@ -211,8 +233,10 @@ RowAcc<acc_t<scalar_t>> block_acc(const scalar_t* p, int64_t n, int64_t tgt) {
   V mx0(kNegInf), mx1(kNegInf);
   int64_t j = 0;
   for (; j + 2 * W <= nfull; j += 2 * W) {
-    mx0 = at::vec::maximum(mx0, load_acc(p + j));
-    mx1 = at::vec::maximum(mx1, load_acc(p + j + W));
+    V x0, x1;
+    load_pair(p + j, x0, x1);
+    mx0 = at::vec::maximum(mx0, x0);
+    mx1 = at::vec::maximum(mx1, x1);
   }
   if (j < nfull) mx0 = at::vec::maximum(mx0, load_acc(p + j));
   if (rem) mx1 = at::vec::maximum(mx1, V::loadu(tail));
@@ -247,8 +271,10 @@ RowAcc<acc_t<scalar_t>> block_acc(const scalar_t* p, int64_t n, int64_t tgt) {
   auto run = [&](int64_t from, int64_t to) {  // the full chunks in [from, to)
     int64_t c = from;
     for (; c + 2 * W <= to; c += 2 * W) {
-      step(load_acc(p + c), 0);
-      step(load_acc(p + c + W), 1);
+      V x0, x1;
+      load_pair(p + c, x0, x1);
+      step(x0, 0);
+      step(x1, 1);
     }
     if (c < to) step(load_acc(p + c), 0);
   };
