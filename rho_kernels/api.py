@@ -99,11 +99,10 @@ def resolve_backend(backend: str, device: torch.device):
     if not isinstance(backend, str):
         raise TypeError(f"backend must be a str, got {backend!r}")
     name = _auto_backend(device) if backend == "auto" else backend
-    module = _backend_module(name)  # ValueError for unknown names
-    reason = _unavailable_reason(name, device)
+    reason = _unavailable_reason(name, device)  # ValueError for unknown names
     if reason is not None:
         raise ValueError(f"backend {name!r} cannot run here: {reason}")
-    return module
+    return _backend_module(name)
 
 
 def available_backends(device: Optional[torch.device | str] = None) -> list[str]:

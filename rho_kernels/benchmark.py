@@ -1,0 +1,294 @@
+"""Microbenchmark of the fused select op against the reference (``python -m rho_kernels bench``).
+
+For every shape x dtype it times ``rk.select`` on each backend, the eager reference and
+``torch.compile(reference)``, and a plain read of the logits (``logits.sum()``), the floor of
+a memory-bound op.  It reports ms, GB/s from the bytes the op must move (logits once, plus
+targets, IL and the outputs), the fraction of the measured read bandwidth, speedups over the
+eager and compiled reference (ratios measured in the same run), and peak extra memory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from typing import Callable, Optional
+
+import torch
+
+import rho_kernels as rk
+from rho_kernels import _contract, reference
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DEFAULT_SHAPES = {
+    "cpu": "8192x32000",
+    "cuda": "16384x128256,4096x32000,320x10,3200x1000",
+}
+DEFAULT_DTYPES = {"cpu": "float32,bfloat16", "cuda": "bfloat16,float32"}
+
+
+def parse_shapes(text: str) -> list[tuple[int, int]]:
+    shapes = []
+    for item in text.split(","):
+        try:
+            n, v = (int(x) for x in item.lower().split("x"))
+        except ValueError:
+            raise SystemExit(f"bad shape {item!r}: expected NxV, e.g. 8192x32000") from None
+        shapes.append((n, v))
+    return shapes
+
+
+def reference_select(logits, targets, il, k: int, method: str):
+    """The eager reference end to end (validation + reference score + full sort)."""
+    return rk.select(logits, targets, il, k, method=method, backend="reference")
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class CpuPeakMemory:
+    """Peak resident-memory growth of this process over a block (Linux: VmHWM after
+    resetting it through /proc/self/clear_refs).  None where that is not available."""
+
+    @staticmethod
+    def _read(field: str) -> Optional[int]:
+        try:
+            with open("/proc/self/status") as f:
+                for line in f:
+                    if line.startswith(field + ":"):
+                        return int(line.split()[1]) * 1024
+        except OSError:
+            return None
+        return None
+
+    def __enter__(self):
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+            self.base = self._read("VmRSS")
+        except OSError:
+            self.base = None
+        self.peak = None
+        return self
+
+    def __exit__(self, *exc):
+        hwm = self._read("VmHWM")
+        if self.base is not None and hwm is not None:
+            self.peak = max(0, hwm - self.base)
+
+
+def measure(fn: Callable[[], object], device: torch.device, repeats: int, warmup: int) -> dict:
+    """Median and best wall time of fn() in ms, and its peak extra memory in bytes."""
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        base = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        fn()
+        torch.cuda.synchronize(device)
+        peak = torch.cuda.max_memory_allocated(device) - base
+    else:
+        with CpuPeakMemory() as mem:
+            fn()
+        peak = mem.peak
+    return {"ms": statistics.median(times), "best_ms": min(times), "peak_extra_bytes": peak}
+
+
+def bench_case(n: int, v: int, dtype: torch.dtype, device: torch.device, backends: list[str],
+               method: str, k_ratio: float, repeats: int, warmup: int) -> list[dict]:
+    g = torch.Generator(device="cpu").manual_seed(0)
+    logits = (torch.randn(n, v, generator=g, dtype=torch.float32) * 3).to(dtype).to(device)
+    targets = torch.randint(0, v, (n,), generator=g).to(device)
+    il = (torch.rand(n, generator=g) * 2).to(device)
+    k = max(1, int(k_ratio * n))
+    moved = logits.numel() * logits.element_size() + n * (8 + 4) + k * (8 + 4 + 1)
+
+    rows = []
+    floor = measure(lambda: logits.sum(), device, repeats, warmup)
+    read_gbps = logits.numel() * logits.element_size() / (floor["ms"] * 1e6)
+    rows.append({"backend": "read floor (logits.sum)", **floor, "gbps": read_gbps})
+
+    compiled = None
+    fns: dict[str, Callable[[], object]] = {}
+    for name in backends:
+        if name == "reference":
+            fns[name] = lambda: reference_select(logits, targets, il, k, method)
+        elif name == "compiled":
+            compiled = torch.compile(reference_select, dynamic=False)
+            fns[name] = lambda: compiled(logits, targets, il, k, method)
+        else:
+            fns[name] = (lambda b: lambda: rk.select(logits, targets, il, k, method=method, backend=b))(name)
+    results = {}
+    for name, fn in fns.items():
+        t0 = time.perf_counter()
+        try:
+            r = measure(fn, device, repeats, warmup + (1 if name == "compiled" else 0))
+        except Exception as exc:  # report and go on: one broken backend must not hide the rest
+            rows.append({"backend": name, "error": f"{type(exc).__name__}: {exc}"})
+            continue
+        r["wall_s_incl_warmup"] = time.perf_counter() - t0
+        r["gbps"] = moved / (r["ms"] * 1e6)
+        r["pct_of_read_bw"] = 100.0 * floor["ms"] / r["ms"]
+        results[name] = r
+    for name, r in results.items():
+        if "reference" in results:
+            r["speedup_vs_eager"] = results["reference"]["ms"] / r["ms"]
+        if "compiled" in results:
+            r["speedup_vs_compiled"] = results["compiled"]["ms"] / r["ms"]
+        rows.append({"backend": name, **r})
+    for row in rows:
+        row.update({"N": n, "V": v, "dtype": str(dtype).replace("torch.", ""), "k": k, "method": method,
+                    "logits_bytes": logits.numel() * logits.element_size()})
+    return rows
+
+
+def _fmt(x, spec: str) -> str:
+    return "-" if x is None else format(x, spec)
+
+
+def print_table(rows: list[dict], out=sys.stdout) -> None:
+    head = f"{'shape':>15} {'dtype':>8} {'backend':>24} {'ms':>9} {'GB/s':>7} {'%read':>6} {'x eager':>8} {'x compiled':>10} {'peak extra':>11}"
+    print(head, file=out)
+    print("-" * len(head), file=out)
+    for r in rows:
+        shape = f"{r['N']}x{r['V']}"
+        if "error" in r:
+            print(f"{shape:>15} {r['dtype']:>8} {r['backend']:>24}  ERROR {r['error']}", file=out)
+            continue
+        peak = r.get("peak_extra_bytes")
+        peak_s = "-" if peak is None else f"{peak / 2**20:.1f} MiB"
+        print(
+            f"{shape:>15} {r['dtype']:>8} {r['backend']:>24} {r['ms']:9.3f} {r['gbps']:7.1f} "
+            f"{_fmt(r.get('pct_of_read_bw'), '6.1f')} {_fmt(r.get('speedup_vs_eager'), '8.2f')} "
+            f"{_fmt(r.get('speedup_vs_compiled'), '10.2f')} {peak_s:>11}",
+            file=out,
+        )
+
+
+def environment(device: torch.device) -> dict:
+    env = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "rho_kernels": rk.__version__,
+        "device": str(device),
+        "cpu_threads": torch.get_num_threads(),
+        "cpu_capability": getattr(torch.backends.cpu, "get_cpu_capability", lambda: None)(),
+        "available_backends": rk.available_backends(device),
+        "machine": platform.machine(),
+    }
+    try:
+        import triton
+
+        env["triton"] = triton.__version__
+    except ImportError:
+        env["triton"] = None
+    if device.type == "cuda":
+        env["gpu"] = torch.cuda.get_device_name(device)
+    try:
+        env["git_commit"] = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
+            cwd=os.path.dirname(os.path.abspath(__file__)),
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        env["git_commit"] = None
+    return env
+
+
+def plot(rows: list[dict], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cases = sorted({(r["N"], r["V"], r["dtype"]) for r in rows})
+    names = [b for b in dict.fromkeys(r["backend"] for r in rows) if b]
+    fig, ax = plt.subplots(figsize=(max(6, 2.2 * len(cases)), 4))
+    width = 0.8 / max(1, len(names))
+    for i, name in enumerate(names):
+        ys = []
+        for case in cases:
+            match = [r for r in rows if (r["N"], r["V"], r["dtype"]) == case and r["backend"] == name and "gbps" in r]
+            ys.append(match[0]["gbps"] if match else 0.0)
+        ax.bar([c + i * width for c in range(len(cases))], ys, width, label=name)
+    ax.set_xticks([c + 0.4 - width / 2 for c in range(len(cases))])
+    ax.set_xticklabels([f"{n}x{v}\n{d}" for n, v, d in cases])
+    ax.set_ylabel("GB/s (bytes the op must move / time)")
+    ax.set_title("rho_kernels select: throughput by backend")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    default_device = "cuda" if torch.cuda.is_available() else "cpu"
+    ap = argparse.ArgumentParser(prog="python -m rho_kernels bench", description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default=default_device, help=f"cpu or cuda (default {default_device})")
+    ap.add_argument("--shapes", default=None, help="comma-separated NxV (default depends on device)")
+    ap.add_argument("--dtypes", default=None, help="comma-separated from float32,bfloat16,float16")
+    ap.add_argument("--backends", default=None,
+                    help="comma-separated; 'reference' = eager reference, 'compiled' = torch.compile(reference); "
+                         "default: reference, compiled and every available backend")
+    ap.add_argument("--method", default="reducible", choices=rk.METHODS)
+    ap.add_argument("--k-ratio", type=float, default=0.1, help="k = ratio * N (default 0.1)")
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--json", default=None, help="write results (and the environment) to this JSON file")
+    ap.add_argument("--plot", default=None, help="write a GB/s bar chart to this PNG file")
+    args = ap.parse_args(argv)
+
+    device = torch.device(args.device)
+    shapes = parse_shapes(args.shapes or DEFAULT_SHAPES.get(device.type, DEFAULT_SHAPES["cpu"]))
+    dtype_names = (args.dtypes or DEFAULT_DTYPES.get(device.type, "float32")).split(",")
+    for d in dtype_names:
+        if d not in DTYPES:
+            raise SystemExit(f"unknown dtype {d!r}; expected one of {list(DTYPES)}")
+    if args.backends:
+        backends = args.backends.split(",")
+    else:
+        backends = ["reference", "compiled"] + [b for b in rk.available_backends(device) if b != "reference"]
+
+    env = environment(device)
+    print(f"rho_kernels bench on {device} ({env.get('gpu') or env['cpu_capability']}, "
+          f"{env['cpu_threads']} threads), torch {env['torch']}, method={args.method}, k={args.k_ratio}*N",
+          flush=True)
+    rows: list[dict] = []
+    for n, v in shapes:
+        for d in dtype_names:
+            case_rows = bench_case(n, v, DTYPES[d], device, backends, args.method, args.k_ratio,
+                                   args.repeats, args.warmup)
+            print_table(case_rows)
+            print(flush=True)
+            rows.extend(case_rows)
+    if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(args.json, "w") as f:
+            json.dump({"environment": env, "results": rows}, f, indent=2)
+        print(f"wrote {args.json}")
+    if args.plot:
+        plot(rows, args.plot)
+        print(f"wrote {args.plot}")
+    return 0

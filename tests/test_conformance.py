@@ -1,0 +1,495 @@
+"""The conformance suite: every backend against the reference.
+
+Parametrized over backend x method x dtype x irregular shapes, plus 3-D / non-contiguous
+inputs, ignore_index, +-inf and NaN, ties, k = 0 / 1 / N, bad input, opcheck and
+torch.compile.  Accuracy rule (after flash-attention): a backend's max error against an fp64
+reference is at most 2x that of the eager PyTorch reference in the same input dtype, plus a
+small absolute floor; non-finite values must match exactly.  Selections must follow the
+ordering rule exactly on the backend's own scores and agree with the reference wherever the
+true scores are separated by more than the tolerance.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+
+import pytest
+import torch
+
+import rho_kernels as rk
+from rho_kernels import _contract, reference
+from rho_kernels.api import resolve_backend
+
+from conftest import DEVICE, INTERPRETED, is_slow_backend
+
+METHODS = rk.METHODS
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+# V not a multiple of any block size; N = 1, 3, 1000 (and 257 for the tile paths).
+SHAPES = [(1, 1), (3, 7), (1000, 7), (3, 1000), (257, 1000), (1, 32001), (3, 32001), (1000, 32001)]
+INTERPRETER_MAX_ELEMENTS = 300_000
+
+
+def _skip_if_too_big(backend: str, numel: int) -> None:
+    if is_slow_backend(backend) and numel > INTERPRETER_MAX_ELEMENTS:
+        pytest.skip(f"{numel} logits is too slow for the Triton CPU interpreter (covered on GPU)")
+
+
+def make_inputs(n: int, v: int, dtype: torch.dtype, seed: int = 0, scale: float = 3.0):
+    g = torch.Generator().manual_seed(seed * 1_000_003 + n * 7919 + v)
+    logits = (torch.randn(n, v, generator=g) * scale).to(dtype)
+    targets = torch.randint(0, v, (n,), generator=g)
+    il = torch.rand(n, generator=g) * 2.0
+    return logits.to(DEVICE), targets.to(DEVICE), il.to(DEVICE)
+
+
+@functools.lru_cache(maxsize=None)
+def cached_case(n: int, v: int, dtype: torch.dtype, method: str):
+    """Inputs, fp64 truth and eager-reference scores, shared by every backend's test."""
+    logits, targets, il = make_inputs(n, v, dtype)
+    return logits, targets, il, truth_scores(logits, targets, il, method), eager_scores(logits, targets, il, method)
+
+
+def truth_scores(logits, targets, il, method, ignore_index=-100):
+    """Scores from the reference computed in float64 (the ground truth)."""
+    p = _contract.prepare(logits.double(), targets, il, method, ignore_index)
+    return reference.score_rows(p)[0].double()
+
+
+def eager_scores(logits, targets, il, method, ignore_index=-100):
+    return rk.score(logits, targets, il, method=method, ignore_index=ignore_index, backend="reference").double()
+
+
+def assert_same_nonfinite(got: torch.Tensor, want: torch.Tensor, what: str) -> None:
+    got, want = got.cpu().double(), want.cpu().double()
+    assert torch.equal(torch.isnan(got), torch.isnan(want)), f"{what}: NaN pattern differs"
+    inf_g, inf_w = torch.isinf(got), torch.isinf(want)
+    assert torch.equal(inf_g, inf_w), f"{what}: inf pattern differs"
+    assert torch.equal(got[inf_g], want[inf_w]), f"{what}: inf signs differ"
+
+
+def tolerance(eager, truth) -> float:
+    finite = torch.isfinite(truth)
+    if not bool(finite.any()):
+        return 0.0
+    err_eager = (eager[finite] - truth[finite]).abs().max().item()
+    floor = 1e-5 * max(1.0, truth[finite].abs().max().item())
+    return 2.0 * err_eager + floor
+
+
+def assert_accurate(got, eager, truth, what: str) -> float:
+    got, eager, truth = (x.reshape(-1).cpu().double() for x in (got, eager, truth))
+    assert_same_nonfinite(got, truth, what)
+    assert_same_nonfinite(eager, truth, what + " (eager reference)")
+    finite = torch.isfinite(truth)
+    tol = tolerance(eager, truth)
+    if bool(finite.any()):
+        err = (got[finite] - truth[finite]).abs().max().item()
+        assert err <= tol, f"{what}: max error {err:.3g} > tolerance {tol:.3g} (2x eager + floor)"
+    return tol
+
+
+def assert_selection_consistent(sel: rk.Selection, own_scores, eligible, k: int, what: str) -> None:
+    """The selection is exactly the contract's order applied to the backend's own scores."""
+    n = own_scores.numel()
+    assert sel.indices.dtype == torch.int64 and sel.scores.dtype == torch.float32 and sel.valid.dtype == torch.bool
+    assert sel.indices.shape == (k,) and sel.scores.shape == (k,) and sel.valid.shape == (k,), what
+    assert sel.indices.device == own_scores.device, what
+    idx = sel.indices.cpu()
+    if k:
+        assert int(idx.min()) >= 0 and int(idx.max()) < n, f"{what}: index out of range"
+    assert idx.unique().numel() == k, f"{what}: duplicate indices"
+    flat, elig = own_scores.reshape(-1).cpu(), eligible.reshape(-1).cpu()
+    want = reference.order_rows(flat, elig)[:k]
+    assert torch.equal(idx, want), f"{what}: order differs from the rule on the backend's own scores"
+    got_scores = sel.scores.cpu()
+    assert torch.equal(torch.isnan(got_scores), torch.isnan(flat[idx])), what
+    same = ~torch.isnan(got_scores)
+    assert torch.equal(got_scores[same], flat[idx][same]), f"{what}: Selection.scores != score()[indices]"
+    assert torch.equal(sel.valid.cpu(), elig[idx]), f"{what}: valid flags differ"
+
+
+def assert_selection_matches_reference(sel, ref_sel, truth, tol: float, what: str) -> None:
+    """Rank by rank, the backend and the reference pick rows whose true scores agree within tol
+    (so index sets are identical wherever scores are separated by more than the tolerance)."""
+    assert torch.equal(sel.valid.cpu(), ref_sel.valid.cpu()), f"{what}: valid flags differ from reference"
+    t = truth.reshape(-1).cpu()
+    a, b = t[sel.indices.cpu()], t[ref_sel.indices.cpu()]
+    both_nan = torch.isnan(a) & torch.isnan(b)
+    same = (a == b) | both_nan
+    close = (a - b).abs() <= tol
+    ok = same | close
+    assert bool(ok.all()), (
+        f"{what}: rank {int((~ok).nonzero()[0, 0])} picks a row whose true score differs from the "
+        f"reference's pick by more than {tol:.3g}"
+    )
+
+
+def eligible_of(targets, scores, v, ignore_index=-100):
+    t = targets.reshape(-1)
+    return (t != ignore_index) & (t >= 0) & (t < v) & ~torch.isnan(scores.reshape(-1))
+
+
+# --------------------------------------------------------------------------- scores + select
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=[f"{n}x{v}" for n, v in SHAPES])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("method", METHODS)
+def test_scores_and_selection(backend, method, dtype, shape):
+    n, v = shape
+    _skip_if_too_big(backend, n * v)
+    logits, targets, il, truth, eager = cached_case(n, v, dtype, method)
+    got = rk.score(logits, targets, il, method=method, backend=backend)
+    assert got.dtype == torch.float32 and got.shape == targets.shape and got.device == logits.device
+    tol = assert_accurate(got, eager, truth, f"{backend}/{method}/{dtype}/{shape}")
+    for k in sorted({0, 1, max(1, n // 10), n}):
+        sel = rk.select(logits, targets, il, k, method=method, backend=backend)
+        what = f"{backend}/{method}/{dtype}/{shape}/k={k}"
+        assert_selection_consistent(sel, got, eligible_of(targets, got, v), k, what)
+        ref_sel = rk.select(logits, targets, il, k, method=method, backend="reference")
+        assert_selection_matches_reference(sel, ref_sel, truth, tol, what)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_float64_logits(backend, method):
+    logits, targets, il = make_inputs(50, 301, torch.float64)
+    truth = truth_scores(logits, targets, il, method)
+    got = rk.score(logits, targets, il, method=method, backend=backend)
+    assert got.dtype == torch.float32
+    assert_same_nonfinite(got, truth, method)
+    assert torch.allclose(got.double(), truth, rtol=1e-6, atol=1e-6)
+
+
+# --------------------------------------------------------------------------- layouts
+
+
+def _layouts(dtype):
+    """(name, logits, targets, il) for 3-D and non-contiguous inputs."""
+    g = torch.Generator().manual_seed(1)
+    b, t, v = 3, 17, 203
+    base = (torch.randn(b, t, v, generator=g) * 2).to(dtype).to(DEVICE)
+    tg = torch.randint(0, v, (b, t), generator=g).to(DEVICE)
+    il = torch.rand(b, t, generator=g).to(DEVICE)
+    wide = (torch.randn(40, v + 37, generator=g) * 2).to(dtype).to(DEVICE)
+    tall = (torch.randn(v, 40, generator=g) * 2).to(dtype).to(DEVICE)
+    t40 = torch.randint(0, v, (40,), generator=g).to(DEVICE)
+    il40 = torch.rand(40, generator=g).to(DEVICE)
+    return [
+        ("3d", base, tg, il),
+        ("3d_transposed_bt", base.transpose(0, 1), tg.transpose(0, 1), il.transpose(0, 1)),
+        ("row_stride_padded", wide[:, :v], t40, il40),  # row stride != V
+        ("column_stride", tall.t(), t40, il40),  # V stride != 1
+        ("every_other_row", wide[::2, 5 : 5 + v], t40[::2], il40[::2]),
+        ("3d_sliced_vocab", torch.cat([base, base], -1)[..., 3 : 3 + v], tg, il),
+        ("targets_int32", base, tg.to(torch.int32), il.to(torch.float16)),
+    ]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("method", METHODS)
+def test_layouts(backend, method, dtype):
+    for name, logits, targets, il in _layouts(dtype):
+        before = logits.clone()
+        truth = truth_scores(logits, targets, il, method)
+        eager = eager_scores(logits, targets, il, method)
+        got = rk.score(logits, targets, il, method=method, backend=backend)
+        assert got.shape == targets.shape, name
+        tol = assert_accurate(got, eager, truth, f"{backend}/{method}/{name}")
+        k = targets.numel() // 3
+        sel = rk.select(logits, targets, il, k, method=method, backend=backend)
+        assert_selection_consistent(sel, got, eligible_of(targets, got, logits.shape[-1]), k, name)
+        ref_sel = rk.select(logits, targets, il, k, method=method, backend="reference")
+        assert_selection_matches_reference(sel, ref_sel, truth, tol, name)
+        assert torch.equal(logits, before), f"{name}: logits were written"
+
+
+# --------------------------------------------------------------------------- ignore_index
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_ignore_index(backend, method):
+    logits, targets, il = make_inputs(300, 97, torch.float32, seed=3)
+    g = torch.Generator().manual_seed(5)
+    for ignore_index in (-100, 0, 96):
+        t = targets.clone()
+        t[torch.rand(300, generator=g).to(DEVICE) < 0.3] = ignore_index
+        truth = truth_scores(logits, t, il, method, ignore_index)
+        got = rk.score(logits, t, il, method=method, ignore_index=ignore_index, backend=backend)
+        ignored = (t == ignore_index).cpu()
+        assert bool((got.cpu()[ignored] == -math.inf).all()), "ignored rows must score -inf"
+        tol = assert_accurate(got, eager_scores(logits, t, il, method, ignore_index), truth, str(ignore_index))
+        n_ok = int((~ignored).sum())
+        for k in (n_ok, min(300, n_ok + 5), 300):
+            sel = rk.select(logits, t, il, k, method=method, ignore_index=ignore_index, backend=backend)
+            assert_selection_consistent(sel, got, eligible_of(t, got, 97, ignore_index), k, f"ii={ignore_index}")
+            assert int(sel.valid.sum()) == min(k, n_ok)
+            ref = rk.select(logits, t, il, k, method=method, ignore_index=ignore_index, backend="reference")
+            assert_selection_matches_reference(sel, ref, truth, tol, f"ii={ignore_index} k={k}")
+    # Every row ignored: nothing is valid, and the order is by row index.
+    t = torch.full_like(targets, -100)
+    sel = rk.select(logits, t, il, 10, method=method, backend=backend)
+    assert not bool(sel.valid.any())
+    assert sel.indices.cpu().tolist() == list(range(10))
+
+
+# --------------------------------------------------------------------------- special values
+
+
+def _special_inputs(dtype):
+    v = 37
+    g = torch.Generator().manual_seed(11)
+    logits = torch.randn(12, v, generator=g) * 2
+    targets = torch.randint(1, v, (12,), generator=g)
+    il = torch.rand(12, generator=g)
+    logits[0, 5] = math.inf  # +inf logit elsewhere -> CE +inf? lse=+inf, z_y finite -> +inf
+    logits[1, targets[1]] = math.inf  # +inf at the target -> inf - inf = NaN
+    logits[2, :] = -math.inf  # all -inf -> NaN
+    logits[3, ::2] = -math.inf  # masked vocabulary (impossible classes)
+    logits[3, targets[3]] = 1.0
+    logits[4, targets[4]] = -math.inf  # impossible target -> CE +inf
+    logits[5, 7] = math.nan  # NaN logit -> NaN
+    il[6] = math.nan  # never-scored example: NaN IL
+    il[7] = math.inf  # IL +inf -> reducible -inf (still eligible)
+    il[8] = -math.inf  # IL -inf -> reducible +inf
+    logits[9, :] = 0.0  # uniform row
+    logits[10, :] = -1e4  # very negative but finite
+    logits[10, 0] = 1e4
+    return logits.to(dtype).to(DEVICE), targets.to(DEVICE), il.to(DEVICE)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("method", METHODS)
+def test_special_values(backend, method, dtype):
+    logits, targets, il = _special_inputs(dtype)
+    truth = truth_scores(logits, targets, il, method)
+    got = rk.score(logits, targets, il, method=method, backend=backend)
+    tol = assert_accurate(got, eager_scores(logits, targets, il, method), truth, f"{method}/{dtype}")
+    for k in (0, 1, 6, 12):
+        sel = rk.select(logits, targets, il, k, method=method, backend=backend)
+        assert_selection_consistent(sel, got, eligible_of(targets, got, 37), k, f"k={k}")
+        ref = rk.select(logits, targets, il, k, method=method, backend="reference")
+        assert_selection_matches_reference(sel, ref, truth, tol, f"k={k}")
+
+
+def test_special_values_semantics():
+    """Pin the documented special-value rules on the reference itself."""
+    logits, targets, il = _special_inputs(torch.float32)
+    s = {m: rk.score(logits, targets, il, method=m, backend="reference").cpu() for m in METHODS}
+    assert s["loss"][0] == math.inf and math.isnan(s["loss"][1]) and math.isnan(s["loss"][2])
+    assert math.isfinite(s["loss"][3]) and s["loss"][4] == math.inf and math.isnan(s["loss"][5])
+    assert math.isnan(s["reducible"][6]) and s["reducible"][7] == -math.inf and s["reducible"][8] == math.inf
+    assert math.isnan(s["irreducible"][6])
+    for m in ("gradnorm", "entropy"):
+        assert math.isnan(s[m][0]) and math.isnan(s[m][2]) and math.isnan(s[m][5]) and math.isfinite(s[m][3])
+    assert abs(s["entropy"][9] - math.log(37)) < 1e-5
+    # The masked row behaves like the row restricted to its possible classes.
+    row = logits[3][torch.isfinite(logits[3])]
+    want = torch.logsumexp(row, 0) - logits[3, targets[3]]
+    assert abs(s["loss"][3] - want.item()) < 1e-5
+
+
+# --------------------------------------------------------------------------- ties
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_ties_break_to_lower_index(backend, method):
+    n, v = 200, 64
+    g = torch.Generator().manual_seed(2)
+    # Constant rows give bit-identical scores whatever the summation order (sums of equal
+    # powers of two), and IL from a tiny set (with -0.0) makes reducible/irreducible tie too.
+    consts = torch.tensor([0.0, 1.0, -2.0])[torch.randint(0, 3, (n,), generator=g)]
+    logits = consts[:, None].expand(n, v).contiguous().to(DEVICE)
+    targets = torch.randint(0, v, (n,), generator=g).to(DEVICE)
+    il = torch.tensor([0.0, -0.0, 1.0, 0.5])[torch.randint(0, 4, (n,), generator=g)].to(DEVICE)
+    got = rk.score(logits, targets, il, method=method, backend=backend)
+    ref = rk.score(logits, targets, il, method=method, backend="reference")
+    assert got.cpu().unique().numel() <= 8, "tied rows must score identically"
+    for k in (1, 17, n // 2, n):
+        sel = rk.select(logits, targets, il, k, method=method, backend=backend)
+        ref_sel = rk.select(logits, targets, il, k, method=method, backend="reference")
+        assert_selection_consistent(sel, got, eligible_of(targets, got, v), k, f"k={k}")
+        if torch.equal(got.cpu(), ref.cpu()):
+            assert torch.equal(sel.indices.cpu(), ref_sel.indices.cpu()), f"k={k}: tie order differs"
+
+
+def test_negative_zero_ties_positive_zero(backend):
+    il = torch.tensor([0.0, -0.0, 0.0, -0.0, 1.0]).to(DEVICE)
+    logits = torch.zeros(5, 3).to(DEVICE)
+    targets = torch.zeros(5, dtype=torch.long).to(DEVICE)
+    sel = rk.select(logits, targets, il, 5, method="irreducible", backend=backend)
+    assert sel.indices.cpu().tolist() == [0, 1, 2, 3, 4]
+
+
+# --------------------------------------------------------------------------- k edge cases
+
+
+def test_k_edges_and_empty(backend):
+    logits, targets, il = make_inputs(5, 9, torch.float32)
+    sel = rk.select(logits, targets, il, 0, backend=backend)
+    assert sel.indices.shape == (0,) and sel.indices.dtype == torch.int64
+    assert sel.scores.dtype == torch.float32 and sel.valid.dtype == torch.bool
+    empty = rk.select(logits[:0], targets[:0], il[:0], 0, backend=backend)
+    assert empty.indices.numel() == 0
+    assert rk.score(logits[:0], targets[:0], il[:0], backend=backend).shape == (0,)
+    sel = rk.select(logits, targets, il, 5, backend=backend)
+    assert sorted(sel.indices.cpu().tolist()) == list(range(5))
+    b3 = make_inputs(6, 9, torch.float32)[0].view(2, 3, 9)
+    t3 = targets.new_zeros(2, 3)
+    assert rk.score(b3, t3, il.new_zeros(2, 3), backend=backend).shape == (2, 3)
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+def _bad_calls():
+    x = torch.randn(4, 5, device=DEVICE)
+    t = torch.tensor([0, 1, 2, 3], device=DEVICE)
+    il = torch.rand(4, device=DEVICE)
+    meta_t = torch.zeros(4, dtype=torch.long, device="meta")
+    return [
+        ("rank 1", lambda: rk.score(x[0], t[0], il[0]), ValueError, "rank 1"),
+        ("rank 4", lambda: rk.score(x.view(1, 1, 4, 5), t.view(1, 1, 4), il.view(1, 1, 4)), ValueError, "(1, 1, 4, 5)"),
+        ("shape mismatch", lambda: rk.score(x, t[:3], il[:3]), ValueError, "(3,)"),
+        ("IL shape", lambda: rk.score(x, t, il[:2]), ValueError, "(2,)"),
+        ("int logits", lambda: rk.score(x.long(), t, il), TypeError, "torch.int64"),
+        ("float targets", lambda: rk.score(x, t.float(), il), TypeError, "torch.float32"),
+        ("bool targets", lambda: rk.score(x, t.bool(), il), TypeError, "torch.bool"),
+        ("int IL", lambda: rk.score(x, t, t), TypeError, "torch.int64"),
+        ("k negative", lambda: rk.select(x, t, il, -1), ValueError, "k = -1"),
+        ("k too large", lambda: rk.select(x, t, il, 5), ValueError, "k = 5"),
+        ("k float", lambda: rk.select(x, t, il, 2.0), TypeError, "2.0"),
+        ("unknown method", lambda: rk.score(x, t, il, method="rho"), ValueError, "'rho'"),
+        ("unknown backend", lambda: rk.score(x, t, il, backend="tpu"), ValueError, "'tpu'"),
+        ("IL missing", lambda: rk.score(x, t, None), ValueError, "irreducible_loss"),
+        ("IL missing irreducible", lambda: rk.select(x, t, None, 1, method="irreducible"), ValueError, "'irreducible'"),
+        ("devices differ", lambda: rk.score(x, meta_t, il), ValueError, "meta"),
+        ("no classes", lambda: rk.score(x[:, :0], t, il), ValueError, "V = 0"),
+        ("not a tensor", lambda: rk.score(x.tolist(), t, il), TypeError, "list"),
+        ("ignore_index float", lambda: rk.score(x, t, il, ignore_index=1.5), TypeError, "1.5"),
+    ]
+
+
+@pytest.mark.parametrize("case", range(len(_bad_calls())))
+def test_bad_input_raises_clear_error(case):
+    name, call, exc, needle = _bad_calls()[case]
+    with pytest.raises(exc) as info:
+        call()
+    assert needle in str(info.value), f"{name}: message {str(info.value)!r} does not name {needle!r}"
+
+
+def test_unavailable_backend_is_a_clear_error():
+    x, t, il = torch.randn(4, 5), torch.zeros(4, dtype=torch.long), torch.rand(4)
+    unavailable = [b for b in rk.BACKENDS if b not in rk.available_backends("cpu")]
+    for name in unavailable:
+        with pytest.raises(ValueError, match=name):
+            rk.score(x, t, il, backend=name)
+
+
+@pytest.mark.skipif(DEVICE.type != "cpu", reason="the eager range check runs on CPU tensors only")
+def test_target_out_of_range_is_named(backend):
+    x = torch.randn(4, 5)
+    for bad in (5, -1, 1000):
+        t = torch.tensor([0, 1, bad, 3])
+        with pytest.raises(ValueError, match=rf"target {bad} at flat row 2 is outside \[0, 5\)"):
+            rk.select(x, t, torch.rand(4), 2, backend=backend)
+
+
+def test_target_out_of_range_without_check_is_nan_not_oob(backend):
+    """Where the check cannot run (GPU, compile), an out-of-range target scores NaN."""
+    x, t, il = make_inputs(6, 5, torch.float32)
+    t = t.clone()
+    t[1], t[4] = 5, -7
+    p = _contract.RowProblem(x, t, il, 0, -100, t.shape, 6, 5)
+    score, _ = resolve_backend(backend, x.device).score_rows(p)
+    assert torch.isnan(score.cpu()[[1, 4]]).all() and torch.isfinite(score.cpu()[[0, 2, 3, 5]]).all()
+    idx, _, valid = resolve_backend(backend, x.device).select_rows(p, 6)
+    assert idx.cpu().tolist()[-2:] == [1, 4] and valid.cpu().tolist()[-2:] == [False, False]
+
+
+# --------------------------------------------------------------------------- ops, compile
+
+
+def test_opcheck_extension_ops():
+    if DEVICE.type == "cpu" and "cpu" not in rk.available_backends("cpu"):
+        pytest.skip("the extension's CPU kernel is not built")
+    if DEVICE.type == "cuda" and "cuda" not in rk.available_backends("cuda"):
+        pytest.skip("the extension's CUDA kernel is not built")
+    for dtype in DTYPES:
+        logits, targets, il = make_inputs(33, 70, dtype)
+        for method in range(len(METHODS)):
+            torch.library.opcheck(torch.ops.rho_kernels.score_rows.default, (logits, targets, il, method, -100))
+            torch.library.opcheck(torch.ops.rho_kernels.select_rows.default, (logits, targets, il, 7, method, -100))
+        torch.library.opcheck(torch.ops.rho_kernels.select_rows.default, (logits, targets, None, 7, 1, -100))
+
+
+@pytest.mark.parametrize("method", ["reducible", "entropy"])
+def test_torch_compile_fullgraph(backend, method):
+    if is_slow_backend(backend):
+        pytest.skip("Inductor/aot tracing of Triton kernels needs a GPU; tested by test_triton_paths")
+    logits, targets, il = make_inputs(64, 50, torch.float32)
+
+    def fn(logits, targets, il):
+        sel = rk.select(logits, targets, il, 8, method=method, backend=backend)
+        return sel.indices, sel.scores, sel.valid, rk.score(logits, targets, il, method=method, backend=backend)
+
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    for got, want in zip(compiled(logits, targets, il), fn(logits, targets, il)):
+        assert torch.equal(got, want)
+
+
+# --------------------------------------------------------------------------- GPU-only contract
+
+
+@pytest.mark.skipif(DEVICE.type != "cuda", reason="host-sync and CUDA-graph checks need a GPU")
+def test_no_host_sync_and_cuda_graphs(backend):
+    logits, targets, il = make_inputs(2048, 5000, torch.bfloat16)
+    rk.select(logits, targets, il, 100, backend=backend)  # warm up (compiles / autotunes)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        rk.select(logits, targets, il, 100, backend=backend)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    if backend == "reference":
+        return
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        rk.select(logits, targets, il, 100, backend=backend)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = rk.select(logits, targets, il, 100, backend=backend)
+    logits.mul_(-1)
+    graph.replay()
+    torch.cuda.synchronize()
+    want = rk.select(logits, targets, il, 100, backend=backend)
+    assert torch.equal(out.indices, want.indices)
+
+
+@pytest.mark.skipif(DEVICE.type != "cuda", reason="allocation accounting needs a GPU")
+def test_no_allocation_proportional_to_logits(backend):
+    if backend == "reference":
+        pytest.skip("the reference materialises N x V temporaries by design")
+    logits, targets, il = make_inputs(4096, 32000, torch.bfloat16)
+    rk.select(logits, targets, il, 400, backend=backend)
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    rk.select(logits, targets, il, 400, backend=backend)
+    torch.cuda.synchronize()
+    extra = torch.cuda.max_memory_allocated() - base
+    assert extra < 0.05 * logits.numel() * logits.element_size(), f"{extra} bytes extra"
+
+
+def test_expected_backends_present():
+    """Where the build or the environment promises a backend, it must not be silently skipped."""
+    avail = rk.available_backends(DEVICE)
+    if os.environ.get("RHO_KERNELS_REQUIRE_EXT") == "1" and DEVICE.type == "cpu":
+        assert "cpu" in avail, f"the CPU kernel must be built here; available: {avail}"
+    if INTERPRETED:
+        assert "triton" in avail, f"TRITON_INTERPRET=1 but triton is not available: {avail}"
+    if DEVICE.type == "cuda":
+        assert "triton" in avail, avail
