@@ -500,11 +500,22 @@ def _launch_scores(logits: Tensor, targets: Tensor, il: Optional[Tensor], method
 
 
 # ----------------------------------------------------------------------------------------------
-# Ops (torch.library.triton_op: traced by torch.compile, kernels run on the current stream)
+# Ops.  On GPU: torch.library.triton_op, so torch.compile sees the kernels themselves (through
+# wrap_triton) and Inductor schedules them; kernels launch on the current stream.  Under the
+# interpreter wrap_triton cannot trace interpreted kernels, so the same bodies are registered
+# as opaque custom ops with shape-only fake implementations instead.
 # ----------------------------------------------------------------------------------------------
 
+_INTERPRETED = _interpreter_requested()
 
-@triton_op("rho_kernels::triton_score_rows", mutates_args=())
+
+def _op(name: str):
+    if _INTERPRETED:
+        return torch.library.custom_op(name, mutates_args=())
+    return triton_op(name, mutates_args=())
+
+
+@_op("rho_kernels::triton_score_rows")
 def triton_score_rows(logits: Tensor, targets: Tensor, il: Optional[Tensor], method: int,
                       ignore_index: int) -> tuple[Tensor, Tensor]:
     """Per-row score (float32 [N]) and lse ([N], float64 for float64 logits)."""
@@ -524,7 +535,7 @@ def _use_fused(logits: Tensor, n: int) -> bool:
     return n <= FUSED_MAX_ROWS and _plan(logits, n, logits.shape[-1]).split == 1
 
 
-@triton_op("rho_kernels::triton_select_rows", mutates_args=())
+@_op("rho_kernels::triton_select_rows")
 def triton_select_rows(logits: Tensor, targets: Tensor, il: Optional[Tensor], k: int,
                        method: int, ignore_index: int) -> tuple[Tensor, Tensor, Tensor]:
     """Top-k rows: (indices int64 [k], scores float32 [k], valid bool [k])."""
@@ -569,6 +580,21 @@ def triton_select_rows(logits: Tensor, targets: Tensor, il: Optional[Tensor], k:
     rows = 4294967295 - (top & 4294967295)
     valid = (top >> 32) != _INT32_MIN
     return rows, score[rows], valid
+
+
+if _INTERPRETED:
+
+    @triton_score_rows.register_fake
+    def _score_rows_fake(logits, targets, il, method, ignore_index):
+        n = targets.shape[0]
+        return (logits.new_empty((n,), dtype=torch.float32),
+                logits.new_empty((n,), dtype=lse_dtype(logits.dtype)))
+
+    @triton_select_rows.register_fake
+    def _select_rows_fake(logits, targets, il, k, method, ignore_index):
+        return (logits.new_empty((k,), dtype=torch.int64),
+                logits.new_empty((k,), dtype=torch.float32),
+                logits.new_empty((k,), dtype=torch.bool))
 
 
 # ----------------------------------------------------------------------------------------------
