@@ -330,7 +330,7 @@ def _emit_topk(score_ptr, key_ptr, out_idx_ptr, out_score_ptr, out_valid_ptr, N,
     keys = tl.sort(keys, descending=True)
     rows = 4294967295 - (keys & 4294967295)
     valid = (keys >> 32) != -2147483648
-    omask = offs < k
+    omask = (offs < k) & (offs < N)  # k <= N by contract; never gather a padding key
     if FROM_OTHER_SMS:
         sc = tl.load(score_ptr + rows, mask=omask, other=0.0, cache_modifier=".cg")
     else:
