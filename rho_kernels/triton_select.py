@@ -432,7 +432,7 @@ def _sms(device: torch.device) -> int:
 def _plan(logits: Tensor, n: int, v: int) -> _Plan:
     """Block sizes by V (no autotuning: one heuristic table, no slow first calls)."""
     esize = logits.element_size()
-    v_p2 = triton.next_power_of_2(v)
+    v_p2 = _p2(v)
     whole_max = {8: 4096, 4: 8192, 2: 16384}.get(esize, 8192)
     chunk = {8: 2048, 4: 4096, 2: 8192}.get(esize, 4096)
     if v_p2 <= 1024:  # small V: 2-D tile of rows
@@ -457,6 +457,12 @@ def _plan(logits: Tensor, n: int, v: int) -> _Plan:
     v_per_split = triton.cdiv(nchunks, split) * block_v
     split = triton.cdiv(v, v_per_split)  # no empty splits
     return _Plan(block_r, block_v, split, v_per_split, warps)
+
+
+def _p2(x) -> int:
+    """Next power of two >= x (x >= 1).  int() specialises a symbolic size under torch.compile,
+    which constexpr block sizes need anyway."""
+    return 1 << (int(x) - 1).bit_length()
 
 
 def _geometry(logits: Tensor) -> tuple[int, int, int, int]:
@@ -495,7 +501,7 @@ def _launch_scores(logits: Tensor, targets: Tensor, il: Optional[Tensor], method
         logits, targets, il_arg, score, lse, key, ws,
         n, v, T, sb, st, sv, ignore_index,
         METHOD=method, IS_F64=is_f64, BLOCK_R=merge_r,
-        SPLIT=plan.split, SPLIT_P2=triton.next_power_of_2(plan.split),
+        SPLIT=plan.split, SPLIT_P2=_p2(plan.split),
         WRITE_LSE=write_lse, WRITE_KEY=write_key, num_warps=4)
 
 
@@ -563,7 +569,7 @@ def triton_select_rows(logits: Tensor, targets: Tensor, il: Optional[Tensor], k:
             n, v, T, sb, st, sv, ignore_index, k,
             METHOD=method, IS_F64=logits.dtype == torch.float64,
             BLOCK_R=plan.block_r, BLOCK_V=plan.block_v,
-            N_P2=max(16, triton.next_power_of_2(n)), ONE_PROGRAM=one,
+            N_P2=max(16, _p2(n)), ONE_PROGRAM=one,
             num_warps=8 if one else plan.num_warps)
         return out_idx, out_score, out_valid8.view(torch.bool)
     _launch_scores(logits, targets, il, method, ignore_index, score, score, key,
