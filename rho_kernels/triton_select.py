@@ -236,9 +236,10 @@ def _score_block(logits_ptr, tgt_ptr, il_ptr, rows, N, V, T, stride_b, stride_t,
 def _score_kernel(logits_ptr, tgt_ptr, il_ptr, score_ptr, lse_ptr, key_ptr, ws_ptr,
                   N, V, T, stride_b, stride_t, stride_v, ignore_index, v_per_split,
                   METHOD: tl.constexpr, IS_F64: tl.constexpr,
-                  BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr, SPLIT: tl.constexpr,
-                  WRITE_LSE: tl.constexpr, WRITE_KEY: tl.constexpr):
-    """grid (cdiv(N, BLOCK_R), SPLIT).  SPLIT == 1: final scores; else partial accumulators."""
+                  BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr, SPLIT: tl.constexpr):
+    """grid (cdiv(N, BLOCK_R), SPLIT).  SPLIT == 1: final scores, lse and keys (always all three:
+    N-sized writes cost nothing next to N x V reads, and one variant compiles once); else
+    partial accumulators."""
     pid = tl.program_id(0).to(tl.int64)
     rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
     if SPLIT == 1:
@@ -246,10 +247,8 @@ def _score_kernel(logits_ptr, tgt_ptr, il_ptr, score_ptr, lse_ptr, key_ptr, ws_p
             logits_ptr, tgt_ptr, il_ptr, rows, N, V, T, stride_b, stride_t, stride_v,
             ignore_index, METHOD, IS_F64, BLOCK_R, BLOCK_V)
         tl.store(score_ptr + rows, score, mask=rmask)
-        if WRITE_LSE:
-            tl.store(lse_ptr + rows, lse, mask=rmask)
-        if WRITE_KEY:
-            tl.store(key_ptr + rows, key, mask=rmask)
+        tl.store(lse_ptr + rows, lse, mask=rmask)
+        tl.store(key_ptr + rows, key, mask=rmask)
     else:
         sid = tl.program_id(1)
         rmask = rows < N
@@ -272,8 +271,7 @@ def _score_kernel(logits_ptr, tgt_ptr, il_ptr, score_ptr, lse_ptr, key_ptr, ws_p
 def _split_merge_kernel(logits_ptr, tgt_ptr, il_ptr, score_ptr, lse_ptr, key_ptr, ws_ptr,
                         N, V, T, stride_b, stride_t, stride_v, ignore_index,
                         METHOD: tl.constexpr, IS_F64: tl.constexpr, BLOCK_R: tl.constexpr,
-                        SPLIT: tl.constexpr, SPLIT_P2: tl.constexpr,
-                        WRITE_LSE: tl.constexpr, WRITE_KEY: tl.constexpr):
+                        SPLIT: tl.constexpr, SPLIT_P2: tl.constexpr):
     """rho::acc_merge of SPLIT partial accumulators per row, then finalise."""
     pid = tl.program_id(0).to(tl.int64)
     rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -310,10 +308,8 @@ def _split_merge_kernel(logits_ptr, tgt_ptr, il_ptr, score_ptr, lse_ptr, key_ptr
         il = m
     score, lse = _finalize(m, d, t, dx, s2x, bad, zy, il, ignored, oor, METHOD, IS_F64)
     tl.store(score_ptr + rows, score, mask=rmask)
-    if WRITE_LSE:
-        tl.store(lse_ptr + rows, lse, mask=rmask)
-    if WRITE_KEY:
-        tl.store(key_ptr + rows, _key(score, ok, rows), mask=rmask)
+    tl.store(lse_ptr + rows, lse, mask=rmask)
+    tl.store(key_ptr + rows, _key(score, ok, rows), mask=rmask)
 
 
 @triton.jit
@@ -473,8 +469,7 @@ def _geometry(logits: Tensor) -> tuple[int, int, int, int]:
 
 
 def _launch_scores(logits: Tensor, targets: Tensor, il: Optional[Tensor], method: int,
-                   ignore_index: int, score: Tensor, lse: Tensor, key: Tensor,
-                   write_lse: bool, write_key: bool) -> None:
+                   ignore_index: int, score: Tensor, lse: Tensor, key: Tensor) -> None:
     n = targets.shape[0]
     v = logits.shape[-1]
     plan = _plan(logits, n, v)
@@ -487,7 +482,7 @@ def _launch_scores(logits: Tensor, targets: Tensor, il: Optional[Tensor], method
             logits, targets, il_arg, score, lse, key, score,
             n, v, T, sb, st, sv, ignore_index, 0,
             METHOD=method, IS_F64=is_f64, BLOCK_R=plan.block_r, BLOCK_V=plan.block_v,
-            SPLIT=1, WRITE_LSE=write_lse, WRITE_KEY=write_key, num_warps=plan.num_warps)
+            SPLIT=1, num_warps=plan.num_warps)
         return
     ws = torch.empty((n * plan.split * 5,), dtype=lse_dtype(logits.dtype), device=logits.device)
     grid = (triton.cdiv(n, plan.block_r), plan.split)
@@ -495,14 +490,13 @@ def _launch_scores(logits: Tensor, targets: Tensor, il: Optional[Tensor], method
         logits, targets, il_arg, score, lse, key, ws,
         n, v, T, sb, st, sv, ignore_index, plan.v_per_split,
         METHOD=method, IS_F64=is_f64, BLOCK_R=plan.block_r, BLOCK_V=plan.block_v,
-        SPLIT=plan.split, WRITE_LSE=write_lse, WRITE_KEY=write_key, num_warps=plan.num_warps)
+        SPLIT=plan.split, num_warps=plan.num_warps)
     merge_r = 16
     wrap_triton(_split_merge_kernel)[(triton.cdiv(n, merge_r),)](
         logits, targets, il_arg, score, lse, key, ws,
         n, v, T, sb, st, sv, ignore_index,
         METHOD=method, IS_F64=is_f64, BLOCK_R=merge_r,
-        SPLIT=plan.split, SPLIT_P2=_p2(plan.split),
-        WRITE_LSE=write_lse, WRITE_KEY=write_key, num_warps=4)
+        SPLIT=plan.split, SPLIT_P2=_p2(plan.split), num_warps=4)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -530,8 +524,8 @@ def triton_score_rows(logits: Tensor, targets: Tensor, il: Optional[Tensor], met
     lse = torch.empty((n,), dtype=lse_dtype(logits.dtype), device=logits.device)
     if n == 0:
         return score, lse
-    _launch_scores(logits, targets, il, method, ignore_index, score, lse, score,
-                   write_lse=True, write_key=False)
+    key = torch.empty((n,), dtype=torch.int64, device=logits.device)
+    _launch_scores(logits, targets, il, method, ignore_index, score, lse, key)
     return score, lse
 
 
@@ -572,8 +566,8 @@ def triton_select_rows(logits: Tensor, targets: Tensor, il: Optional[Tensor], k:
             N_P2=max(16, _p2(n)), ONE_PROGRAM=one,
             num_warps=8 if one else plan.num_warps)
         return out_idx, out_score, out_valid8.view(torch.bool)
-    _launch_scores(logits, targets, il, method, ignore_index, score, score, key,
-                   write_lse=False, write_key=True)
+    lse = torch.empty((n,), dtype=lse_dtype(logits.dtype), device=dev)
+    _launch_scores(logits, targets, il, method, ignore_index, score, lse, key)
     cb = _OVERRIDES.get("cand_block", CAND_BLOCK)
     use_cand = _OVERRIDES.get("cand", k <= CAND_MAX_K and n >= 4 * cb)
     if use_cand and k <= cb:

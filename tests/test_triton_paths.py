@@ -25,6 +25,10 @@ if _REASON is not None:
 
 from rho_kernels import triton_select as ts  # noqa: E402  (imports triton)
 
+# On a GPU every new constexpr combination is a Triton compile (~0.5 s on a cold cache): the
+# dtype and layout matrices are thinned there (the conformance suite covers dtypes x methods).
+ON_GPU = DEVICE.type == "cuda"
+
 INF = math.inf
 NAN = math.nan
 
@@ -119,7 +123,7 @@ def test_paths_all_methods_special_values(path, method):
 
 @pytest.mark.parametrize("method", rk.METHODS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64], ids=str)
-@pytest.mark.parametrize("path", ["fused_ticket", "split_v", "two_stage_candidates"])
+@pytest.mark.parametrize("path", ["split_v"] if ON_GPU else ["fused_ticket", "split_v", "two_stage_candidates"])
 def test_dtypes(path, dtype, method):
     x, y, il = special_case(n=20, dtype=dtype, seed=1)
     tol = 1e-12 if dtype == torch.float64 else 2e-5
@@ -139,7 +143,8 @@ def _layouts(n_b=2, n_t=3, v=37):
     yield "expanded", torch.randn(1, v, generator=g).expand(n_b * n_t, v)  # stride_b = 0: all ties
 
 
-@pytest.mark.parametrize("path", ["fused_one_program", "fused_ticket", "split_v", "chunked_v"])
+@pytest.mark.parametrize("path", ["fused_ticket", "split_v"] if ON_GPU else
+                         ["fused_one_program", "fused_ticket", "split_v", "chunked_v"])
 @pytest.mark.parametrize("method", ["reducible", "gradnorm", "entropy"])
 def test_layouts(path, method):
     for name, logits in _layouts():
