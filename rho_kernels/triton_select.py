@@ -447,6 +447,10 @@ def _plan(logits: Tensor, n: int, v: int) -> _Plan:
     split = 1
     sms = _sms(logits.device)
     if block_r == 1 and nchunks >= 4 and n < 2 * sms:  # few rows, large V: split V too
+        if "block_v" not in _OVERRIDES:  # smaller chunks: more programs per row
+            block_v = max(1024, block_v // 4)
+            nchunks = triton.cdiv(v, block_v)
+            warps = 4
         split = min(MAX_SPLIT, nchunks, triton.cdiv(4 * sms, max(n, 1)))
     split = min(_OVERRIDES.get("split", split), nchunks)
     split = max(split, 1)
