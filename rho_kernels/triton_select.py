@@ -41,14 +41,8 @@ from ._contract import RowProblem, lse_dtype
 
 NAME = "triton"
 
-_M_REDUCIBLE = 0
-_M_LOSS = 1
-_M_IRREDUCIBLE = 2
-_M_GRADNORM = 3
-_M_ENTROPY = 4
-
-_INT32_MIN = -(2**31)
-_INT64_MIN = -(2**63)
+_M_IRREDUCIBLE = 2  # rho::kIrreducible: the logits are not read (no split-V pass)
+_INT32_MIN = -(2**31)  # high word of an ineligible row's key
 
 
 def _interpreter_requested() -> bool:
