@@ -12,8 +12,9 @@ Launch paths, chosen from shapes only (no host sync, so the choice traces under 
   ``(m, d, t, dx, s2x)`` to a workspace, a merge kernel combines them and finalises.
 * select, small problems (N <= 4096, no split): ONE launch.  Every program scores its rows,
   writes score and 64-bit key to a small scratch buffer, and the last program to finish (an
-  atomic ticket) sorts all keys on chip and writes the top k.  When the problem is tiny one
-  program does everything and no ticket counter is needed.
+  atomic ticket) sorts all keys on chip and writes the top k.  The ticket counter needs a
+  4-byte zero fill before the kernel; when the problem is tiny (N*V <= 65536, e.g. [320, 10])
+  one program does everything and there is no counter: exactly one launch.
 * select, large problems: the score kernel writes scores and keys; for small k a block kernel
   keeps the top min(k, CB) keys of every block of CB rows (candidates); the merge is
   ``torch.topk`` on the int64 keys, i.e. a radix select (no k-sized sorting network), so a
