@@ -1,0 +1,613 @@
+"""The fused Triton backend ("triton"): one pass over the logits, online log-sum-exp, top-k.
+
+Math and special values are those of csrc/rho_math.h (RowAcc sums m, d, t, dx, s2x and the
+select_key ordering); rho_kernels/reference.py is the definition this backend is tested against.
+
+Launch paths, chosen from shapes only (no host sync, so the choice traces under torch.compile):
+
+* score kernel: a ``[BLOCK_R, BLOCK_V]`` tile per program, looping over V in BLOCK_V chunks with
+  an online accumulator.  Small V: several rows per program, the whole row in one chunk;
+  medium V: one row per program, whole row in one load; large V: one row, chunked.
+* split-V: few rows with a large V.  Programs ``(row block, split)`` write partial accumulators
+  ``(m, d, t, dx, s2x)`` to a workspace, a merge kernel combines them and finalises.
+* select, small problems (N <= 4096, no split): ONE launch.  Every program scores its rows,
+  writes score and 64-bit key to a small scratch buffer, and the last program to finish (an
+  atomic ticket) sorts all keys on chip and writes the top k.  The ticket counter needs a
+  4-byte zero fill before the kernel; when the problem is tiny (N*V <= 65536, e.g. [320, 10])
+  one program does everything and there is no counter: exactly one launch.
+* select, large problems: the score kernel writes scores and keys; for small k a block kernel
+  keeps the top min(k, CB) keys of every block of CB rows (candidates); the merge is
+  ``torch.topk`` on the int64 keys, i.e. a radix select (no k-sized sorting network), so a
+  large k (10% of a million rows) stays fast.
+
+Keys: the signed-int64 image of rho::select_key (same order): high word = order-preserving
+int32 image of the fp32 score (-0 read as +0), or INT32_MIN for an ineligible row; low word =
+0xFFFFFFFF - row.  Keys are unique, so the order is total and deterministic.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+from typing import Iterator, NamedTuple, Optional
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+from torch.library import triton_op, wrap_triton  # torch >= 2.6
+
+from ._contract import RowProblem, lse_dtype
+
+NAME = "triton"
+
+_M_IRREDUCIBLE = 2  # rho::kIrreducible: the logits are not read (no split-V pass)
+_INT32_MIN = -(2**31)  # high word of an ineligible row's key
+
+
+def _interpreter_requested() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def unavailable_reason(device: torch.device) -> Optional[str]:
+    """None where this backend can run on ``device``, else why not."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            return "no CUDA device is available"
+        return None
+    if device.type == "cpu":
+        if _interpreter_requested():
+            return None
+        return "Triton runs on CPU tensors only under TRITON_INTERPRET=1 (set before import)"
+    return f"Triton kernels run on CUDA tensors (or CPU under TRITON_INTERPRET=1), got {device}"
+
+
+# ----------------------------------------------------------------------------------------------
+# Kernels
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _exp(x, IS_F64: tl.constexpr):
+    # fp32: exp2 with the log2(e) scale folded in (one MUFU op); fp64: exact exp.
+    if IS_F64:
+        r = tl.exp(x)
+    else:
+        r = tl.exp2(x * 1.4426950408889634)
+    return r
+
+
+@triton.jit
+def _log(x, IS_F64: tl.constexpr):
+    if IS_F64:
+        r = tl.log(x)
+    else:
+        r = tl.log2(x) * 0.6931471805599453
+    return r
+
+
+@triton.jit
+def _row_offsets(rows, T, stride_b, stride_t):
+    # Flat row r of a [B, T, V] view -> element offset of its first logit (int64).
+    b = rows // T
+    t = rows - b * T
+    return b * stride_b + t * stride_t
+
+
+@triton.jit
+def _targets(tgt_ptr, rows, rmask, V, ignore_index):
+    y = tl.load(tgt_ptr + rows, mask=rmask, other=0)
+    ignored = y == ignore_index
+    oor = (~ignored) & ((y < 0) | (y >= V))
+    ok = (~ignored) & (~oor)
+    return y, ignored, oor, ok
+
+
+@triton.jit
+def _stats(logits_ptr, row_off, rmask, y, v_lo, v_hi, stride_v,
+           METHOD: tl.constexpr, IS_F64: tl.constexpr,
+           BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr):
+    """Online accumulator over columns [v_lo, v_hi) of BLOCK_R rows (rho::RowAcc + NaN flag)."""
+    m = tl.full([BLOCK_R], float("-inf"), tl.float32)
+    d = tl.zeros([BLOCK_R], tl.float32)
+    if IS_F64:
+        m = m.to(tl.float64)
+        d = d.to(tl.float64)
+    t = d
+    dx = d
+    s2x = d
+    bad = tl.zeros([BLOCK_R], tl.int32)  # a NaN logit was seen
+    cols0 = tl.arange(0, BLOCK_V)
+    for v0 in range(v_lo, v_hi, BLOCK_V):
+        cols = v0 + cols0
+        mask = rmask[:, None] & (cols < v_hi)[None, :]
+        ptrs = logits_ptr + row_off[:, None] + cols.to(tl.int64)[None, :] * stride_v
+        x = tl.load(ptrs, mask=mask, other=float("-inf"))
+        if IS_F64:
+            x = x.to(tl.float64)
+        else:
+            x = x.to(tl.float32)
+        isnan = x != x
+        bad = bad | tl.max(isnan.to(tl.int32), axis=1)
+        m_new = tl.maximum(m, tl.max(tl.where(isnan, float("-inf"), x), axis=1))
+        # Guard: while every logit so far is -inf (or m did not move), exp(m - m_new) would be
+        # exp(-inf - -inf) = NaN; no rescale is needed then.
+        same = m_new == m
+        shift = m - m_new
+        alpha = tl.where(same, 1.0, _exp(shift, IS_F64))
+        z = x - m_new[:, None]
+        ninf = x == float("-inf")
+        e = tl.where(ninf, 0.0, _exp(z, IS_F64))  # a -inf logit contributes exactly 0
+        if METHOD == 4:
+            t_old = tl.where(same | (d == 0), t, alpha * (t + shift * d))
+            t = t_old + tl.sum(tl.where(ninf, 0.0, e * z), axis=1)
+        if METHOD == 3:
+            ex = tl.where(cols[None, :] == y[:, None], 0.0, e)  # the target is excluded
+            dx = dx * alpha + tl.sum(ex, axis=1)
+            s2x = s2x * (alpha * alpha) + tl.sum(ex * ex, axis=1)
+        d = d * alpha + tl.sum(e, axis=1)
+        m = m_new
+    return m, d, t, dx, s2x, bad
+
+
+@triton.jit
+def _finalize(m, d, t, dx, s2x, bad, zy, il, ignored, oor,
+              METHOD: tl.constexpr, IS_F64: tl.constexpr):
+    """(score fp32, lse) of rho::finalize_lse / finalize_score."""
+    inf = float("inf")
+    m_finite = (m != inf) & (m != -inf)
+    safe_d = tl.where(m_finite, d, 1.0)
+    lse = tl.where(bad != 0, float("nan"), tl.where(m_finite, m + _log(safe_d, IS_F64), m))
+    lse_finite = (lse == lse) & (lse != inf) & (lse != -inf)
+    if METHOD == 0:
+        s = (lse - zy) - il
+    elif METHOD == 1:
+        s = lse - zy
+    elif METHOD == 2:
+        s = -il
+        lse = tl.full(m.shape, float("nan"), m.dtype)
+    elif METHOD == 3:
+        q = dx / safe_d
+        g = tl.sqrt(s2x / (safe_d * safe_d) + q * q)
+        s = tl.where(lse_finite, g, float("nan"))
+    else:
+        h = _log(safe_d, IS_F64) - t / safe_d
+        s = tl.where(lse_finite, h, float("nan"))
+    s = s.to(tl.float32)
+    s = tl.where(oor, float("nan"), s)
+    s = tl.where(ignored, float("-inf"), s)
+    return s, lse
+
+
+@triton.jit
+def _key(score, ok, rows):
+    """Signed int64 image of rho::select_key (same order, larger = selected first)."""
+    bits = score.to(tl.int32, bitcast=True)
+    bits = tl.where(bits == -2147483648, 0, bits)  # -0 ties +0
+    ordered = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
+    eligible = ok & (score == score)
+    hi = tl.where(eligible, ordered, -2147483648).to(tl.int64)
+    return hi * 4294967296 + (4294967295 - rows)
+
+
+@triton.jit
+def _score_block(logits_ptr, tgt_ptr, il_ptr, rows, N, V, T, stride_b, stride_t, stride_v,
+                 ignore_index, METHOD: tl.constexpr, IS_F64: tl.constexpr,
+                 BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr):
+    """Scores, lse and keys of the rows ``rows`` (int64 [BLOCK_R]), whole rows."""
+    rmask = rows < N
+    y, ignored, oor, ok = _targets(tgt_ptr, rows, rmask, V, ignore_index)
+    row_off = _row_offsets(rows, T, stride_b, stride_t)
+    if METHOD == 2:
+        m = tl.zeros([BLOCK_R], tl.float32)
+        if IS_F64:
+            m = m.to(tl.float64)
+        d = m
+        t = m
+        dx = m
+        s2x = m
+        bad = tl.zeros([BLOCK_R], tl.int32)
+        zy = m
+    else:
+        m, d, t, dx, s2x, bad = _stats(logits_ptr, row_off, rmask, y, 0, V, stride_v,
+                                       METHOD, IS_F64, BLOCK_R, BLOCK_V)
+        zy = tl.load(logits_ptr + row_off + y * stride_v, mask=rmask & ok, other=0.0)
+        if IS_F64:
+            zy = zy.to(tl.float64)
+        else:
+            zy = zy.to(tl.float32)
+    if METHOD == 0 or METHOD == 2:
+        il = tl.load(il_ptr + rows, mask=rmask, other=0.0).to(m.dtype)
+    else:
+        il = m
+    score, lse = _finalize(m, d, t, dx, s2x, bad, zy, il, ignored, oor, METHOD, IS_F64)
+    key = _key(score, ok, rows)
+    return score, lse, key, rmask
+
+
+@triton.jit
+def _score_kernel(logits_ptr, tgt_ptr, il_ptr, score_ptr, lse_ptr, key_ptr, ws_ptr,
+                  N, V, T, stride_b, stride_t, stride_v, ignore_index, v_per_split,
+                  METHOD: tl.constexpr, IS_F64: tl.constexpr,
+                  BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr, SPLIT: tl.constexpr):
+    """grid (cdiv(N, BLOCK_R), SPLIT).  SPLIT == 1: final scores, lse and keys (always all three:
+    N-sized writes cost nothing next to N x V reads, and one variant compiles once); else
+    partial accumulators."""
+    pid = tl.program_id(0).to(tl.int64)
+    rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
+    if SPLIT == 1:
+        score, lse, key, rmask = _score_block(
+            logits_ptr, tgt_ptr, il_ptr, rows, N, V, T, stride_b, stride_t, stride_v,
+            ignore_index, METHOD, IS_F64, BLOCK_R, BLOCK_V)
+        tl.store(score_ptr + rows, score, mask=rmask)
+        tl.store(lse_ptr + rows, lse, mask=rmask)
+        tl.store(key_ptr + rows, key, mask=rmask)
+    else:
+        sid = tl.program_id(1)
+        rmask = rows < N
+        y, ignored, oor, ok = _targets(tgt_ptr, rows, rmask, V, ignore_index)
+        row_off = _row_offsets(rows, T, stride_b, stride_t)
+        v_lo = sid * v_per_split
+        v_hi = tl.minimum(v_lo + v_per_split, V)
+        m, d, t, dx, s2x, bad = _stats(logits_ptr, row_off, rmask, y, v_lo, v_hi, stride_v,
+                                       METHOD, IS_F64, BLOCK_R, BLOCK_V)
+        m = tl.where(bad != 0, float("nan"), m)  # the NaN flag travels as m = NaN
+        base = ws_ptr + (rows * SPLIT + sid) * 5
+        tl.store(base + 0, m, mask=rmask)
+        tl.store(base + 1, d, mask=rmask)
+        tl.store(base + 2, t, mask=rmask)
+        tl.store(base + 3, dx, mask=rmask)
+        tl.store(base + 4, s2x, mask=rmask)
+
+
+@triton.jit
+def _split_merge_kernel(logits_ptr, tgt_ptr, il_ptr, score_ptr, lse_ptr, key_ptr, ws_ptr,
+                        N, V, T, stride_b, stride_t, stride_v, ignore_index,
+                        METHOD: tl.constexpr, IS_F64: tl.constexpr, BLOCK_R: tl.constexpr,
+                        SPLIT: tl.constexpr, SPLIT_P2: tl.constexpr):
+    """rho::acc_merge of SPLIT partial accumulators per row, then finalise."""
+    pid = tl.program_id(0).to(tl.int64)
+    rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
+    rmask = rows < N
+    sids = tl.arange(0, SPLIT_P2)
+    mask = rmask[:, None] & (sids < SPLIT)[None, :]
+    base = ws_ptr + (rows[:, None] * SPLIT + sids[None, :]) * 5
+    ms = tl.load(base + 0, mask=mask, other=float("-inf"))
+    ds = tl.load(base + 1, mask=mask, other=0.0)
+    ts = tl.load(base + 2, mask=mask, other=0.0)
+    dxs = tl.load(base + 3, mask=mask, other=0.0)
+    s2xs = tl.load(base + 4, mask=mask, other=0.0)
+    isnan = ms != ms
+    bad = tl.max(isnan.to(tl.int32), axis=1)
+    m = tl.max(tl.where(isnan, float("-inf"), ms), axis=1)
+    shift = ms - m[:, None]
+    # Same guard as in _stats: an empty or all -inf partial (d == 0) is not rescaled.
+    keep = (ms == m[:, None]) | (ds == 0)
+    alpha = tl.where(keep, 1.0, _exp(shift, IS_F64))
+    d = tl.sum(alpha * ds, axis=1)
+    t = tl.sum(tl.where(ds == 0, 0.0, alpha * (ts + tl.where(keep, 0.0, shift) * ds)), axis=1)
+    dx = tl.sum(alpha * dxs, axis=1)
+    s2x = tl.sum(alpha * alpha * s2xs, axis=1)
+    y, ignored, oor, ok = _targets(tgt_ptr, rows, rmask, V, ignore_index)
+    row_off = _row_offsets(rows, T, stride_b, stride_t)
+    zy = tl.load(logits_ptr + row_off + y * stride_v, mask=rmask & ok, other=0.0)
+    if IS_F64:
+        zy = zy.to(tl.float64)
+    else:
+        zy = zy.to(tl.float32)
+    if METHOD == 0:
+        il = tl.load(il_ptr + rows, mask=rmask, other=0.0).to(m.dtype)
+    else:
+        il = m
+    score, lse = _finalize(m, d, t, dx, s2x, bad, zy, il, ignored, oor, METHOD, IS_F64)
+    tl.store(score_ptr + rows, score, mask=rmask)
+    tl.store(lse_ptr + rows, lse, mask=rmask)
+    tl.store(key_ptr + rows, _key(score, ok, rows), mask=rmask)
+
+
+@triton.jit
+def _emit_topk(score_ptr, key_ptr, out_idx_ptr, out_score_ptr, out_valid_ptr, N, k,
+               N_P2: tl.constexpr, FROM_OTHER_SMS: tl.constexpr):
+    """Sort all N keys on chip (N <= N_P2) and write the first k as indices/scores/valid."""
+    offs = tl.arange(0, N_P2)
+    if FROM_OTHER_SMS:
+        # written by other programs: bypass the (incoherent) L1
+        keys = tl.load(key_ptr + offs, mask=offs < N, other=-9223372036854775808,
+                       cache_modifier=".cg")
+    else:
+        keys = tl.load(key_ptr + offs, mask=offs < N, other=-9223372036854775808)
+    keys = tl.sort(keys, descending=True)
+    rows = 4294967295 - (keys & 4294967295)
+    valid = (keys >> 32) != -2147483648
+    omask = (offs < k) & (offs < N)  # k <= N by contract; never gather a padding key
+    if FROM_OTHER_SMS:
+        sc = tl.load(score_ptr + rows, mask=omask, other=0.0, cache_modifier=".cg")
+    else:
+        sc = tl.load(score_ptr + rows, mask=omask, other=0.0)
+    tl.store(out_idx_ptr + offs, rows, mask=omask)
+    tl.store(out_score_ptr + offs, sc, mask=omask)
+    tl.store(out_valid_ptr + offs, valid.to(tl.int8), mask=omask)
+
+
+@triton.jit
+def _fused_select_kernel(logits_ptr, tgt_ptr, il_ptr, score_ptr, key_ptr, counter_ptr,
+                         out_idx_ptr, out_score_ptr, out_valid_ptr,
+                         N, V, T, stride_b, stride_t, stride_v, ignore_index, k,
+                         METHOD: tl.constexpr, IS_F64: tl.constexpr,
+                         BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr, N_P2: tl.constexpr,
+                         ONE_PROGRAM: tl.constexpr):
+    """The whole select in one launch (N <= N_P2 <= 4096 rows)."""
+    pid = tl.program_id(0)
+    nprog = tl.num_programs(0)
+    for rb in range(pid * BLOCK_R, N, nprog * BLOCK_R):
+        rows = rb + tl.arange(0, BLOCK_R).to(tl.int64)
+        score, lse, key, rmask = _score_block(
+            logits_ptr, tgt_ptr, il_ptr, rows, N, V, T, stride_b, stride_t, stride_v,
+            ignore_index, METHOD, IS_F64, BLOCK_R, BLOCK_V)
+        tl.store(score_ptr + rows, score, mask=rmask)
+        tl.store(key_ptr + rows, key, mask=rmask)
+    # every thread's stores are done before the block publishes (or reads) them
+    tl.debug_barrier()
+    if ONE_PROGRAM:
+        _emit_topk(score_ptr, key_ptr, out_idx_ptr, out_score_ptr, out_valid_ptr, N, k,
+                   N_P2, False)
+    else:
+        # Last program to finish merges (release/acquire through the ticket counter).
+        ticket = tl.atomic_add(counter_ptr, 1, sem="acq_rel")
+        if ticket == nprog - 1:
+            _emit_topk(score_ptr, key_ptr, out_idx_ptr, out_score_ptr, out_valid_ptr, N, k,
+                       N_P2, True)
+
+
+@triton.jit
+def _block_topk_kernel(key_ptr, cand_ptr, N, kc, CB: tl.constexpr):
+    """Top-kc keys of each block of CB keys (kc <= CB), sorted, to cand[pid * kc ...]."""
+    pid = tl.program_id(0).to(tl.int64)
+    offs = pid * CB + tl.arange(0, CB)
+    keys = tl.load(key_ptr + offs, mask=offs < N, other=-9223372036854775808)
+    keys = tl.sort(keys, descending=True)
+    j = tl.arange(0, CB)
+    tl.store(cand_ptr + pid * kc + j, keys, mask=j < kc)
+
+
+# ----------------------------------------------------------------------------------------------
+# Launch planning (shapes only)
+# ----------------------------------------------------------------------------------------------
+
+# Private knobs for tests: force a path or small blocks (see _override).
+_OVERRIDES: dict = {}
+
+FUSED_MAX_ROWS = 4096  # the single-launch select sorts all keys of one problem on chip
+ONE_PROGRAM_MAX_ELEMS = 1 << 16  # below this a single program is cheaper than a ticket
+CAND_MAX_K = 256  # per-block candidates pay off only for small k
+CAND_BLOCK = 2048
+MAX_SPLIT = 64
+
+
+@contextlib.contextmanager
+def _override(**kw) -> Iterator[None]:
+    """Private: force plan fields (block_r, block_v, split, fused, one_program, cand,
+    cand_block, sms) for tests.  Not thread-safe; not part of the API."""
+    old = dict(_OVERRIDES)
+    _OVERRIDES.update(kw)
+    try:
+        yield
+    finally:
+        _OVERRIDES.clear()
+        _OVERRIDES.update(old)
+
+
+class _Plan(NamedTuple):
+    block_r: int
+    block_v: int
+    split: int
+    v_per_split: int
+    num_warps: int
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _sms(device: torch.device) -> int:
+    if "sms" in _OVERRIDES:
+        return _OVERRIDES["sms"]
+    if device.type == "cuda":
+        return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    return 4  # interpreter: small grids
+
+
+def _plan(logits: Tensor, n: int, v: int) -> _Plan:
+    """Block sizes by V (no autotuning: one heuristic table, no slow first calls)."""
+    esize = logits.element_size()
+    v_p2 = _p2(v)
+    whole_max = {8: 4096, 4: 8192, 2: 16384}.get(esize, 8192)
+    chunk = {8: 2048, 4: 4096, 2: 8192}.get(esize, 4096)
+    if v_p2 <= 1024:  # small V: 2-D tile of rows
+        block_v = v_p2
+        block_r = max(1, min(128, 4096 // v_p2))
+        warps = 4
+    elif v_p2 <= whole_max:  # medium V: the whole row in one load
+        block_v, block_r = v_p2, 1
+        warps = 8 if v_p2 * esize <= 16384 else 16
+    else:  # large V: chunked online LSE
+        block_v, block_r = chunk, 1
+        warps = 8
+    block_r = _OVERRIDES.get("block_r", block_r)
+    block_v = _OVERRIDES.get("block_v", block_v)
+    nchunks = triton.cdiv(v, block_v)
+    split = 1
+    sms = _sms(logits.device)
+    if block_r == 1 and nchunks >= 4 and n < 2 * sms:  # few rows, large V: split V too
+        if "block_v" not in _OVERRIDES:  # smaller chunks: more programs per row
+            block_v = max(1024, block_v // 4)
+            nchunks = triton.cdiv(v, block_v)
+            warps = 4
+        split = min(MAX_SPLIT, nchunks, triton.cdiv(4 * sms, max(n, 1)))
+    split = min(_OVERRIDES.get("split", split), nchunks)
+    split = max(split, 1)
+    v_per_split = triton.cdiv(nchunks, split) * block_v
+    split = triton.cdiv(v, v_per_split)  # no empty splits
+    return _Plan(block_r, block_v, split, v_per_split, warps)
+
+
+def _p2(x) -> int:
+    """Next power of two >= x (x >= 1).  int() specialises a symbolic size under torch.compile,
+    which constexpr block sizes need anyway."""
+    return 1 << (int(x) - 1).bit_length()
+
+
+def _geometry(logits: Tensor) -> tuple[int, int, int, int]:
+    """(T, stride_b, stride_t, stride_v) so that row r = (r // T, r % T) of [B, T, V]."""
+    if logits.dim() == 3:
+        return logits.shape[1], logits.stride(0), logits.stride(1), logits.stride(2)
+    return 1, logits.stride(0), 0, logits.stride(1)
+
+
+def _launch_scores(logits: Tensor, targets: Tensor, il: Optional[Tensor], method: int,
+                   ignore_index: int, score: Tensor, lse: Tensor, key: Tensor) -> None:
+    n = targets.shape[0]
+    v = logits.shape[-1]
+    plan = _plan(logits, n, v)
+    T, sb, st, sv = _geometry(logits)
+    is_f64 = logits.dtype == torch.float64
+    il_arg = il if il is not None else score  # never read by methods without IL
+    if plan.split == 1 or method == _M_IRREDUCIBLE:
+        grid = (triton.cdiv(n, plan.block_r), 1)
+        wrap_triton(_score_kernel)[grid](
+            logits, targets, il_arg, score, lse, key, score,
+            n, v, T, sb, st, sv, ignore_index, 0,
+            METHOD=method, IS_F64=is_f64, BLOCK_R=plan.block_r, BLOCK_V=plan.block_v,
+            SPLIT=1, num_warps=plan.num_warps)
+        return
+    ws = torch.empty((n * plan.split * 5,), dtype=lse_dtype(logits.dtype), device=logits.device)
+    grid = (triton.cdiv(n, plan.block_r), plan.split)
+    wrap_triton(_score_kernel)[grid](
+        logits, targets, il_arg, score, lse, key, ws,
+        n, v, T, sb, st, sv, ignore_index, plan.v_per_split,
+        METHOD=method, IS_F64=is_f64, BLOCK_R=plan.block_r, BLOCK_V=plan.block_v,
+        SPLIT=plan.split, num_warps=plan.num_warps)
+    merge_r = 16
+    wrap_triton(_split_merge_kernel)[(triton.cdiv(n, merge_r),)](
+        logits, targets, il_arg, score, lse, key, ws,
+        n, v, T, sb, st, sv, ignore_index,
+        METHOD=method, IS_F64=is_f64, BLOCK_R=merge_r,
+        SPLIT=plan.split, SPLIT_P2=_p2(plan.split), num_warps=4)
+
+
+# ----------------------------------------------------------------------------------------------
+# Ops.  On GPU: torch.library.triton_op, so torch.compile sees the kernels themselves (through
+# wrap_triton) and Inductor schedules them; kernels launch on the current stream.  Under the
+# interpreter wrap_triton cannot trace interpreted kernels, so the same bodies are registered
+# as opaque custom ops with shape-only fake implementations instead.
+# ----------------------------------------------------------------------------------------------
+
+_INTERPRETED = _interpreter_requested()
+
+
+def _op(name: str):
+    if _INTERPRETED:
+        return torch.library.custom_op(name, mutates_args=())
+    return triton_op(name, mutates_args=())
+
+
+@_op("rho_kernels::triton_score_rows")
+def triton_score_rows(logits: Tensor, targets: Tensor, il: Optional[Tensor], method: int,
+                      ignore_index: int) -> tuple[Tensor, Tensor]:
+    """Per-row score (float32 [N]) and lse ([N], float64 for float64 logits)."""
+    n = targets.shape[0]
+    score = torch.empty((n,), dtype=torch.float32, device=logits.device)
+    lse = torch.empty((n,), dtype=lse_dtype(logits.dtype), device=logits.device)
+    if n == 0:
+        return score, lse
+    key = torch.empty((n,), dtype=torch.int64, device=logits.device)
+    _launch_scores(logits, targets, il, method, ignore_index, score, lse, key)
+    return score, lse
+
+
+def _use_fused(logits: Tensor, n: int) -> bool:
+    if "fused" in _OVERRIDES:
+        return bool(_OVERRIDES["fused"])
+    return n <= FUSED_MAX_ROWS and _plan(logits, n, logits.shape[-1]).split == 1
+
+
+@_op("rho_kernels::triton_select_rows")
+def triton_select_rows(logits: Tensor, targets: Tensor, il: Optional[Tensor], k: int,
+                       method: int, ignore_index: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Top-k rows: (indices int64 [k], scores float32 [k], valid bool [k])."""
+    dev = logits.device
+    n = targets.shape[0]
+    v = logits.shape[-1]
+    out_idx = torch.empty((k,), dtype=torch.int64, device=dev)
+    out_score = torch.empty((k,), dtype=torch.float32, device=dev)
+    if n == 0 or k == 0:
+        return out_idx, out_score, torch.empty((k,), dtype=torch.bool, device=dev)
+    score = torch.empty((n,), dtype=torch.float32, device=dev)
+    key = torch.empty((n,), dtype=torch.int64, device=dev)
+    il_arg = il if il is not None else score
+    if _use_fused(logits, n):
+        plan = _plan(logits, n, v)
+        nblocks = triton.cdiv(n, plan.block_r)
+        one = _OVERRIDES.get("one_program", nblocks == 1 or n * v <= ONE_PROGRAM_MAX_ELEMS)
+        nprog = 1 if one else min(nblocks, 8 * _sms(dev))
+        # the ticket counter must start at 0 (a 4-byte memset; not needed with one program)
+        counter = torch.zeros((1,), dtype=torch.int32, device=dev) if not one else key
+        out_valid8 = torch.empty((k,), dtype=torch.int8, device=dev)
+        T, sb, st, sv = _geometry(logits)
+        wrap_triton(_fused_select_kernel)[(nprog,)](
+            logits, targets, il_arg, score, key, counter, out_idx, out_score, out_valid8,
+            n, v, T, sb, st, sv, ignore_index, k,
+            METHOD=method, IS_F64=logits.dtype == torch.float64,
+            BLOCK_R=plan.block_r, BLOCK_V=plan.block_v,
+            N_P2=max(16, _p2(n)), ONE_PROGRAM=one,
+            num_warps=8 if one else plan.num_warps)
+        return out_idx, out_score, out_valid8.view(torch.bool)
+    lse = torch.empty((n,), dtype=lse_dtype(logits.dtype), device=dev)
+    _launch_scores(logits, targets, il, method, ignore_index, score, lse, key)
+    cb = _OVERRIDES.get("cand_block", CAND_BLOCK)
+    use_cand = _OVERRIDES.get("cand", k <= CAND_MAX_K and n >= 4 * cb)
+    if use_cand and k <= cb:
+        nb = triton.cdiv(n, cb)
+        cand = torch.empty((nb * k,), dtype=torch.int64, device=dev)
+        wrap_triton(_block_topk_kernel)[(nb,)](key, cand, n, k, CB=cb, num_warps=8)
+        key = cand
+    # Keys are unique, so torch.topk (a radix select on int64) gives one deterministic order.
+    top = torch.topk(key, k, sorted=True).values
+    rows = 4294967295 - (top & 4294967295)
+    valid = (top >> 32) != _INT32_MIN
+    return rows, score[rows], valid
+
+
+if _INTERPRETED:
+
+    @triton_score_rows.register_fake
+    def _score_rows_fake(logits, targets, il, method, ignore_index):
+        n = targets.shape[0]
+        return (logits.new_empty((n,), dtype=torch.float32),
+                logits.new_empty((n,), dtype=lse_dtype(logits.dtype)))
+
+    @triton_select_rows.register_fake
+    def _select_rows_fake(logits, targets, il, k, method, ignore_index):
+        return (logits.new_empty((k,), dtype=torch.int64),
+                logits.new_empty((k,), dtype=torch.float32),
+                logits.new_empty((k,), dtype=torch.bool))
+
+
+# ----------------------------------------------------------------------------------------------
+# Backend interface (rho_kernels.api)
+# ----------------------------------------------------------------------------------------------
+
+
+def score_rows(p: RowProblem) -> tuple[Tensor, Tensor]:
+    """Per-row score (float32 ``[N]``) and log-sum-exp (``[N]``, NaN for ``irreducible``)."""
+    return torch.ops.rho_kernels.triton_score_rows(p.logits, p.targets, p.il, p.method,
+                                                   p.ignore_index)
+
+
+def select_rows(p: RowProblem, k: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Top ``k`` rows in the contract's order: (indices int64, scores float32, valid bool)."""
+    return torch.ops.rho_kernels.triton_select_rows(p.logits, p.targets, p.il, k, p.method,
+                                                    p.ignore_index)
