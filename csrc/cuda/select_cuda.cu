@@ -12,11 +12,14 @@
 // per chunk of loaded values, not once per element.
 //
 // Top-k (select_rows), never a full sort of N scores:
-//   * small problems (N <= kFusedMaxRows and few logit bytes): ONE launch -- one 1024-thread
-//     block scores every row into shared memory, radix-selects the k-th largest uint64 key on
-//     chip (8 passes of 8 bits; keys are unique because they embed the row), compacts the k
-//     winners and bitonic-sorts only those;
-//   * otherwise: the row kernel writes keys + scores to a workspace, 8 multi-block histogram
+//   * tiny problems (N <= kFusedMaxRows, <= kFusedMaxBytes of logits): ONE launch -- one
+//     1024-thread block scores every row into shared memory, radix-selects the k-th largest
+//     uint64 key on chip (8 passes of 8 bits; keys are unique because they embed the row),
+//     compacts the k winners and bitonic-sorts only those;
+//   * N <= kFusedMaxRows with long rows: ONE kernel (after a 4-byte memset) -- the row kernel
+//     runs on every SM, writes keys + scores to a workspace, and the last block to finish (an
+//     atomic ticket after a threadfence) does the same on-chip select/sort from L2;
+//   * larger N: the row kernel writes keys + scores to a workspace, 8 multi-block histogram
 //     passes find the k-th largest key (each block re-derives the prefix from the previous
 //     histograms, so no host round trip), a gather kernel compacts the k winners, and they are
 //     sorted on chip (k <= kSortOnChipMax) or by cub radix sort (only k keys).
@@ -32,6 +35,7 @@
 
 #include <stdint.h>
 
+#include <atomic>
 #include <climits>
 #include <tuple>
 
@@ -45,7 +49,7 @@ constexpr int kRowThreads = 256;      // threads per block of the row kernels
 constexpr int64_t kWarpRowMaxV = 4096;  // up to here a warp per row keeps every lane busy
 constexpr int kFusedThreads = 1024;
 constexpr int64_t kFusedMaxRows = 4096;           // keys + scores + winners fit in shared memory
-constexpr int64_t kFusedMaxBytes = 512 * 1024;    // one SM streams this in a few microseconds
+constexpr int64_t kFusedMaxBytes = 256 * 1024;    // one SM streams this in a few microseconds
 constexpr int64_t kSortOnChipMax = 4096;          // winners sorted in one block's shared memory
 constexpr int kRadixPasses = 8;                   // 64-bit keys, 8-bit digits
 
@@ -79,11 +83,21 @@ struct RowParams {
   int64_t ignore_index;
 };
 
+struct SelOut {
+  int64_t* idx;
+  float* score;
+  bool* valid;
+};
+
 struct RowOut {
   float* score;    // [N] or nullptr
   void* lse;       // [N] acc_t or nullptr
   uint64_t* key;   // [N] or nullptr
   bool skip_ineligible;  // select: rows with a bad/ignored target are not read
+  // Top-k in the same launch (N <= kFusedMaxRows): the last block to finish selects.
+  uint32_t* ticket;  // zeroed before the launch; nullptr = no selection tail
+  uint32_t k;
+  SelOut sel;
 };
 
 template <typename acc_t>
@@ -249,6 +263,55 @@ __device__ __forceinline__ void write_row(const RowOut& o, int64_t row, const Ro
   if (o.key != nullptr) o.key[row] = result_key(r, row);
 }
 
+__host__ __device__ __forceinline__ int64_t next_pow2(int64_t x) {
+  int64_t p = 1;
+  while (p < x) p <<= 1;
+  return p;
+}
+
+// Keys written by other blocks of the same launch are read from L2 (never a stale L1 line).
+template <bool kGlobal>
+__device__ __forceinline__ uint64_t load_key(const uint64_t* keys, int i) {
+  if (kGlobal) return static_cast<uint64_t>(__ldcg(reinterpret_cast<const unsigned long long*>(keys) + i));
+  return keys[i];
+}
+
+__device__ uint64_t block_kth_largest_global(const uint64_t* keys, int n, uint32_t k, uint32_t* hist,
+                                             uint32_t* bcast);
+__device__ void block_bitonic_desc(uint64_t* s, int P);
+__device__ void write_pick(const SelOut& o, int64_t i, uint64_t key, const float* scores, bool scores_global);
+
+// After a row kernel: the last block to finish (ticket) selects the top k of all n keys and
+// writes the outputs, so small problems need one launch however long their rows are.
+// Dynamic shared memory: winners[next_pow2(k)].
+__device__ void select_tail(const RowOut& o, int64_t n) {
+  extern __shared__ uint64_t win[];
+  __shared__ uint32_t hist[256];
+  __shared__ uint32_t bcast[2];
+  __shared__ uint32_t count;
+  __shared__ bool last;
+  __threadfence();  // this thread's key/score stores are visible device-wide before the ticket
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    count = 0;
+    last = atomicAdd(o.ticket, 1u) == gridDim.x - 1;
+  }
+  __syncthreads();
+  if (!last) return;
+  __threadfence();
+  const int ni = static_cast<int>(n);
+  const int P = static_cast<int>(next_pow2(o.k));
+  const uint64_t kth = block_kth_largest_global(o.key, ni, o.k, hist, bcast);
+  for (int i = threadIdx.x; i < ni; i += blockDim.x) {
+    const uint64_t key = load_key<true>(o.key, i);
+    if (key >= kth) win[atomicAdd(&count, 1u)] = key;
+  }
+  for (int i = static_cast<int>(o.k) + threadIdx.x; i < P; i += blockDim.x) win[i] = 0;
+  __syncthreads();
+  block_bitonic_desc(win, P);
+  for (int i = threadIdx.x; i < static_cast<int>(o.k); i += blockDim.x) write_pick(o.sel, i, win[i], o.score, true);
+}
+
 template <typename scalar_t, int kKind>
 __global__ void __launch_bounds__(kRowThreads, 4) rho_rows_warp_kernel(RowParams p, RowOut o) {
   using acc_t = typename AccOf<scalar_t>::type;
@@ -260,6 +323,7 @@ __global__ void __launch_bounds__(kRowThreads, 4) rho_rows_warp_kernel(RowParams
     const RowResult<acc_t> r = row_result<scalar_t, kKind, false>(p, row, o.skip_ineligible, lane, kWarp, nullptr);
     if (lane == 0) write_row(o, row, r);
   }
+  if (o.ticket != nullptr) select_tail(o, p.n_rows);
 }
 
 template <typename scalar_t, int kKind>
@@ -271,16 +335,11 @@ __global__ void __launch_bounds__(kRowThreads, 4) rho_rows_block_kernel(RowParam
         row_result<scalar_t, kKind, true>(p, row, o.skip_ineligible, threadIdx.x, kRowThreads, red);
     if (threadIdx.x == 0) write_row(o, row, r);
   }
+  if (o.ticket != nullptr) select_tail(o, p.n_rows);
 }
 
 // ---------------------------------------------------------------------------------------------
 // Selection helpers.
-
-__host__ __device__ __forceinline__ int64_t next_pow2(int64_t x) {
-  int64_t p = 1;
-  while (p < x) p <<= 1;
-  return p;
-}
 
 // One warp: in the 256-bin histogram h (of the keys that match the current prefix), find the
 // digit holding the krem-th largest key and how many of that bin's keys still lie above it.
@@ -324,7 +383,8 @@ __device__ __forceinline__ void warp_find_digit(const uint32_t* h, uint32_t krem
 
 __device__ __forceinline__ int radix_shift(int pass) { return 56 - 8 * pass; }
 
-// k-th largest of n unique keys in shared memory, by one block (1 <= k <= n).
+// k-th largest of n unique keys (shared memory, or global when kGlobal), by one block (1 <= k <= n).
+template <bool kGlobal>
 __device__ uint64_t block_kth_largest(const uint64_t* keys, int n, uint32_t k, uint32_t* hist,
                                       uint32_t* bcast) {
   uint64_t prefix = 0;
@@ -335,7 +395,7 @@ __device__ uint64_t block_kth_largest(const uint64_t* keys, int n, uint32_t k, u
     for (int i = threadIdx.x; i < 256; i += blockDim.x) hist[i] = 0;
     __syncthreads();
     for (int i = threadIdx.x; i < n; i += blockDim.x) {
-      const uint64_t key = keys[i];
+      const uint64_t key = load_key<kGlobal>(keys, i);
       if ((key & mask) == prefix) atomicAdd(&hist[(key >> shift) & 255u], 1u);
     }
     __syncthreads();
@@ -377,17 +437,16 @@ __device__ void block_bitonic_desc(uint64_t* s, int P) {
   }
 }
 
-struct SelOut {
-  int64_t* idx;
-  float* score;
-  bool* valid;
-};
-
-__device__ __forceinline__ void write_pick(const SelOut& o, int64_t i, uint64_t key, const float* scores) {
+__device__ void write_pick(const SelOut& o, int64_t i, uint64_t key, const float* scores, bool scores_global) {
   const uint32_t row = rho::key_row(key);
   o.idx[i] = static_cast<int64_t>(row);
-  o.score[i] = scores[row];
+  o.score[i] = scores_global ? __ldcg(scores + row) : scores[row];
   o.valid[i] = rho::key_valid(key);
+}
+
+__device__ uint64_t block_kth_largest_global(const uint64_t* keys, int n, uint32_t k, uint32_t* hist,
+                                             uint32_t* bcast) {
+  return block_kth_largest<true>(keys, n, k, hist, bcast);
 }
 
 // Small problems: score all rows, select and sort the winners, all in one block.
@@ -415,7 +474,7 @@ __global__ void __launch_bounds__(kFusedThreads) rho_fused_select_kernel(RowPara
     }
   }
   __syncthreads();
-  const uint64_t kth = block_kth_largest(keys, n, k, hist, bcast);
+  const uint64_t kth = block_kth_largest<false>(keys, n, k, hist, bcast);
   for (int i = threadIdx.x; i < n; i += blockDim.x) {
     const uint64_t key = keys[i];
     if (key >= kth) win[atomicAdd(&count, 1u)] = key;  // exactly k keys (unique keys)
@@ -424,7 +483,7 @@ __global__ void __launch_bounds__(kFusedThreads) rho_fused_select_kernel(RowPara
   for (int i = static_cast<int>(k) + threadIdx.x; i < P; i += blockDim.x) win[i] = 0;
   __syncthreads();
   block_bitonic_desc(win, P);
-  for (int i = threadIdx.x; i < static_cast<int>(k); i += blockDim.x) write_pick(o, i, win[i], scores);
+  for (int i = threadIdx.x; i < static_cast<int>(k); i += blockDim.x) write_pick(o, i, win[i], scores, false);
 }
 
 // Large problems, pass `pass` of the radix select over keys[N] in global memory.
@@ -506,14 +565,14 @@ __global__ void __launch_bounds__(kFusedThreads) rho_sort_winners_kernel(const u
   for (int i = threadIdx.x; i < P; i += blockDim.x) s[i] = i < static_cast<int>(k) ? win[i] : 0;
   __syncthreads();
   block_bitonic_desc(s, P);
-  for (int i = threadIdx.x; i < static_cast<int>(k); i += blockDim.x) write_pick(o, i, s[i], scores);
+  for (int i = threadIdx.x; i < static_cast<int>(k); i += blockDim.x) write_pick(o, i, s[i], scores, true);
 }
 
 __global__ void __launch_bounds__(kRowThreads) rho_write_sorted_kernel(const uint64_t* __restrict__ sorted, int64_t k,
                                                                      const float* __restrict__ scores, SelOut o) {
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < k;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x)
-    write_pick(o, i, sorted[i], scores);
+    write_pick(o, i, sorted[i], scores, true);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -631,17 +690,30 @@ void dispatch(at::ScalarType st, int method, F&& f) {
   }
 }
 
+// smem: dynamic shared memory for the selection tail (0 without one).
 template <typename scalar_t, int kKind>
-void launch_rows(const RowParams& p, const RowOut& o, cudaStream_t stream) {
+void launch_rows(const RowParams& p, const RowOut& o, size_t smem, cudaStream_t stream) {
   const int64_t cap = static_cast<int64_t>(sm_count()) * 64;
   if (kKind == kKindNone || p.V <= kWarpRowMaxV) {
     const unsigned grid = grid_for(p.n_rows, kRowThreads / kWarp, cap);
-    rho_rows_warp_kernel<scalar_t, kKind><<<grid, kRowThreads, 0, stream>>>(p, o);
+    rho_rows_warp_kernel<scalar_t, kKind><<<grid, kRowThreads, smem, stream>>>(p, o);
   } else {
     const unsigned grid = grid_for(p.n_rows, 1, cap);
-    rho_rows_block_kernel<scalar_t, kKind><<<grid, kRowThreads, 0, stream>>>(p, o);
+    rho_rows_block_kernel<scalar_t, kKind><<<grid, kRowThreads, smem, stream>>>(p, o);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// Opt a kernel into more than 48 KiB of dynamic shared memory, once per device (a host-side
+// attribute, not a stream operation, so it does not disturb graph capture after the first call).
+template <typename Kernel>
+void allow_smem(Kernel kernel, size_t bytes, std::atomic<uint64_t>& done_mask) {
+  if (bytes <= 48 * 1024) return;
+  const int dev = c10::cuda::current_device();
+  const uint64_t bit = dev < 64 ? (uint64_t(1) << dev) : 0;
+  if (bit != 0 && (done_mask.load() & bit) != 0) return;
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
+  done_mask.fetch_or(bit);
 }
 
 std::tuple<at::Tensor, at::Tensor> score_rows_cuda(const at::Tensor& logits, const at::Tensor& targets,
@@ -655,10 +727,10 @@ std::tuple<at::Tensor, at::Tensor> score_rows_cuda(const at::Tensor& logits, con
   at::Tensor lse = at::empty({n}, logits.options().dtype(lse_dtype));
   if (n == 0) return {score, lse};
   const RowParams p = make_params(logits, targets, il, method, ignore_index);
-  const RowOut o{score.data_ptr<float>(), lse.data_ptr(), nullptr, false};
+  const RowOut o{score.data_ptr<float>(), lse.data_ptr(), nullptr, false, nullptr, 0, SelOut{}};
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   dispatch(logits.scalar_type(), static_cast<int>(method), [&](auto tag, auto kind) {
-    launch_rows<typename decltype(tag)::type, decltype(kind)::value>(p, o, stream);
+    launch_rows<typename decltype(tag)::type, decltype(kind)::value>(p, o, 0, stream);
   });
   return {score, lse};
 }
@@ -682,16 +754,32 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> select_rows_cuda(const at::Tensor
       method == rho::kIrreducible ? 0 : n * logits.size(-1) * static_cast<int64_t>(logits.element_size());
 
   if (n <= kFusedMaxRows && logit_bytes <= kFusedMaxBytes) {
+    // Tiny problem: one block does everything, no workspace.
     const size_t smem = static_cast<size_t>(n) * (sizeof(uint64_t) + sizeof(float)) +
                         static_cast<size_t>(next_pow2(k)) * sizeof(uint64_t);
+    constexpr size_t kMaxSmem = kFusedMaxRows * (sizeof(uint64_t) + sizeof(float)) + kFusedMaxRows * sizeof(uint64_t);
     dispatch(logits.scalar_type(), static_cast<int>(method), [&](auto tag, auto kind) {
       auto kernel = rho_fused_select_kernel<typename decltype(tag)::type, decltype(kind)::value>;
-      if (smem > 48 * 1024) {
-        C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                            static_cast<int>(smem)));
-      }
+      static std::atomic<uint64_t> done{0};
+      if (smem > 48 * 1024) allow_smem(kernel, kMaxSmem, done);
       kernel<<<1, kFusedThreads, smem, stream>>>(p, k32, so);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+    return {idx, out_score, valid};
+  }
+  if (n <= kFusedMaxRows) {
+    // Few rows, long rows: every SM streams rows; the last block to finish selects on chip.
+    // Workspace: keys[n] | scores[n] | ticket (zeroed by a memset node, not a kernel).
+    at::Tensor ws = at::empty({n * 12 + 16}, logits.options().dtype(at::kByte));
+    uint8_t* base = ws.data_ptr<uint8_t>();
+    uint64_t* keys_p = reinterpret_cast<uint64_t*>(base);
+    float* scores_p = reinterpret_cast<float*>(base + n * 8);
+    uint32_t* ticket = reinterpret_cast<uint32_t*>(base + n * 12);
+    C10_CUDA_CHECK(cudaMemsetAsync(ticket, 0, sizeof(uint32_t), stream));
+    const RowOut o{scores_p, nullptr, keys_p, true, ticket, k32, so};
+    const size_t smem = static_cast<size_t>(next_pow2(k)) * sizeof(uint64_t);  // <= 32 KiB
+    dispatch(logits.scalar_type(), static_cast<int>(method), [&](auto tag, auto kind) {
+      launch_rows<typename decltype(tag)::type, decltype(kind)::value>(p, o, smem, stream);
     });
     return {idx, out_score, valid};
   }
@@ -706,9 +794,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> select_rows_cuda(const at::Tensor
   uint32_t* hist_p = reinterpret_cast<uint32_t*>(hist.data_ptr<int32_t>());
   uint64_t* win_p = reinterpret_cast<uint64_t*>(win.data_ptr<int64_t>());
 
-  const RowOut o{scores_p, nullptr, keys_p, true};
+  const RowOut o{scores_p, nullptr, keys_p, true, nullptr, 0, SelOut{}};
   dispatch(logits.scalar_type(), static_cast<int>(method), [&](auto tag, auto kind) {
-    launch_rows<typename decltype(tag)::type, decltype(kind)::value>(p, o, stream);
+    launch_rows<typename decltype(tag)::type, decltype(kind)::value>(p, o, 0, stream);
   });
   const unsigned sel_grid = grid_for(n, kRowThreads * 8, static_cast<int64_t>(sm_count()) * 4);
   for (int pass = 0; pass < kRadixPasses; ++pass) {
