@@ -192,16 +192,16 @@ __device__ __forceinline__ uint64_t load_key(const uint64_t* keys, int i) {
   return keys[i];
 }
 
-__device__ uint64_t block_kth_largest_global(const uint64_t* keys, int n, uint32_t k, uint32_t* hist,
-                                             uint32_t* bcast);
+template <bool kGlobal>
+__device__ uint64_t block_kth_largest(const uint64_t* keys, int n, uint32_t k, uint32_t* hist, uint32_t* bcast);
 __device__ void block_bitonic_desc(uint64_t* s, int P);
 __device__ void write_pick(const SelOut& o, int64_t i, uint64_t key, const float* scores, bool scores_global);
 
 // After a row kernel: the last block to finish (ticket) selects the top k of all n keys and
 // writes the outputs, so small problems need one launch however long their rows are.
-// Dynamic shared memory: winners[next_pow2(k)].
+// Dynamic shared memory: keys[n] | winners[next_pow2(k)].
 __device__ void select_tail(const RowOut& o, int64_t n) {
-  extern __shared__ uint64_t win[];
+  extern __shared__ uint64_t tail_smem[];
   __shared__ uint32_t hist[256];
   __shared__ uint32_t bcast[2];
   __shared__ uint32_t count;
@@ -217,9 +217,14 @@ __device__ void select_tail(const RowOut& o, int64_t n) {
   __threadfence();
   const int ni = static_cast<int>(n);
   const int P = static_cast<int>(next_pow2(o.k));
-  const uint64_t kth = block_kth_largest_global(o.key, ni, o.k, hist, bcast);
+  uint64_t* keys = tail_smem;
+  uint64_t* win = tail_smem + ni;
+  // One pass of independent L2 loads, then 8 radix passes over shared memory.
+  for (int i = threadIdx.x; i < ni; i += blockDim.x) keys[i] = load_key<true>(o.key, i);
+  __syncthreads();
+  const uint64_t kth = block_kth_largest<false>(keys, ni, o.k, hist, bcast);
   for (int i = threadIdx.x; i < ni; i += blockDim.x) {
-    const uint64_t key = load_key<true>(o.key, i);
+    const uint64_t key = keys[i];
     if (key >= kth) win[atomicAdd(&count, 1u)] = key;
   }
   for (int i = static_cast<int>(o.k) + threadIdx.x; i < P; i += blockDim.x) win[i] = 0;
@@ -358,11 +363,6 @@ __device__ void write_pick(const SelOut& o, int64_t i, uint64_t key, const float
   o.idx[i] = static_cast<int64_t>(row);
   o.score[i] = scores_global ? __ldcg(scores + row) : scores[row];
   o.valid[i] = rho::key_valid(key);
-}
-
-__device__ uint64_t block_kth_largest_global(const uint64_t* keys, int n, uint32_t k, uint32_t* hist,
-                                             uint32_t* bcast) {
-  return block_kth_largest<true>(keys, n, k, hist, bcast);
 }
 
 // Small problems: score all rows, select and sort the winners, all in one block.
@@ -606,20 +606,6 @@ void dispatch(at::ScalarType st, int method, F&& f) {
   }
 }
 
-// smem: dynamic shared memory for the selection tail (0 without one).
-template <typename scalar_t, int kKind>
-void launch_rows(const RowParams& p, const RowOut& o, size_t smem, cudaStream_t stream) {
-  const int64_t cap = static_cast<int64_t>(sm_count()) * 64;
-  if (kKind == kKindNone || p.V <= kWarpRowMaxV) {
-    const unsigned grid = grid_for(p.n_rows, kRowThreads / kWarp, cap);
-    rho_rows_warp_kernel<scalar_t, kKind><<<grid, kRowThreads, smem, stream>>>(p, o);
-  } else {
-    const unsigned grid = grid_for(p.n_rows, 1, cap);
-    rho_rows_block_kernel<scalar_t, kKind><<<grid, kRowThreads, smem, stream>>>(p, o);
-  }
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-}
-
 // Opt a kernel into more than 48 KiB of dynamic shared memory, once per device (a host-side
 // attribute, not a stream operation, so it does not disturb graph capture after the first call).
 template <typename Kernel>
@@ -631,6 +617,26 @@ void allow_smem(Kernel kernel, size_t bytes, std::atomic<uint64_t>& done_mask) {
   C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
   done_mask.fetch_or(bit);
 }
+
+// smem: dynamic shared memory for the selection tail (0 without one).
+template <typename scalar_t, int kKind>
+void launch_rows(const RowParams& p, const RowOut& o, size_t smem, cudaStream_t stream) {
+  const int64_t cap = static_cast<int64_t>(sm_count()) * 64;
+  constexpr size_t kTailMaxSmem = 2 * kFusedMaxRows * sizeof(uint64_t);
+  if (kKind == kKindNone || p.V <= kWarpRowMaxV) {
+    const unsigned grid = grid_for(p.n_rows, kRowThreads / kWarp, cap);
+    static std::atomic<uint64_t> done{0};
+    if (smem > 48 * 1024) allow_smem(rho_rows_warp_kernel<scalar_t, kKind>, kTailMaxSmem, done);
+    rho_rows_warp_kernel<scalar_t, kKind><<<grid, kRowThreads, smem, stream>>>(p, o);
+  } else {
+    const unsigned grid = grid_for(p.n_rows, 1, cap);
+    static std::atomic<uint64_t> done{0};
+    if (smem > 48 * 1024) allow_smem(rho_rows_block_kernel<scalar_t, kKind>, kTailMaxSmem, done);
+    rho_rows_block_kernel<scalar_t, kKind><<<grid, kRowThreads, smem, stream>>>(p, o);
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
 
 std::tuple<at::Tensor, at::Tensor> score_rows_cuda(const at::Tensor& logits, const at::Tensor& targets,
                                                    const std::optional<at::Tensor>& il, int64_t method,
@@ -697,7 +703,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> select_rows_cuda(const at::Tensor
     uint32_t* ticket = reinterpret_cast<uint32_t*>(base + n * 12);
     C10_CUDA_CHECK(cudaMemsetAsync(ticket, 0, sizeof(uint32_t), stream));
     const RowOut o{scores_p, nullptr, keys_p, true, ticket, k32, so};
-    const size_t smem = static_cast<size_t>(next_pow2(k)) * sizeof(uint64_t);  // <= 32 KiB
+    const size_t smem = static_cast<size_t>(n + next_pow2(k)) * sizeof(uint64_t);  // <= 64 KiB
     dispatch(logits.scalar_type(), static_cast<int>(method), [&](auto tag, auto kind) {
       launch_rows<typename decltype(tag)::type, decltype(kind)::value>(p, o, smem, stream);
     });
