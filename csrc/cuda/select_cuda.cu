@@ -18,7 +18,8 @@
 //     compacts the k winners and bitonic-sorts only those;
 //   * N <= kFusedMaxRows with long rows: ONE kernel (after a 4-byte memset) -- the row kernel
 //     runs on every SM, writes keys + scores to a workspace, and the last block to finish (an
-//     atomic ticket after a threadfence) does the same on-chip select/sort from L2;
+//     atomic ticket after a threadfence) loads the n keys from L2 into shared memory and does
+//     the same on-chip select/sort;
 //   * larger N: the row kernel writes keys + scores to a workspace, 8 multi-block histogram
 //     passes find the k-th largest key (each block re-derives the prefix from the previous
 //     histograms, so no host round trip), a gather kernel compacts the k winners, and they are
