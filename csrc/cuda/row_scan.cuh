@@ -1,0 +1,122 @@
+// row_scan.cuh -- how one thread streams its share of a row into a rho::RowAcc (CUDA backend).
+//
+// Torch-free and callable from host code too (RHO_CUDA_HD), so that the partition of a row into
+// scalar head / 16-byte vectors / scalar tail and the target-column bookkeeping can be checked
+// on a CPU by running every "thread" of a group serially and merging with rho::acc_merge.
+#pragma once
+
+#include <cuda_runtime.h>
+#include <stdint.h>
+
+#include "rho_math.h"
+
+#if defined(__CUDACC__)
+#define RHO_CUDA_HD __host__ __device__ __forceinline__
+#else
+#define RHO_CUDA_HD inline
+#endif
+// Unroll hints only for the device pass: the host compiler (-Wall) does not know the pragma.
+#if defined(__CUDA_ARCH__)
+#define RHO_UNROLL _Pragma("unroll")
+#else
+#define RHO_UNROLL
+#endif
+
+namespace rho_cuda {
+
+// Streaming (evict-first) 16-byte load on the device: every logit is read exactly once.
+RHO_CUDA_HD uint4 stream_load(const uint4* p) {
+#if defined(__CUDA_ARCH__)
+  return __ldcs(p);
+#else
+  return *p;
+#endif
+}
+
+// Fold E values (already in acc_t) into the accumulator: one max/rescale per chunk.
+// tpos = index of the target column inside the chunk, or -1 (gradnorm sums exclude it).
+template <typename acc_t, int kM, int E>
+RHO_CUDA_HD void acc_chunk(rho::RowAcc<acc_t>& a, const acc_t (&z)[E], int tpos) {
+  acc_t cm = z[0];
+RHO_UNROLL
+  for (int i = 1; i < E; ++i) cm = rho::nan_max(cm, z[i]);
+  const acc_t m = rho::nan_max(a.m, cm);
+  // Nothing but -inf so far: every term is exactly 0.  Skipping also avoids acc_add's
+  // entropy_term(0, -inf - -inf = NaN) = NaN, which acc_rescale would carry on.
+  if (m == -rho::pos_inf<acc_t>()) return;
+  if (!(m == a.m)) a = rho::acc_rescale(a, m);
+RHO_UNROLL
+  for (int i = 0; i < E; ++i) rho::acc_add<acc_t, kM>(a, z[i], i == tpos);
+}
+
+template <typename scalar_t, typename acc_t, int kM>
+RHO_CUDA_HD void acc_one(rho::RowAcc<acc_t>& a, const scalar_t* p, bool is_target) {
+  const acc_t z[1] = {static_cast<acc_t>(*p)};
+  acc_chunk<acc_t, kM, 1>(a, z, is_target ? 0 : -1);
+}
+
+// This thread's partial accumulator over columns tid, tid+nt, ... (in vector units when the
+// row is contiguous).  y = target column, or -1 when no column is the target.
+template <typename scalar_t, typename acc_t, int kM>
+RHO_CUDA_HD rho::RowAcc<acc_t> scan_row(const scalar_t* __restrict__ row, int64_t V,
+                                                       int64_t sv, int64_t y, int tid, int nt) {
+  rho::RowAcc<acc_t> a = rho::acc_empty<acc_t>();
+  if (sv == 1) {
+    constexpr int VEC = 16 / static_cast<int>(sizeof(scalar_t));
+    constexpr int U = 2;  // vectors in flight per thread and iteration
+    const uintptr_t addr = reinterpret_cast<uintptr_t>(row);
+    int64_t head = static_cast<int64_t>(((16u - (addr & 15u)) & 15u) / sizeof(scalar_t));
+    if (addr % sizeof(scalar_t) != 0) head = V;  // not element-aligned: all scalar (never for torch)
+    if (head > V) head = V;
+    for (int64_t j = tid; j < head; j += nt) acc_one<scalar_t, acc_t, kM>(a, row + j, j == y);
+    const int64_t nvec = (V - head) / VEC;
+    const uint4* __restrict__ vp = reinterpret_cast<const uint4*>(row + head);
+    int64_t i = tid;
+    for (; i + static_cast<int64_t>(U - 1) * nt < nvec; i += static_cast<int64_t>(U) * nt) {
+      uint4 raw[U];
+RHO_UNROLL
+      for (int u = 0; u < U; ++u) raw[u] = stream_load(vp + i + static_cast<int64_t>(u) * nt);
+      acc_t z[U * VEC];
+      int tpos = -1;
+RHO_UNROLL
+      for (int u = 0; u < U; ++u) {
+        const scalar_t* s = reinterpret_cast<const scalar_t*>(&raw[u]);
+RHO_UNROLL
+        for (int e = 0; e < VEC; ++e) z[u * VEC + e] = static_cast<acc_t>(s[e]);
+        const int64_t c0 = head + (i + static_cast<int64_t>(u) * nt) * VEC;
+        if (y >= c0 && y < c0 + VEC) tpos = u * VEC + static_cast<int>(y - c0);
+      }
+      acc_chunk<acc_t, kM, U * VEC>(a, z, tpos);
+    }
+    for (; i < nvec; i += nt) {
+      const uint4 raw = stream_load(vp + i);
+      const scalar_t* s = reinterpret_cast<const scalar_t*>(&raw);
+      acc_t z[VEC];
+RHO_UNROLL
+      for (int e = 0; e < VEC; ++e) z[e] = static_cast<acc_t>(s[e]);
+      const int64_t c0 = head + i * VEC;
+      const int tpos = (y >= c0 && y < c0 + VEC) ? static_cast<int>(y - c0) : -1;
+      acc_chunk<acc_t, kM, VEC>(a, z, tpos);
+    }
+    for (int64_t j = head + nvec * VEC + tid; j < V; j += nt) acc_one<scalar_t, acc_t, kM>(a, row + j, j == y);
+  } else {
+    constexpr int U = 4;  // independent strided loads in flight
+    int64_t j = tid;
+    for (; j + static_cast<int64_t>(U - 1) * nt < V; j += static_cast<int64_t>(U) * nt) {
+      acc_t z[U];
+      int tpos = -1;
+RHO_UNROLL
+      for (int u = 0; u < U; ++u) {
+        const int64_t c = j + static_cast<int64_t>(u) * nt;
+        z[u] = static_cast<acc_t>(row[c * sv]);
+        if (c == y) tpos = u;
+      }
+      acc_chunk<acc_t, kM, U>(a, z, tpos);
+    }
+    for (; j < V; j += nt) acc_one<scalar_t, acc_t, kM>(a, row + j * sv, j == y);
+  }
+  return a;
+}
+
+
+}  // namespace rho_cuda
