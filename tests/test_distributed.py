@@ -133,6 +133,21 @@ def _worker(rank: int, port: int, tmpdir: str) -> None:
             got = boltz.select((idx, x, y))[0]
             union = [i for part in _gather(got.tolist()) for i in part]
             assert len(union) == WORLD * 4 and len(set(union)) == WORLD * 4
+
+        # 7. too few eligible rows overall (NaN IL, unchecked store): every rank raises, not
+        #    only the rank that received the invalid picks (which would leave the others hanging)
+        il_nan = torch.full((WORLD * n_big,), math.nan)
+        il_nan[[1, 2, 3]] = 0.5  # 3 eligible rows, all on rank 0; K = 8
+        bad = OnlineBatchSelector(model, IrreducibleLossStore(il_nan, check=False), "reducible", k=4,
+                                  distributed="global")
+        with pytest.raises(ValueError, match="not eligible"):
+            bad.select((idx, x, y))
+        keep = OnlineBatchSelector(model, IrreducibleLossStore(il_nan, check=False), "reducible", k=4,
+                                   distributed="global", invalid="keep")
+        got = keep.select((idx, x, y))[0]
+        assert got.shape == (4,)
+        assert sum(_gather(int(keep.last.valid.sum()))) == 3
+
         with open(os.path.join(tmpdir, f"ok{rank}"), "w") as f:
             f.write("ok")
     finally:

@@ -290,3 +290,21 @@ def test_bad_arguments():
         OnlineBatchSelector(model, None, "loss", k=4).select(_batch()[1:], noisy=torch.zeros(3, dtype=torch.bool))
     with pytest.raises(ValueError, match="temperature"):
         _fixed_score_selector([0.0], 1, lambda s: -1.0).select((torch.arange(1), torch.zeros(1, D), torch.zeros(1, dtype=torch.int64)))
+
+
+def test_hot_path_traces_without_graph_breaks():
+    # fullgraph=True fails on any .item()/bool(tensor)/data-dependent branch: the per-step
+    # path (store gather without checking, scoring, top-k, statistics) has no host sync.
+    # backend="reference": the op layer's "auto" backend resolution is not traceable by itself.
+    store = IrreducibleLossStore(torch.rand(N), check=False)
+    model = _model()
+    sel = OnlineBatchSelector(model, store, k=8, invalid="keep", score_mode="current", backend="reference")
+    compiled = torch.compile(sel.select, fullgraph=True, backend="eager")
+    idx, x, y = _batch()
+    got = compiled((idx, x, y))
+    want = OnlineBatchSelector(model, store, k=8, invalid="keep", score_mode="current").select((idx, x, y))
+    assert torch.equal(got[0], want[0])
+    assert sel.stats.summary()["picks"] == 8
+    boltz = OnlineBatchSelector(model, store, k=8, invalid="keep", score_mode="current", backend="reference",
+                                temperature=0.5, generator=None)
+    assert torch.compile(boltz.select, fullgraph=True, backend="eager")((idx, x, y))[0].unique().numel() == 8

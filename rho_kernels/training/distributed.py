@@ -55,7 +55,7 @@ def world_info(group: Optional[object] = None) -> tuple[int, int]:
     return dist.get_rank(group), dist.get_world_size(group)
 
 
-def topk_by_key(keys: Tensor, k: int, eligible: Optional[Tensor] = None) -> rk.Selection:
+def topk_by_key(keys: Tensor, k: int, eligible: Optional[Tensor] = None, *, backend: str = "auto") -> rk.Selection:
     """Top ``k`` rows of a precomputed float key vector, in the order of :func:`rho_kernels.select`.
 
     Key descending, ties to the lower row, NaN keys and rows with ``eligible == False`` after
@@ -70,7 +70,8 @@ def topk_by_key(keys: Tensor, k: int, eligible: Optional[Tensor] = None) -> rk.S
     else:
         # ignore_index=-1 marks ineligible rows; V = 1 makes target 0 valid.
         targets = (~eligible).to(torch.int64).neg()
-    return rk.select(dummy, targets, -keys.to(torch.float32), k, method="irreducible", ignore_index=-1)
+    return rk.select(dummy, targets, -keys.to(torch.float32), k, method="irreducible", ignore_index=-1,
+                     backend=backend)
 
 
 class GlobalPick(NamedTuple):
@@ -83,6 +84,8 @@ class GlobalPick(NamedTuple):
         global_rows: int64 ``[k]``, ``source_rank * n_B + row`` of each picked row.
         local_won: bool ``[n_B]``, which of this rank's candidates are global winners (wherever
             they are trained).
+        all_valid: bool scalar, True when all ``W*k`` global winners are valid -- identical on
+            every rank, so that every rank takes the same decision about invalid picks.
     """
 
     rows: list
@@ -90,6 +93,7 @@ class GlobalPick(NamedTuple):
     valid: Tensor
     global_rows: Tensor
     local_won: Tensor
+    all_valid: Tensor
 
 
 def _all_gather_rows(t: Tensor, world: int, group: Optional[object]) -> Tensor:
@@ -110,6 +114,7 @@ def global_select(
     *,
     eligible: Optional[Tensor] = None,
     group: Optional[object] = None,
+    backend: str = "auto",
 ) -> GlobalPick:
     """Exact, balanced global top-k across ranks (see the module docstring).
 
@@ -121,6 +126,7 @@ def global_select(
             exchanged; the returned ``rows`` hold this rank's picked rows of each.
         eligible: optional bool ``[n_B]``; False rows rank last like NaN keys.
         group: process group (default: the world).
+        backend: the op backend used for the orderings.
 
     Every rank must call this collectively with the same ``k`` and leaf shapes.
     """
@@ -136,7 +142,7 @@ def global_select(
     m = min(n, K)
 
     # 1. local candidates that can win: this rank's top m, in the op's order.
-    local = topk_by_key(keys, m, eligible)
+    local = topk_by_key(keys, m, eligible, backend=backend)
     lrow = local.indices
     # key, eligibility and global row packed into one float64 message (rows < 2^53 are exact).
     grow = lrow + rank * n
@@ -154,7 +160,7 @@ def global_select(
     # 2. global top K.  Within each rank the gathered rows are in local order and ranks are
     # concatenated in rank order, so among equal keys the lower buffer position is the lower
     # global row: the op's tie rule on the buffer is the tie rule on the concatenated batch.
-    win = topk_by_key(key_all, K, valid_all)
+    win = topk_by_key(key_all, K, valid_all, backend=backend)
     P = world * m
     is_win = torch.zeros(P, dtype=torch.bool, device=dev)
     is_win[win.indices] = True
@@ -186,6 +192,7 @@ def global_select(
         valid=valid_all.index_select(0, pos),
         global_rows=grow_all.index_select(0, pos),
         local_won=local_won,
+        all_valid=win.valid.all(),
     )
 
 

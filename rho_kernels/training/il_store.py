@@ -253,7 +253,6 @@ class IrreducibleLossStore:
 
     # ------------------------------------------------------------------ build
     @classmethod
-    @torch.no_grad()
     def build(
         cls,
         il_model: nn.Module,
@@ -286,6 +285,20 @@ class IrreducibleLossStore:
         The CE is computed by ``rho_kernels.score(method="loss")`` (float32 accumulation).  The
         fingerprint is taken from the labels seen in the pass.
         """
+        losses, labels, seen = cls._scoring_pass(
+            il_model, dataset, num_examples=num_examples, batch_size=batch_size, device=device, forward=forward,
+            ignore_index=ignore_index, autocast_dtype=autocast_dtype, progress=progress, num_workers=num_workers,
+            desc=desc)
+        store = cls(losses, dataset_fingerprint(labels) if bool(seen.all()) else None)
+        if not allow_missing:
+            store.validate()
+        return store
+
+    @staticmethod
+    @torch.no_grad()
+    def _scoring_pass(il_model, dataset, *, num_examples, batch_size, device, forward, ignore_index,
+                      autocast_dtype, progress, num_workers, desc):
+        """One pass: (losses with NaN for unseen examples, labels, seen mask)."""
         if isinstance(dataset, DataLoader) or not hasattr(dataset, "__getitem__"):
             loader: Iterable = dataset
         else:
@@ -332,11 +345,7 @@ class IrreducibleLossStore:
                 seen.index_fill_(0, idx, True)
         finally:
             il_model.train(was_training)
-        store = cls(losses, dataset_fingerprint(labels) if bool(seen.all()) else None)
-        store._labels_seen = (labels, seen)  # for build_no_holdout's merge
-        if not allow_missing:
-            store.validate()
-        return store
+        return losses, labels, seen
 
     @classmethod
     def build_no_holdout(
@@ -367,18 +376,23 @@ class IrreducibleLossStore:
         build_kwargs = dict(build_kwargs)
         build_kwargs.pop("allow_missing", None)
         desc = build_kwargs.pop("desc", "irreducible loss")
-        s1 = cls.build(il_models[0], Subset(dataset, b.tolist()), num_examples=n, allow_missing=True,
-                       desc=f"{desc} (half 2)", **build_kwargs)
-        s0 = cls.build(il_models[1], Subset(dataset, a.tolist()), num_examples=n, allow_missing=True,
-                       desc=f"{desc} (half 1)", **build_kwargs)
-        dev = s0.losses.device
-        losses = torch.where(torch.isnan(s0.losses), s1.losses.to(dev), s0.losses)
-        l0, seen0 = s0._labels_seen
-        l1, seen1 = s1._labels_seen
-        labels = torch.where(seen0, l0, l1.to(dev))
+        l1, y1, _ = cls._pass_with_defaults(il_models[0], Subset(dataset, b.tolist()), n, f"{desc} (half 2)", build_kwargs)
+        l0, y0, seen0 = cls._pass_with_defaults(il_models[1], Subset(dataset, a.tolist()), n, f"{desc} (half 1)", build_kwargs)
+        losses = torch.where(seen0, l0, l1.to(l0.device))
+        labels = torch.where(seen0, y0, y1.to(y0.device))
         store = cls(losses, dataset_fingerprint(labels))
         store.validate()
         return store
+
+    @classmethod
+    def _pass_with_defaults(cls, model, dataset, n, desc, kwargs):
+        opts = dict(batch_size=1024, device=None, forward=_default_forward, ignore_index=-100,
+                    autocast_dtype=None, progress=True, num_workers=0)
+        unknown = set(kwargs) - set(opts)
+        if unknown:
+            raise TypeError(f"unexpected build arguments {sorted(unknown)}")
+        opts.update(kwargs)
+        return cls._scoring_pass(model, dataset, num_examples=n, desc=desc, **opts)
 
     # ------------------------------------------------------------------ persistence
     @staticmethod

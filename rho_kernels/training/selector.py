@@ -116,26 +116,26 @@ class SelectorStats:
     sync).
     """
 
-    _FIELDS = ("picked_sum", "picked_n", "unpicked_sum", "unpicked_n", "picks", "candidates",
-               "noisy_picks", "noisy_candidates", "noisy_known_picks", "noisy_known_candidates",
+    # data-dependent sums live on the device; counts known on the host stay Python numbers
+    # (creating a device tensor from a host number would be a copy, and on CUDA a sync).
+    _FIELDS = ("picked_sum", "picked_n", "unpicked_sum", "unpicked_n", "noisy_picks", "noisy_candidates",
                "invalid_picks")
+    _HOST = ("picks", "candidates", "noisy_known_picks", "noisy_known_candidates")
 
     def __init__(self) -> None:
-        self.steps = 0
-        self._acc: Optional[Tensor] = None
+        self.reset()
 
     def reset(self) -> None:
+        """Forget everything recorded so far."""
         self.steps = 0
-        self._acc = None
+        self._acc: Optional[Tensor] = None
+        self._host = dict.fromkeys(self._HOST, 0.0)
 
-    def _add(self, device: torch.device, **vals: Tensor) -> None:
+    def _add(self, device: torch.device, vals: dict) -> None:
         if self._acc is None or self._acc.device != device:
             self._acc = torch.zeros(len(self._FIELDS), dtype=torch.float64, device=device)
-        upd = torch.stack([
-            vals[f].to(device=device, dtype=torch.float64) if f in vals else torch.zeros((), dtype=torch.float64, device=device)
-            for f in self._FIELDS
-        ])
-        self._acc += upd
+        zero = torch.zeros((), dtype=torch.float64, device=device)
+        self._acc += torch.stack([vals[f].to(torch.float64) if f in vals else zero for f in self._FIELDS])
 
     def update(
         self,
@@ -143,19 +143,15 @@ class SelectorStats:
         picked_scores: Optional[Tensor],
         candidate_scores: Optional[Tensor],
         candidate_won: Optional[Tensor],
-        num_picks: int,
         num_candidates: int,
         picked_valid: Tensor,
         picked_noisy: Optional[Tensor] = None,
         candidate_noisy: Optional[Tensor] = None,
     ) -> None:
         """Add one step.  ``candidate_won`` marks candidates that were picked (anywhere)."""
-        dev = picked_valid.device
-        vals = {
-            "picks": torch.tensor(float(num_picks), device=dev),
-            "candidates": torch.tensor(float(num_candidates), device=dev),
-            "invalid_picks": (~picked_valid).sum(),
-        }
+        vals = {"invalid_picks": (~picked_valid).sum()}
+        self._host["picks"] += picked_valid.shape[0]
+        self._host["candidates"] += num_candidates
         if picked_scores is not None and candidate_scores is not None and candidate_won is not None:
             pf = torch.isfinite(picked_scores)
             vals["picked_sum"] = torch.where(pf, picked_scores, 0).sum(dtype=torch.float64)
@@ -165,10 +161,10 @@ class SelectorStats:
             vals["unpicked_n"] = cf.sum()
         if picked_noisy is not None and candidate_noisy is not None:
             vals["noisy_picks"] = picked_noisy.to(torch.bool).sum()
-            vals["noisy_known_picks"] = torch.tensor(float(picked_noisy.numel()), device=dev)
             vals["noisy_candidates"] = candidate_noisy.to(torch.bool).sum()
-            vals["noisy_known_candidates"] = torch.tensor(float(candidate_noisy.numel()), device=dev)
-        self._add(dev, **vals)
+            self._host["noisy_known_picks"] += picked_noisy.numel()
+            self._host["noisy_known_candidates"] += candidate_noisy.numel()
+        self._add(picked_valid.device, vals)
         self.steps += 1
 
     def summary(self) -> dict[str, float]:
@@ -176,10 +172,8 @@ class SelectorStats:
         (picked rows that were marked noisy), ``noisy_candidate_fraction`` (the base rate among
         candidates), ``invalid_picks`` (total), ``picks``.  NaN where nothing was recorded."""
         out: dict[str, float] = {"steps": float(self.steps)}
-        if self._acc is None:
-            a = dict.fromkeys(self._FIELDS, 0.0)
-        else:
-            a = dict(zip(self._FIELDS, self._acc.tolist()))
+        a = dict.fromkeys(self._FIELDS, 0.0) if self._acc is None else dict(zip(self._FIELDS, self._acc.tolist()))
+        a.update(self._host)
 
         def ratio(x: float, y: float) -> float:
             return x / y if y > 0 else math.nan
@@ -498,28 +492,31 @@ class OnlineBatchSelector:
                 keys = scores / temp + gumbel  # NaN scores stay NaN: ineligible
 
         if self.distributed == "global" and world_info(self.process_group)[1] > 1:
-            sub, info, won = self._select_global(batch, keys, scores, eligible, noisy, k)
+            sub, info, all_valid_t = self._select_global(batch, keys, scores, eligible, noisy, k)
         else:
-            sel = topk_by_key(keys, k, eligible)
+            sel = topk_by_key(keys, k, eligible, backend=self.backend)
             pos = sel.indices
             picked_scores = scores.index_select(0, pos) if scores is not None else None
             info = PickInfo(pos, picked_scores, sel.scores, sel.valid, None)
             won = torch.zeros(n, dtype=torch.bool, device=dev)
             won[pos] = True
             sub = None
+            all_valid_t = sel.valid.all()
             picked_noisy = noisy.index_select(0, pos) if noisy is not None else None
             self._record(info, scores, won, n, noisy, picked_noisy)
 
         self.last = info
         self.step += 1
-        if self.invalid != "keep":
-            all_valid = bool(info.valid.all())  # the documented per-step sync
-            if not all_valid:
+        if self.invalid != "keep":  # ("drop" is refused in global mode: unequal batches)
+            # the documented per-step sync; in global mode the flag covers all ranks' winners so
+            # that every rank raises (or not) together instead of leaving the others hanging
+            if not bool(all_valid_t):
                 bad = int((~info.valid).sum())
                 if self.invalid == "raise":
                     raise ValueError(
-                        f"{bad} of {k} picks are not eligible (NaN score -- e.g. never-scored irreducible "
-                        f"loss -- or ignored target): the batch has fewer than {k} eligible rows. "
+                        f"picks are not eligible ({bad} of this rank's {k}; NaN score -- e.g. never-scored "
+                        f"irreducible loss -- or ignored target): the candidates have fewer eligible rows "
+                        f"than picks. "
                         f"Fix the IL store, or pass invalid='drop'/'keep'"
                     )
                 keep = info.valid.nonzero().reshape(-1)
@@ -540,7 +537,7 @@ class OnlineBatchSelector:
                 noisy: Optional[Tensor], picked_noisy: Optional[Tensor]) -> None:
         self.stats.update(
             picked_scores=info.scores, candidate_scores=scores, candidate_won=won,
-            num_picks=info.valid.shape[0], num_candidates=n, picked_valid=info.valid,
+            num_candidates=n, picked_valid=info.valid,
             picked_noisy=picked_noisy, candidate_noisy=noisy,
         )
 
@@ -554,10 +551,11 @@ class OnlineBatchSelector:
         for leaf in leaves:
             if leaf.shape[:1] != (n,):
                 raise ValueError(f"every batch tensor needs {n} rows for global selection, got shape {tuple(leaf.shape)}")
-        pick = global_select(keys, k, leaves + extra, eligible=eligible, group=self.process_group)
+        pick = global_select(keys, k, leaves + extra, eligible=eligible, group=self.process_group,
+                             backend=self.backend)
         rows = pick.rows[: len(leaves)]
         picked_scores, picked_noisy = pick.rows[len(leaves):]
         sub = rebuild(iter(rows))
         info = PickInfo(None, picked_scores if scores is not None else None, pick.keys, pick.valid, pick.global_rows)
         self._record(info, scores, pick.local_won, n, noisy, picked_noisy if noisy is not None else None)
-        return sub, info, pick.local_won
+        return sub, info, pick.all_valid
