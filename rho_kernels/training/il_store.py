@@ -280,7 +280,7 @@ class IrreducibleLossStore:
             device: where to run the model and keep the table (default: the model's device).
             autocast_dtype: run the forward under ``torch.autocast`` with this dtype.
             allow_missing: keep NaN for examples the pass did not reach instead of raising.
-            progress: show a tqdm progress bar.
+            progress: show a tqdm progress bar (when tqdm is installed).
 
         The CE is computed by ``rho_kernels.score(method="loss")`` (float32 accumulation).  The
         fingerprint is taken from the labels seen in the pass.
@@ -317,7 +317,11 @@ class IrreducibleLossStore:
             total = len(loader)  # type: ignore[arg-type]
         except TypeError:
             pass
-        from tqdm.auto import tqdm
+        try:
+            from tqdm.auto import tqdm
+        except ImportError:  # tqdm is optional: no progress bar without it
+            def tqdm(it, **_kw):  # type: ignore[no-redef]
+                return it
 
         was_training = il_model.training
         il_model.eval()  # the IL model is fixed: no dropout, BatchNorm running statistics
