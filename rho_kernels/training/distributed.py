@@ -195,8 +195,3 @@ def global_select(
         all_valid=win.valid.all(),
     )
 
-
-def exact_global_topk_rows(all_keys: Tensor, k_per_rank: int, world: int) -> Tensor:
-    """Reference for tests: the global rows of the top ``world * k`` of the concatenated keys."""
-    return topk_by_key(all_keys, world * k_per_rank).indices
-
