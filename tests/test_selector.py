@@ -1,0 +1,310 @@
+"""OnlineBatchSelector: methods, sampling, model mode, AMP, invalid picks, statistics."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import rho_kernels as rk
+from rho_kernels.training import (
+    IrreducibleLossStore,
+    OnlineBatchSelector,
+    SELECTOR_METHODS,
+    constant_temperature,
+    cosine_temperature,
+    exponential_temperature,
+    linear_temperature,
+)
+
+torch.set_num_threads(1)
+N, D, C = 64, 6, 5
+
+
+def _batch(seed=0, n=N):
+    g = torch.Generator().manual_seed(seed)
+    return torch.arange(n), torch.randn(n, D, generator=g), torch.randint(0, C, (n,), generator=g)
+
+
+def _model(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(D, 16), nn.ReLU(), nn.Linear(16, C))
+
+
+def _store(n=N, seed=5):
+    g = torch.Generator().manual_seed(seed)
+    return IrreducibleLossStore(torch.rand(n, generator=g) * 2)
+
+
+def _expected_topk(score, k):
+    # distinct float scores here, so a plain sort defines the expected order
+    return torch.sort(score, descending=True, stable=True).indices[:k]
+
+
+def test_reducible_picks_top_k_of_ce_minus_il_best_first():
+    idx, x, y = _batch()
+    model, store = _model(), _store()
+    sel = OnlineBatchSelector(model, store, "reducible", ratio=0.25, score_mode="eval")
+    out_idx, out_x, out_y = sel.select((idx, x, y))
+    with torch.no_grad():
+        ce = F.cross_entropy(model(x), y, reduction="none")
+    want = _expected_topk(ce - store.losses, 16)
+    assert torch.equal(out_idx, want)
+    assert torch.equal(out_x, x[want]) and torch.equal(out_y, y[want])
+    assert torch.equal(sel.last.positions, want)
+    torch.testing.assert_close(sel.last.scores, (ce - store.losses)[want], rtol=1e-5, atol=1e-5)
+    assert sel.last.valid.all()
+
+
+@pytest.mark.parametrize("method", [m for m in rk.METHODS if m != "reducible"])
+def test_every_op_method_matches_rk_select(method):
+    idx, x, y = _batch(1)
+    model, store = _model(1), _store()
+    sel = OnlineBatchSelector(model, store, method, k=10, score_mode="eval")
+    got = sel.select((idx, x, y))[0]
+    with torch.no_grad():
+        logits = model(x)
+    want = rk.select(logits, y, store.losses, 10, method=method).indices
+    assert torch.equal(got, want)
+
+
+def test_il_model_source_equals_store_source():
+    idx, x, y = _batch(2)
+    model, il_model = _model(2), _model(3)
+    store = IrreducibleLossStore(F.cross_entropy(il_model(x), y, reduction="none").detach())
+    a = OnlineBatchSelector(model, store, k=8, score_mode="eval").select((idx, x, y))[0]
+    b = OnlineBatchSelector(model, il_model, k=8, score_mode="eval").select((x, y))[0]
+    assert torch.equal(x[a], b)
+
+
+def test_ratio_gives_paper_sizes_and_structured_batches():
+    n = 320
+    g = torch.Generator().manual_seed(0)
+    x = {"a": torch.randn(n, D, generator=g), "b": [torch.randn(n, 2, generator=g)]}
+    y = torch.randint(0, C, (n,), generator=g)
+
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(D + 2, C)
+
+        def forward(self, inp):
+            return self.lin(torch.cat([inp["a"], inp["b"][0]], 1))
+
+    sel = OnlineBatchSelector(M(), None, "loss", ratio=0.1)
+    xi, yi = sel.select((x, y))
+    assert sel.num_picks(320) == 32
+    assert xi["a"].shape == (32, D) and xi["b"][0].shape == (32, 2) and yi.shape == (32,)
+    assert torch.equal(xi["a"], x["a"][sel.last.positions])
+
+
+def test_uniform_is_without_replacement_reproducible_and_skips_the_forward():
+    calls = []
+    model = _model()
+    model.register_forward_hook(lambda *a: calls.append(1))
+    idx, x, y = _batch()
+    picks = []
+    for _ in range(2):
+        sel = OnlineBatchSelector(model, None, "uniform", k=40, generator=torch.Generator().manual_seed(9))
+        picks.append(sel.select((idx, x, y))[0])
+    assert torch.equal(picks[0], picks[1])
+    assert picks[0].unique().numel() == 40
+    assert calls == []
+    sel = OnlineBatchSelector(model, None, "uniform", k=4, score_uniform=True)
+    sel.select((idx, x, y))
+    assert len(calls) == 1 and not math.isnan(sel.stats.summary()["mean_score_picked"])
+
+
+def _fixed_score_selector(il_values, k, temperature, seed=0):
+    # method "irreducible" scores -IL without a model forward: exact, controllable scores
+    store = IrreducibleLossStore(torch.tensor(il_values, dtype=torch.float32))
+    return OnlineBatchSelector(_model(), store, "irreducible", k=k, temperature=temperature,
+                               generator=torch.Generator().manual_seed(seed))
+
+
+def test_boltzmann_first_pick_follows_softmax_of_score_over_t():
+    n = len(il := [0.0, -math.log(2.0), -math.log(4.0)])  # scores 0, log2, log4
+    idx, x, y = torch.arange(n), torch.zeros(n, D), torch.zeros(n, dtype=torch.int64)
+    sel = _fixed_score_selector(il, 1, 1.0)
+    counts = torch.zeros(n)
+    trials = 2000
+    for _ in range(trials):
+        counts[sel.select((idx, x, y))[0]] += 1
+    freq = counts / trials
+    expected = torch.tensor([1.0, 2.0, 4.0]) / 7
+    assert (freq - expected).abs().max() < 0.045, freq  # ~4 standard deviations (sd <= 0.011)
+
+
+def test_boltzmann_without_replacement_and_temperature_limits():
+    n = 50
+    il = torch.linspace(0, 5, n).tolist()  # score = -il: row 0 best
+    idx, x, y = torch.arange(n), torch.zeros(n, D), torch.zeros(n, dtype=torch.int64)
+    sel = _fixed_score_selector(il, 20, 1.0)
+    for _ in range(20):
+        assert sel.select((idx, x, y))[0].unique().numel() == 20
+    cold = _fixed_score_selector(il, 10, 1e-6).select((idx, x, y))[0]
+    assert torch.equal(cold, torch.arange(10))
+    hot = _fixed_score_selector(il, 10, 1e6).select((idx, x, y))[0]
+    assert not torch.equal(hot.sort().values, torch.arange(10))
+
+
+def test_temperature_schedules():
+    assert constant_temperature(2.0)(1000) == 2.0
+    lin = linear_temperature(1.0, 0.1, 10)
+    assert lin(0) == 1.0 and abs(lin(5) - 0.55) < 1e-12 and abs(lin(10) - 0.1) < 1e-12 and lin(99) == lin(10)
+    ex = exponential_temperature(1.0, 0.01, 4)
+    assert abs(ex(2) - 0.1) < 1e-12 and abs(ex(10) - 0.01) < 1e-12
+    co = cosine_temperature(1.0, 0.0 + 0.5, 10)
+    assert co(0) == 1.0 and abs(co(5) - 0.75) < 1e-12 and abs(co(10) - 0.5) < 1e-12
+    with pytest.raises(ValueError):
+        linear_temperature(0.0, 1.0, 10)
+    with pytest.raises(ValueError):
+        exponential_temperature(1.0, 0.1, 0)
+    # the selector follows the schedule step by step
+    sel = _fixed_score_selector([0.0, 1.0], 1, linear_temperature(1.0, 0.5, 2))
+    temps = []
+    for _ in range(3):
+        temps.append(sel.current_temperature())
+        sel.select((torch.arange(2), torch.zeros(2, D), torch.zeros(2, dtype=torch.int64)))
+    assert temps == [1.0, 0.75, 0.5]
+
+
+def test_score_mode_train_updates_batchnorm_eval_does_not_and_mode_is_restored():
+    idx, x, y = _batch()
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(D, 8), nn.BatchNorm1d(8), nn.Linear(8, C))
+    bn = model[1]
+    before = bn.running_mean.clone()
+    OnlineBatchSelector(model, None, "loss", k=4, score_mode="eval").select((x, y))
+    assert torch.equal(bn.running_mean, before) and model.training
+    model.eval()
+    OnlineBatchSelector(model, None, "loss", k=4, score_mode="train").select((x, y))
+    assert not torch.equal(bn.running_mean, before)
+    assert not model.training  # restored
+    assert all(p.grad is None for p in model.parameters())  # scored under no_grad
+
+
+def test_bf16_autocast_on_cpu():
+    idx, x, y = _batch(3, n=200)
+    model, store = _model(3), _store(200)
+    dtypes = []
+    model.register_forward_hook(lambda m, i, o: dtypes.append(o.dtype))
+    sel = OnlineBatchSelector(model, store, k=20, autocast_dtype=torch.bfloat16, score_mode="eval")
+    got = sel.select((idx, x, y))[0]
+    assert dtypes == [torch.bfloat16]
+    ref = OnlineBatchSelector(model, store, k=20, score_mode="eval").select((idx, x, y))[0]
+    overlap = len(set(got.tolist()) & set(ref.tolist()))
+    assert overlap >= 15, overlap  # bf16 logits move a few near-ties only
+    # ambient autocast (the caller's context) works too
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        sub = OnlineBatchSelector(model, store, k=20, score_mode="eval").select((idx, x, y))
+    assert sub[0].shape == (20,)
+
+
+def test_nan_il_is_never_picked_before_scored_rows_and_invalid_policies():
+    idx, x, y = _batch(4, n=10)
+    losses = torch.full((10,), math.nan)
+    losses[[2, 5, 7]] = torch.tensor([0.1, 0.2, 0.3])
+    store = IrreducibleLossStore(losses, check=False)
+    model = _model(4)
+    with pytest.raises(ValueError, match="not eligible"):
+        OnlineBatchSelector(model, store, k=5).select((idx, x, y))
+    kept = OnlineBatchSelector(model, store, k=5, invalid="keep")
+    got = kept.select((idx, x, y))[0]
+    assert sorted(got[:3].tolist()) == [2, 5, 7] and kept.last.valid.tolist() == [True] * 3 + [False] * 2
+    assert kept.stats.summary()["invalid_picks"] == 2
+    dropped = OnlineBatchSelector(model, store, k=5, invalid="drop")
+    got = dropped.select((idx, x, y))[0]
+    assert sorted(got.tolist()) == [2, 5, 7] and dropped.last.valid.all()
+    # enough scored rows: NaN rows are simply not picked
+    ok = OnlineBatchSelector(model, store, k=3).select((idx, x, y))[0]
+    assert sorted(ok.tolist()) == [2, 5, 7]
+    # with the store's default check (CPU), the NaN lookup is an error up front
+    with pytest.raises(ValueError, match="never scored"):
+        OnlineBatchSelector(model, IrreducibleLossStore(losses), k=3).select((idx, x, y))
+
+
+def test_ignored_targets_are_not_picked():
+    idx, x, y = _batch(5, n=12)
+    y = y.clone()
+    y[:6] = -100
+    got = OnlineBatchSelector(_model(), None, "loss", k=6).select((x, y))[1]
+    assert (got != -100).all()
+
+
+def test_statistics_noisy_fraction_and_score_means():
+    model = _model(6)
+    store = _store(N)
+    sel = OnlineBatchSelector(model, store, k=8, score_mode="eval")
+    tot_noisy_picked = 0
+    picked_scores, other_scores = [], []
+    for s in range(3):
+        idx, x, y = _batch(10 + s)
+        noisy = torch.rand(N, generator=torch.Generator().manual_seed(s)) < 0.3
+        scores = sel.score((idx, x, y))
+        sel.select((idx, x, y), noisy=noisy)
+        pos = sel.last.positions
+        tot_noisy_picked += int(noisy[pos].sum())
+        mask = torch.zeros(N, dtype=torch.bool)
+        mask[pos] = True
+        picked_scores.append(scores[mask])
+        other_scores.append(scores[~mask])
+    s = sel.stats.summary()
+    assert s["steps"] == 3 and s["picks"] == 24
+    assert s["noisy_pick_fraction"] == pytest.approx(tot_noisy_picked / 24)
+    assert s["mean_score_picked"] == pytest.approx(float(torch.cat(picked_scores).double().mean()), rel=1e-5)
+    assert s["mean_score_not_picked"] == pytest.approx(float(torch.cat(other_scores).double().mean()), rel=1e-5)
+    assert s["mean_score_picked"] > s["mean_score_not_picked"]
+    sel.stats.reset()
+    assert math.isnan(sel.stats.summary()["mean_score_picked"])
+
+
+def test_bad_arguments():
+    model = _model()
+    assert set(SELECTOR_METHODS) == set(rk.METHODS) | {"uniform"}
+    with pytest.raises(ValueError, match="unknown method"):
+        OnlineBatchSelector(model, None, "random")
+    with pytest.raises(ValueError, match="needs an irreducible"):
+        OnlineBatchSelector(model, None, "reducible")
+    with pytest.raises(ValueError, match="ratio"):
+        OnlineBatchSelector(model, None, "loss", ratio=1.5)
+    with pytest.raises(ValueError, match="temperature"):
+        OnlineBatchSelector(model, None, "uniform", temperature=1.0)
+    with pytest.raises(ValueError, match="score_mode"):
+        OnlineBatchSelector(model, None, "loss", score_mode="inference")
+    with pytest.raises(ValueError, match="invalid"):
+        OnlineBatchSelector(model, None, "loss", invalid="ignore")
+    with pytest.raises(ValueError, match="unequal"):
+        OnlineBatchSelector(model, None, "loss", invalid="drop", distributed="global")
+    with pytest.raises(TypeError, match="irreducible"):
+        OnlineBatchSelector(model, torch.zeros(3), "loss")
+    sel = OnlineBatchSelector(model, _store(), k=4)
+    with pytest.raises(ValueError, match="index"):
+        sel.select(_batch()[1:])  # (x, y): a store needs dataset indices
+    with pytest.raises(ValueError, match="tuple"):
+        sel.select(_batch()[1])
+    with pytest.raises(ValueError, match="larger than"):
+        OnlineBatchSelector(model, None, "loss", k=100).select(_batch()[1:])
+    with pytest.raises(ValueError, match="noisy"):
+        OnlineBatchSelector(model, None, "loss", k=4).select(_batch()[1:], noisy=torch.zeros(3, dtype=torch.bool))
+    with pytest.raises(ValueError, match="temperature"):
+        _fixed_score_selector([0.0], 1, lambda s: -1.0).select((torch.arange(1), torch.zeros(1, D), torch.zeros(1, dtype=torch.int64)))
+
+
+def test_hot_path_traces_without_graph_breaks():
+    # fullgraph=True fails on any .item()/bool(tensor)/data-dependent branch: the per-step
+    # path (store gather without checking, scoring, top-k, statistics) has no host sync.
+    # backend="reference": the op layer's "auto" backend resolution is not traceable by itself.
+    store = IrreducibleLossStore(torch.rand(N), check=False)
+    model = _model()
+    sel = OnlineBatchSelector(model, store, k=8, invalid="keep", score_mode="current", backend="reference")
+    compiled = torch.compile(sel.select, fullgraph=True, backend="eager")
+    idx, x, y = _batch()
+    got = compiled((idx, x, y))
+    want = OnlineBatchSelector(model, store, k=8, invalid="keep", score_mode="current").select((idx, x, y))
+    assert torch.equal(got[0], want[0])
+    assert sel.stats.summary()["picks"] == 8
+    boltz = OnlineBatchSelector(model, store, k=8, invalid="keep", score_mode="current", backend="reference",
+                                temperature=0.5, generator=None)
+    assert torch.compile(boltz.select, fullgraph=True, backend="eager")((idx, x, y))[0].unique().numel() == 8
