@@ -49,6 +49,30 @@ def ordering_key(score: Tensor, eligible: Tensor) -> Tensor:
     return (hi - 2**31) * 2**32 + low
 
 
+def check_reference_loss(logits: Tensor, targets: Tensor, reference_loss: Optional[Tensor]) -> None:
+    """Shape check under the public name (prepare() would call it irreducible_loss)."""
+    if isinstance(reference_loss, Tensor) and isinstance(targets, Tensor) and reference_loss.shape != targets.shape:
+        raise ValueError(f"reference_loss shape {tuple(reference_loss.shape)} does not match the targets' shape "
+                         f"{tuple(targets.shape)}")
+
+
+# Backend resolution asks the dispatcher which kernels exist, which Dynamo cannot trace; the
+# answer is fixed for a process, so under torch.compile it is taken as a trace-time constant.
+@torch.compiler.assume_constant_result
+def _resolved_names(backend: str, device: str) -> str:
+    """``"<forward backend>|<backward kernel>"`` for a backend argument on a device."""
+    dev = torch.device(device)
+    forward_name = _api.resolve_backend(backend, dev).NAME
+    return forward_name + "|" + grad_impl_for(backend, forward_name, dev)
+
+
+def resolve_names(backend: str, device: torch.device) -> tuple[str, str]:
+    if not isinstance(backend, str):
+        raise TypeError(f"backend must be a str, got {backend!r}")
+    forward_name, grad_name = _resolved_names(backend, str(device)).split("|")
+    return forward_name, grad_name
+
+
 def check_ratio(ratio: float) -> float:
     if isinstance(ratio, bool) or not isinstance(ratio, (int, float)):
         raise TypeError(f"ratio must be a float in (0, 1], got {ratio!r}")
@@ -96,9 +120,10 @@ def select_mask(
     ignore_index: int = -100,
     backend: str = "auto",
 ) -> Tensor:
-    p = _contract.prepare(logits.detach(), targets, reference_loss, method, ignore_index)
     ratio = check_ratio(ratio)
-    score, _ = _api.resolve_backend(backend, logits.device).score_rows(p)
+    check_reference_loss(logits, targets, reference_loss)
+    p = _contract.prepare(logits.detach(), targets, reference_loss, method, ignore_index)
+    score, _ = _api._backend_module(resolve_names(backend, logits.device)[0]).score_rows(p)
     mask = top_fraction_mask(score, _eligible(p, score), _nonignored(p), ratio)
     return mask.view(p.lead_shape)
 
@@ -119,7 +144,7 @@ def select_sequences(
                           method, ignore_index)
     num_seq, seq_len = p.lead_shape
     k = _contract.check_k(k, num_seq)
-    score, _ = _api.resolve_backend(backend, logits.device).score_rows(p)
+    score, _ = _api._backend_module(resolve_names(backend, logits.device)[0]).score_rows(p)
     counted = _nonignored(p)
     # Mean over the non-ignored tokens (float64 sum: the mean is exact to float32 rounding).  A
     # NaN token score (NaN logits / reference loss, target out of range) makes the mean NaN.
@@ -209,6 +234,10 @@ def run_grad(name: str, logits: Tensor, targets: Tensor, lse: Tensor, row_scale:
     if name == "cpu":
         if inplace:
             torch.ops.rho_kernels.ce_grad_rows_(logits, targets, lse, row_scale, ignore_index)
+            # The C++ op's (a!) annotation does not bump the version counter by itself; bumping it
+            # makes autograd reject a graph that saved these logits elsewhere instead of using
+            # gradient values as logits.
+            torch.autograd.graph.increment_version(logits)
             return logits
         return torch.ops.rho_kernels.ce_grad_rows(logits, targets, lse, row_scale, ignore_index)
     if name == "triton":
@@ -298,12 +327,10 @@ def selective_cross_entropy(
     if reference_loss is None:
         raise ValueError("selective_cross_entropy needs reference_loss (the reference model's per-token CE), got None")
     ratio = check_ratio(ratio)
+    check_reference_loss(logits, targets, reference_loss)
     # Validate now (clear errors before autograd); forward() normalises again, cheaply.
     _contract.prepare(logits, targets, reference_loss, "reducible", ignore_index)
-    if not isinstance(backend, str):
-        raise TypeError(f"backend must be a str, got {backend!r}")
-    forward_name = _api.resolve_backend(backend, logits.device).NAME
-    grad_name = grad_impl_for(backend, forward_name, logits.device)
+    forward_name, grad_name = resolve_names(backend, logits.device)
     if inplace_backward and logits.is_leaf:
         raise ValueError("inplace_backward=True overwrites the logits with their gradient; it needs non-leaf "
                          "logits (e.g. the LM head's output), got a leaf tensor")
