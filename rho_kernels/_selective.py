@@ -49,8 +49,10 @@ def ordering_key(score: Tensor, eligible: Tensor) -> Tensor:
     return (hi - 2**31) * 2**32 + low
 
 
-def check_reference_loss(logits: Tensor, targets: Tensor, reference_loss: Optional[Tensor]) -> None:
-    """Shape check under the public name (prepare() would call it irreducible_loss)."""
+def check_reference_loss(targets: Tensor, reference_loss: Optional[Tensor], method: str = "reducible") -> None:
+    """Checks under the public name (prepare() would call it irreducible_loss)."""
+    if reference_loss is None and method in _contract.IL_METHODS:
+        raise ValueError(f"method {method!r} needs reference_loss (the reference model's per-token loss), got None")
     if isinstance(reference_loss, Tensor) and isinstance(targets, Tensor) and reference_loss.shape != targets.shape:
         raise ValueError(f"reference_loss shape {tuple(reference_loss.shape)} does not match the targets' shape "
                          f"{tuple(targets.shape)}")
@@ -101,6 +103,13 @@ def top_fraction_mask(score: Tensor, eligible: Tensor, counted: Tensor, ratio: f
     return eligible & (key >= kth)
 
 
+def _prepare_detached(logits, targets, reference_loss, method: str, ignore_index: int) -> _contract.RowProblem:
+    # Selection is not differentiable: score a detached view (no copy) so that no autograd
+    # bookkeeping reaches the ops.
+    p = _contract.prepare(logits, targets, reference_loss, method, ignore_index)
+    return p._replace(logits=p.logits.detach())
+
+
 def _nonignored(p: _contract.RowProblem) -> Tensor:
     return p.targets != p.ignore_index
 
@@ -121,9 +130,9 @@ def select_mask(
     backend: str = "auto",
 ) -> Tensor:
     ratio = check_ratio(ratio)
-    check_reference_loss(logits, targets, reference_loss)
-    p = _contract.prepare(logits.detach(), targets, reference_loss, method, ignore_index)
-    score, _ = _api._backend_module(resolve_names(backend, logits.device)[0]).score_rows(p)
+    check_reference_loss(targets, reference_loss, method)
+    p = _prepare_detached(logits, targets, reference_loss, method, ignore_index)
+    score, _ = _api._backend_module(resolve_names(backend, p.logits.device)[0]).score_rows(p)
     mask = top_fraction_mask(score, _eligible(p, score), _nonignored(p), ratio)
     return mask.view(p.lead_shape)
 
@@ -138,13 +147,13 @@ def select_sequences(
     ignore_index: int = -100,
     backend: str = "auto",
 ) -> "_api.Selection":
-    if isinstance(logits, Tensor) and logits.dim() != 3:
-        raise ValueError(f"select_sequences needs [B, T, V] logits, got shape {tuple(logits.shape)}")
-    p = _contract.prepare(logits.detach() if isinstance(logits, Tensor) else logits, targets, reference_loss,
-                          method, ignore_index)
+    check_reference_loss(targets, reference_loss, method)
+    p = _prepare_detached(logits, targets, reference_loss, method, ignore_index)
+    if p.logits.dim() != 3:
+        raise ValueError(f"select_sequences needs [B, T, V] logits, got shape {tuple(p.logits.shape)}")
     num_seq, seq_len = p.lead_shape
     k = _contract.check_k(k, num_seq)
-    score, _ = _api._backend_module(resolve_names(backend, logits.device)[0]).score_rows(p)
+    score, _ = _api._backend_module(resolve_names(backend, p.logits.device)[0]).score_rows(p)
     counted = _nonignored(p)
     # Mean over the non-ignored tokens (float64 sum: the mean is exact to float32 rounding).  A
     # NaN token score (NaN logits / reference loss, target out of range) makes the mean NaN.
@@ -324,14 +333,12 @@ def selective_cross_entropy(
         raise ValueError(f"reduction must be one of {list(REDUCTIONS)}, got {reduction!r}")
     if not isinstance(inplace_backward, bool):
         raise TypeError(f"inplace_backward must be a bool, got {inplace_backward!r}")
-    if reference_loss is None:
-        raise ValueError("selective_cross_entropy needs reference_loss (the reference model's per-token CE), got None")
     ratio = check_ratio(ratio)
-    check_reference_loss(logits, targets, reference_loss)
+    check_reference_loss(targets, reference_loss)
     # Validate now (clear errors before autograd); forward() normalises again, cheaply.
     _contract.prepare(logits, targets, reference_loss, "reducible", ignore_index)
     forward_name, grad_name = resolve_names(backend, logits.device)
-    if inplace_backward and logits.is_leaf:
+    if inplace_backward and logits.requires_grad and logits.is_leaf:
         raise ValueError("inplace_backward=True overwrites the logits with their gradient; it needs non-leaf "
                          "logits (e.g. the LM head's output), got a leaf tensor")
     return _SelectiveCE.apply(logits, targets, reference_loss, ratio, ignore_index, reduction, forward_name,

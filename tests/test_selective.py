@@ -186,8 +186,17 @@ def test_bad_input():
             api.select_mask(logits, targets, ref_loss, bad)
     with pytest.raises(ValueError, match="reduction"):
         api.selective_cross_entropy(logits, targets, ref_loss, 0.5, reduction="avg")
-    with pytest.raises(ValueError, match="reference_loss"):
+    with pytest.raises(ValueError, match="needs reference_loss"):
         api.selective_cross_entropy(logits, targets, None, 0.5)
+    with pytest.raises(ValueError, match="needs reference_loss"):
+        api.select_mask(logits, targets, None, 0.5)
+    with pytest.raises(ValueError, match="needs reference_loss"):
+        api.select_sequences(logits, targets, None, 1)
+    assert api.select_mask(logits, targets, None, 0.5, method="loss").shape == targets.shape  # not needed there
+    with pytest.raises(TypeError, match="logits must be a torch.Tensor"):
+        api.select_mask(logits.tolist(), targets, ref_loss, 0.5)
+    with pytest.raises(TypeError, match="logits must be a torch.Tensor"):
+        api.selective_cross_entropy(logits.tolist(), targets, ref_loss, 0.5)
     with pytest.raises(ValueError, match="reference_loss shape"):
         api.selective_cross_entropy(logits, targets, ref_loss[:, :3], 0.5)
     with pytest.raises(ValueError, match=r"\[B, T, V\]"):
