@@ -499,3 +499,51 @@ def test_demo_quick(tmp_path):
     assert sel["noisy_fraction_of_selected"] < 0.8 * data["config"]["noise"]
     # Equal steps: report, and check the direction the method exists for.
     assert data["runs"]["rho1"]["clean_eval_loss"] < data["runs"]["all_tokens"]["clean_eval_loss"]
+
+
+# --------------------------------------------------------------------------- packaging, GPU
+
+
+def test_works_without_the_extension():
+    """Without rho_kernels._C (RHO_KERNELS_NO_EXT=1 builds), everything runs on the torch paths.
+    Simulated by hiding _C from the import system."""
+    code = """
+import sys, importlib.abc
+class Hide(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name == "rho_kernels._C":
+            raise ImportError("hidden for the test")
+sys.meta_path.insert(0, Hide())
+import torch
+from rho_kernels import api, _selective, _ext
+assert _ext.LOAD_ERROR is not None
+assert _selective.resolve_names("auto", torch.device("cpu")) == ("reference", "reference")
+x = torch.randn(2, 5, 7, dtype=torch.float64, requires_grad=True)
+t = torch.randint(0, 7, (2, 5)); il = torch.rand(2, 5)
+assert torch.autograd.gradcheck(lambda z: api.selective_cross_entropy(z, t, il, 0.5), (x,))
+assert int(api.select_mask(x, t, il, 0.5).sum()) == 5
+print("ok")
+"""
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, TRITON_INTERPRET="0"))
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]
+
+
+@pytest.mark.skipif(DEVICE.type != "cuda", reason="host-sync checks need a GPU")
+def test_no_host_sync_on_gpu(backend):
+    logits, targets, ref_loss = make_lm_batch(4, 512, 5000, torch.bfloat16)
+    x = logits.requires_grad_()
+
+    def step():
+        api.select_mask(logits, targets, ref_loss, 0.3, backend=backend)
+        api.select_sequences(logits, targets, ref_loss, 2, backend=backend)
+        loss = api.selective_cross_entropy(x, targets, ref_loss, 0.3, backend=backend)
+        torch.autograd.grad(loss, x)
+
+    step()  # warm up (compiles / autotunes)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
