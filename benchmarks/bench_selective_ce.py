@@ -244,6 +244,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--compiled", action="store_true", help="also time torch.compile'd plain CE")
     ap.add_argument("--json", help="write results + environment here")
+    ap.add_argument("--note", help="free text stored in the JSON (e.g. how the extension was built)")
     args = ap.parse_args(argv)
     device = torch.device(args.device)
     cases = [parse_case(c) for c in (args.cases.split(",") if args.cases else DEFAULT_CASES[device.type])]
@@ -254,7 +255,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     print_table(rows)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"environment": environment(device), "results": rows}, f, indent=1)
+            env = environment(device)
+            env["THP_MEM_ALLOC_ENABLE"] = os.environ.get("THP_MEM_ALLOC_ENABLE")
+            json.dump({"environment": env, "note": args.note, "results": rows}, f, indent=1)
     return 0
 
 
