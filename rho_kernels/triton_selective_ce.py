@@ -55,13 +55,15 @@ def _ce_grad_rows_kernel(
     # Rows are the flattened leading dims (b, t); [N, V] logits come with T = N, stride_b unused.
     b = row // T
     t = row - b * T
-    z = tl.load(z_ptr + b * z_sb + t * z_st + cols * z_sv, mask=in_row & live, other=float("-inf"))
+    # int64 column offsets too: cols * stride overflows int32 for column-major [N, V] at LLM sizes.
+    cols64 = cols.to(tl.int64)
+    z = tl.load(z_ptr + b * z_sb + t * z_st + cols64 * z_sv, mask=in_row & live, other=float("-inf"))
     z = z.to(lse.dtype)
     p = tl.exp(z - lse)  # a -inf logit gives exactly 0
     # s * (p - onehot): no cancellation on the target column when p_y is close to 1.
     g = s * (p - tl.where(cols == y, 1.0, 0.0).to(lse.dtype))
     g = tl.where(live, g, 0.0)
-    tl.store(out_ptr + b * o_sb + t * o_st + cols * o_sv, g.to(out_ptr.dtype.element_ty), mask=in_row)
+    tl.store(out_ptr + b * o_sb + t * o_st + cols64 * o_sv, g.to(out_ptr.dtype.element_ty), mask=in_row)
 
 
 def _row_layout(x: Tensor, num_rows: int) -> tuple[int, int, int, int]:
