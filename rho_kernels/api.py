@@ -175,3 +175,108 @@ def select(
 def interpreter_requested() -> bool:
     """True when the Triton interpreter was asked for (kernels then run on CPU tensors)."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+# =========================================================================== token selection (Rho-1)
+# Section owned by the Rho-1 work (issue 5): thin wrappers; the implementation is _selective.py.
+
+from . import _selective  # noqa: E402  (imported last: _selective uses the names above)
+
+
+def select_mask(
+    logits: Tensor,
+    targets: Tensor,
+    reference_loss: Optional[Tensor],
+    ratio: float,
+    *,
+    method: str = "reducible",
+    ignore_index: int = -100,
+    backend: str = "auto",
+) -> Tensor:
+    """Keep the best ``ratio`` fraction of the non-ignored tokens of the whole batch.
+
+    Scores every row like :func:`score` (``reference_loss`` plays the irreducible loss) and keeps
+    ``k = max(1, int(ratio * n))`` rows, ``n`` = number of targets != ``ignore_index``, ranked
+    across the batch exactly as :func:`select` ranks them (score descending, ties to the lower
+    flat index).  Ineligible rows (ignored target, NaN score) are never kept, so fewer than ``k``
+    are kept when fewer are eligible.  ``k`` stays on the device: no host synchronisation, and the
+    function traces under ``torch.compile(fullgraph=True)``.
+
+    Args:
+        ratio: a Python float in ``(0, 1]``.
+        (others as in :func:`score`.)
+
+    Returns:
+        bool tensor of shape ``targets.shape``, True on the kept tokens.
+    """
+    return _selective.select_mask(logits, targets, reference_loss, ratio, method=method,
+                                  ignore_index=ignore_index, backend=backend)
+
+
+def select_sequences(
+    logits: Tensor,
+    targets: Tensor,
+    reference_loss: Optional[Tensor],
+    k: int,
+    *,
+    method: str = "reducible",
+    ignore_index: int = -100,
+    backend: str = "auto",
+) -> Selection:
+    """Sequence-level selection: the ``k`` sequences with the highest mean token score.
+
+    ``logits`` must be ``[B, T, V]``.  A sequence's score is the mean of the token scores (as
+    :func:`score` computes them) over its non-ignored tokens; a sequence with no non-ignored
+    token, or whose mean is NaN (a NaN token score, a target outside ``[0, V)``), is ineligible.
+    Order as in :func:`select`: mean descending, ties to the lower sequence index, ineligible last.
+
+    Returns:
+        :class:`Selection` over sequences: ``indices`` int64 ``[k]`` (index the batch with them),
+        ``scores`` float32 ``[k]`` (mean scores), ``valid`` bool ``[k]``.  Fixed size ``k``, no
+        host synchronisation.
+    """
+    return _selective.select_sequences(logits, targets, reference_loss, k, method=method,
+                                       ignore_index=ignore_index, backend=backend)
+
+
+def selective_cross_entropy(
+    logits: Tensor,
+    targets: Tensor,
+    reference_loss: Tensor,
+    ratio: float,
+    *,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    backend: str = "auto",
+    inplace_backward: bool = False,
+) -> Tensor:
+    """Rho-1 selective language-modelling loss: CE over the tokens with the highest excess loss.
+
+    Keeps ``k = max(1, int(ratio * n))`` of the ``n`` non-ignored tokens of the batch, ranked by
+    excess loss ``CE - reference_loss`` exactly as ``select_mask(..., method="reducible")`` does,
+    and returns their cross-entropy.  Forward: one fused pass (the backend's ``score_rows``)
+    gives CE and the per-row log-sum-exp, which is saved.  Backward: ``(softmax - onehot) *
+    grad / n_selected`` on the kept rows and exact zeros elsewhere, computed from the saved
+    log-sum-exp by the ``ce_grad_rows`` kernel; the only ``N x V`` buffer is the gradient itself.
+
+    Args:
+        logits: ``[N, V]`` or ``[B, T, V]``, float32/bfloat16/float16/float64, any strides.
+        targets: integer tensor with the leading shape of ``logits``.
+        reference_loss: float tensor with the leading shape: the reference model's per-token CE.
+        ratio: Python float in ``(0, 1]``; ``ratio=1`` is plain cross-entropy (mean over tokens).
+        ignore_index: targets equal to it are never selected and not counted in ``n``.
+        reduction: ``"mean"`` (over the selected tokens; 0 when none is selected), ``"sum"``, or
+            ``"none"`` (per-token CE of shape ``targets.shape``, 0 on unselected tokens).
+        backend: forward backend, as for :func:`score`.  The backward uses the matching kernel
+            ("reference": torch; "cpu": the extension's kernel; "triton"/"cuda": Triton); with
+            ``"auto"`` the fastest backward kernel on the device.
+        inplace_backward: write the gradient over the logits' storage instead of allocating it
+            (saves one ``N x V`` buffer).  Opt-in: the logits must be a non-leaf tensor that
+            nothing else reads after this loss's backward (e.g. straight out of the LM head).
+
+    Returns:
+        float32 loss (float64 for float64 logits): a scalar, or ``targets.shape`` for "none".
+    """
+    return _selective.selective_cross_entropy(logits, targets, reference_loss, ratio,
+                                              ignore_index=ignore_index, reduction=reduction,
+                                              backend=backend, inplace_backward=inplace_backward)

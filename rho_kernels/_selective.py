@@ -1,0 +1,385 @@
+"""Token-level selection (Rho-1) and the selective cross-entropy with a fused backward.
+
+Public entry points (re-exported through :mod:`rho_kernels.api`):
+
+* :func:`select_mask` -- bool mask of the top ``ratio`` fraction of the non-ignored tokens of the
+  batch, ranked across the whole batch by the order of ``rk.select``;
+* :func:`select_sequences` -- top-k sequences by the mean score of their non-ignored tokens;
+* :func:`selective_cross_entropy` -- mean CE over the tokens with the highest excess loss
+  (CE - reference loss), differentiable, with the backward computed from the saved per-row
+  log-sum-exp by the ``ce_grad_rows`` op (CPU kernel, Triton kernel, or the torch fallback here).
+
+Everything runs on the tensors' device without host synchronisation: the number of kept tokens
+``k = max(1, int(ratio * n))`` is a device tensor, and the top-k becomes a comparison of 64-bit
+ordering keys (``rho::select_key`` of csrc/rho_math.h, computed with torch integer ops) against
+the k-th largest key.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from . import _contract, _ext
+from . import api as _api
+from ._contract import lse_dtype
+
+REDUCTIONS = ("mean", "sum", "none")
+# Backends whose backward is a real kernel; anything else falls back to the torch implementation.
+GRAD_IMPLS = ("reference", "cpu", "triton")
+
+
+# --------------------------------------------------------------------------- selection
+
+
+def ordering_key(score: Tensor, eligible: Tensor) -> Tensor:
+    """``rho::select_key`` as a signed int64 (same order): larger key = selected first.
+
+    High word: the monotone uint32 image of the float32 score (``-0.0`` read as ``+0.0``), 0 for
+    ineligible rows; low word: the complemented row index, so ties go to the lower index.
+    Subtracting 2^31 from the high word maps the unsigned order onto int64 without overflow.
+    """
+    u = score.contiguous().view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+    u = torch.where(u == 0x80000000, torch.zeros_like(u), u)
+    ordered = torch.where(u >= 0x80000000, 0xFFFFFFFF - u, u | 0x80000000)
+    hi = torch.where(eligible, ordered, torch.zeros_like(ordered))
+    low = 0xFFFFFFFF - torch.arange(score.numel(), device=score.device, dtype=torch.int64)
+    return (hi - 2**31) * 2**32 + low
+
+
+def check_reference_loss(targets: Tensor, reference_loss: Optional[Tensor], method: str = "reducible") -> None:
+    """Checks under the public name (prepare() would call it irreducible_loss)."""
+    if reference_loss is None and method in _contract.IL_METHODS:
+        raise ValueError(f"method {method!r} needs reference_loss (the reference model's per-token loss), got None")
+    if isinstance(reference_loss, Tensor) and isinstance(targets, Tensor) and reference_loss.shape != targets.shape:
+        raise ValueError(f"reference_loss shape {tuple(reference_loss.shape)} does not match the targets' shape "
+                         f"{tuple(targets.shape)}")
+
+
+# Backend resolution asks the dispatcher which kernels exist, which Dynamo cannot trace; the
+# answer is fixed for a process, so under torch.compile it is taken as a trace-time constant.
+@torch.compiler.assume_constant_result
+def _resolved_names(backend: str, device: str) -> str:
+    """``"<forward backend>|<backward kernel>"`` for a backend argument on a device."""
+    dev = torch.device(device)
+    forward_name = _api.resolve_backend(backend, dev).NAME
+    return forward_name + "|" + grad_impl_for(backend, forward_name, dev)
+
+
+def resolve_names(backend: str, device: torch.device) -> tuple[str, str]:
+    if not isinstance(backend, str):
+        raise TypeError(f"backend must be a str, got {backend!r}")
+    forward_name, grad_name = _resolved_names(backend, str(device)).split("|")
+    return forward_name, grad_name
+
+
+def check_ratio(ratio: float) -> float:
+    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)):
+        raise TypeError(f"ratio must be a float in (0, 1], got {ratio!r}")
+    if not (0.0 < float(ratio) <= 1.0):
+        raise ValueError(f"ratio must be in (0, 1], got {ratio!r}")
+    return float(ratio)
+
+
+def keep_count(num_tokens: Tensor, ratio: float) -> Tensor:
+    """``max(1, int(ratio * n))`` on the device.  float64 multiply, as Python's ``ratio * n``."""
+    return torch.floor(num_tokens.to(torch.float64) * ratio).to(torch.int64).clamp_min(1)
+
+
+def top_fraction_mask(score: Tensor, eligible: Tensor, counted: Tensor, ratio: float) -> Tensor:
+    """Flat bool mask of the ``max(1, int(ratio * counted.sum()))`` best eligible rows.
+
+    Selected = eligible and key >= the k-th largest key; keys are unique, so exactly the top k
+    rows in rk.select order pass (fewer if fewer than k are eligible).  One sort of N int64.
+    """
+    n_rows = score.numel()
+    if n_rows == 0:
+        return torch.zeros_like(eligible)
+    key = ordering_key(score, eligible)
+    k = keep_count(counted.sum(), ratio)
+    kth = torch.sort(key, descending=True).values.gather(0, (k - 1).clamp(0, n_rows - 1).reshape(1))
+    return eligible & (key >= kth)
+
+
+def _prepare_detached(logits, targets, reference_loss, method: str, ignore_index: int) -> _contract.RowProblem:
+    # Selection is not differentiable: score a detached view (no copy) so that no autograd
+    # bookkeeping reaches the ops.
+    p = _contract.prepare(logits, targets, reference_loss, method, ignore_index)
+    return p._replace(logits=p.logits.detach())
+
+
+def _nonignored(p: _contract.RowProblem) -> Tensor:
+    return p.targets != p.ignore_index
+
+
+def _eligible(p: _contract.RowProblem, score: Tensor) -> Tensor:
+    t = p.targets
+    return (t != p.ignore_index) & (t >= 0) & (t < p.num_classes) & ~torch.isnan(score)
+
+
+def select_mask(
+    logits: Tensor,
+    targets: Tensor,
+    reference_loss: Optional[Tensor],
+    ratio: float,
+    *,
+    method: str = "reducible",
+    ignore_index: int = -100,
+    backend: str = "auto",
+) -> Tensor:
+    ratio = check_ratio(ratio)
+    check_reference_loss(targets, reference_loss, method)
+    p = _prepare_detached(logits, targets, reference_loss, method, ignore_index)
+    score, _ = _api._backend_module(resolve_names(backend, p.logits.device)[0]).score_rows(p)
+    mask = top_fraction_mask(score, _eligible(p, score), _nonignored(p), ratio)
+    return mask.view(p.lead_shape)
+
+
+def select_sequences(
+    logits: Tensor,
+    targets: Tensor,
+    reference_loss: Optional[Tensor],
+    k: int,
+    *,
+    method: str = "reducible",
+    ignore_index: int = -100,
+    backend: str = "auto",
+) -> "_api.Selection":
+    check_reference_loss(targets, reference_loss, method)
+    p = _prepare_detached(logits, targets, reference_loss, method, ignore_index)
+    if p.logits.dim() != 3:
+        raise ValueError(f"select_sequences needs [B, T, V] logits, got shape {tuple(p.logits.shape)}")
+    num_seq, seq_len = p.lead_shape
+    k = _contract.check_k(k, num_seq)
+    score, _ = _api._backend_module(resolve_names(backend, p.logits.device)[0]).score_rows(p)
+    counted = _nonignored(p)
+    # Mean over the non-ignored tokens (float64 sum: the mean is exact to float32 rounding).  A
+    # NaN token score (NaN logits / reference loss, target out of range) makes the mean NaN.
+    total = torch.where(counted, score.to(torch.float64), 0.0).view(num_seq, seq_len).sum(1)
+    count = counted.view(num_seq, seq_len).sum(1)
+    mean = (total / count).to(torch.float32)
+    eligible = (count > 0) & ~torch.isnan(mean)
+    order = torch.topk(ordering_key(mean, eligible), k).indices
+    return _api.Selection(order, mean[order], eligible[order])
+
+
+# --------------------------------------------------------------------------- backward kernels
+
+
+def ce_grad_rows_torch(logits: Tensor, targets: Tensor, lse: Tensor, row_scale: Tensor, ignore_index: int) -> Tensor:
+    """Pure-torch ``ce_grad_rows`` (the reference backend's backward and the no-extension fallback).
+
+    Processes row chunks so that eager temporaries stay at a few MiB; under torch.compile one
+    expression (Inductor fuses it into a single pass).
+    """
+    n, v = targets.shape[0], logits.shape[-1]
+    acc = lse_dtype(logits.dtype)
+    z = logits.reshape(n, v)
+    out = torch.empty((n, v), dtype=logits.dtype, device=logits.device)
+    live = (targets != ignore_index) & (targets >= 0) & (targets < v) & (row_scale != 0)
+    safe_t = torch.where(live, targets, torch.zeros_like(targets))
+    chunk = n if _contract._is_compiling() else max(1, (1 << 20) // max(v, 1))
+    for r0 in range(0, n, chunk):
+        sl = slice(r0, min(n, r0 + chunk))
+        p = torch.exp(z[sl].to(acc) - lse[sl, None])
+        onehot = torch.zeros_like(p).scatter_(1, safe_t[sl, None], 1.0)
+        g = (p - onehot) * row_scale[sl, None]
+        out[sl] = torch.where(live[sl, None], g, torch.zeros_like(g)).to(logits.dtype)
+    return out.view(logits.shape)
+
+
+def _ext_has_grad(dispatch_key: str) -> bool:
+    return _ext.LOAD_ERROR is None and _ext.has_kernel(dispatch_key, "ce_grad_rows")
+
+
+def _triton_grad_module():
+    from . import triton_selective_ce
+
+    return triton_selective_ce
+
+
+def grad_unavailable_reason(name: str, device: torch.device) -> Optional[str]:
+    """Why the backward kernel ``name`` (one of GRAD_IMPLS) cannot run on ``device``."""
+    if name == "reference":
+        return None
+    if name == "cpu":
+        if device.type != "cpu":
+            return f"it runs on cpu tensors, got tensors on {device}"
+        if not _ext_has_grad("CPU"):
+            return f"the extension has no CPU ce_grad_rows kernel ({_ext.LOAD_ERROR or 'not built'})"
+        return None
+    if name == "triton":
+        try:
+            return _triton_grad_module().unavailable_reason(device)
+        except ImportError as exc:
+            return f"triton could not be imported ({exc})"
+    raise ValueError(f"unknown backward implementation {name!r}; expected one of {list(GRAD_IMPLS)}")
+
+
+def grad_impl_for(backend: str, forward_name: str, device: torch.device) -> str:
+    """The backward kernel to pair with a forward backend.
+
+    An explicit backend gets its own kernel ("reference" the torch implementation; "cuda" has no
+    ce_grad_rows kernel and uses Triton); "auto" takes the fastest one available on the device,
+    independently of which forward kernel "auto" found.
+    """
+    if backend == "auto" or forward_name == "cuda":
+        order = ("cpu",) if device.type == "cpu" else ("triton",)
+    else:
+        order = (forward_name,) if forward_name in GRAD_IMPLS else ()
+    for name in order:
+        if grad_unavailable_reason(name, device) is None:
+            return name
+    if backend != "auto" and forward_name != "cuda" and order:
+        raise ValueError(f"backend {forward_name!r} cannot run the backward here: "
+                         f"{grad_unavailable_reason(forward_name, device)}")
+    return "reference"
+
+
+def run_grad(name: str, logits: Tensor, targets: Tensor, lse: Tensor, row_scale: Tensor, ignore_index: int,
+             inplace: bool) -> Tensor:
+    if name == "cpu":
+        if inplace:
+            torch.ops.rho_kernels.ce_grad_rows_(logits, targets, lse, row_scale, ignore_index)
+            # The C++ op's (a!) annotation does not bump the version counter by itself; bumping it
+            # makes autograd reject a graph that saved these logits elsewhere instead of using
+            # gradient values as logits.
+            torch.autograd.graph.increment_version(logits)
+            return logits
+        return torch.ops.rho_kernels.ce_grad_rows(logits, targets, lse, row_scale, ignore_index)
+    if name == "triton":
+        mod = _triton_grad_module()
+        if inplace:
+            mod.ce_grad_rows_(logits, targets, lse, row_scale, ignore_index)
+            return logits
+        return mod.ce_grad_rows(logits, targets, lse, row_scale, ignore_index)
+    grad = ce_grad_rows_torch(logits, targets, lse, row_scale, ignore_index)
+    if inplace:
+        logits.copy_(grad)
+        return logits
+    return grad
+
+
+if _ext.LOAD_ERROR is None and hasattr(torch.ops.rho_kernels, "ce_grad_rows"):
+
+    @torch.library.register_fake("rho_kernels::ce_grad_rows")
+    def _ce_grad_rows_fake(logits, targets, lse, row_scale, ignore_index):
+        return torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+
+    @torch.library.register_fake("rho_kernels::ce_grad_rows_")
+    def _ce_grad_rows_inplace_fake(logits, targets, lse, row_scale, ignore_index):
+        return None
+
+
+# --------------------------------------------------------------------------- selective CE
+
+
+def target_logits(logits: Tensor, targets: Tensor, live: Tensor) -> Tensor:
+    """z[r, y_r] for every row (0 where not ``live``), gathered in place: no copy of the logits."""
+    safe_t = torch.where(live, targets, torch.zeros_like(targets))
+    return logits.gather(-1, safe_t.view(*logits.shape[:-1], 1)).reshape(-1)
+
+
+class _SelectiveCE(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits, targets, reference_loss, ratio, ignore_index, reduction, forward_name, grad_name,
+                inplace):
+        p = _contract.prepare(logits, targets, reference_loss, "reducible", ignore_index)
+        score, lse = _api._backend_module(forward_name).score_rows(p)
+        eligible = _eligible(p, score)
+        mask = top_fraction_mask(score, eligible, _nonignored(p), ratio)
+        # CE = lse - z_y in the accumulation dtype: the same value the kernel subtracted IL from.
+        ce = lse - target_logits(logits, p.targets, eligible).to(lse.dtype)
+        ce = torch.where(mask, ce, torch.zeros_like(ce))
+        n_sel = mask.sum()
+        if reduction == "mean":
+            out = ce.sum() / n_sel.clamp_min(1).to(ce.dtype)
+        elif reduction == "sum":
+            out = ce.sum()
+        else:
+            out = ce.view(p.lead_shape)
+        ctx.save_for_backward(logits, p.targets, lse, mask, n_sel)
+        ctx.config = (ignore_index, reduction, grad_name, inplace)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        logits, targets, lse, mask, n_sel = ctx.saved_tensors
+        ignore_index, reduction, grad_name, inplace = ctx.config
+        g = grad_out.to(lse.dtype)
+        if reduction == "mean":
+            g = g / n_sel.clamp_min(1).to(lse.dtype)
+        elif reduction == "none":
+            g = g.reshape(-1)
+        row_scale = torch.where(mask, g, torch.zeros_like(lse)).contiguous()
+        grad = run_grad(grad_name, logits, targets, lse, row_scale, ignore_index, inplace)
+        return grad, None, None, None, None, None, None, None, None
+
+
+def selective_cross_entropy(
+    logits: Tensor,
+    targets: Tensor,
+    reference_loss: Tensor,
+    ratio: float,
+    *,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    backend: str = "auto",
+    inplace_backward: bool = False,
+) -> Tensor:
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {list(REDUCTIONS)}, got {reduction!r}")
+    if not isinstance(inplace_backward, bool):
+        raise TypeError(f"inplace_backward must be a bool, got {inplace_backward!r}")
+    ratio = check_ratio(ratio)
+    check_reference_loss(targets, reference_loss)
+    # Validate now (clear errors before autograd); forward() normalises again, cheaply.
+    _contract.prepare(logits, targets, reference_loss, "reducible", ignore_index)
+    forward_name, grad_name = resolve_names(backend, logits.device)
+    if inplace_backward and logits.requires_grad and logits.is_leaf:
+        raise ValueError("inplace_backward=True overwrites the logits with their gradient; it needs non-leaf "
+                         "logits (e.g. the LM head's output), got a leaf tensor")
+    return _SelectiveCE.apply(logits, targets, reference_loss, ratio, ignore_index, reduction, forward_name,
+                              grad_name, inplace_backward)
+
+
+def selective_cross_entropy_autograd(
+    logits: Tensor,
+    targets: Tensor,
+    reference_loss: Tensor,
+    ratio: float,
+    *,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+) -> Tensor:
+    """The definition, for tests and benchmarks: autograd through the reference CE + selection.
+
+    Materialises ``N x V`` float temporaries (log-softmax and its gradient) like any unfused loss.
+    """
+    with torch.no_grad():
+        mask = select_mask(logits, targets, reference_loss, ratio, ignore_index=ignore_index,
+                           backend="reference").reshape(-1)
+    v = logits.shape[-1]
+    acc = lse_dtype(logits.dtype)
+    flat_t = targets.reshape(-1).to(torch.int64)
+    safe_t = torch.where(mask, flat_t, torch.full_like(flat_t, -100))
+    ce = torch.nn.functional.cross_entropy(logits.reshape(-1, v).to(acc), safe_t, reduction="none",
+                                           ignore_index=-100)
+    ce = torch.where(mask, ce, torch.zeros_like(ce))
+    if reduction == "mean":
+        return ce.sum() / mask.sum().clamp_min(1).to(acc)
+    if reduction == "sum":
+        return ce.sum()
+    return ce.view(targets.shape)
+
+
+__all__ = [
+    "select_mask",
+    "select_sequences",
+    "selective_cross_entropy",
+    "selective_cross_entropy_autograd",
+    "ordering_key",
+    "ce_grad_rows_torch",
+]
