@@ -49,7 +49,7 @@ def extension_modules():
     # Our own sources must compile warning-free (tests/test_build.py reads the build log).
     cxx = ["-O3", f"-march={march}", "-fopenmp", "-Wall", "-Wextra", "-Wno-unused-parameter"]
     include_dirs = [os.path.join(ROOT, "csrc")]
-    define_macros = [("Py_LIMITED_API", "0x03090000")]
+    define_macros = []  # BuildExtension passes -DPy_LIMITED_API itself for py_limited_api=True
     if want_cuda:
         # torch's CUDA headers include cuSPARSE/cuBLAS headers, which pip ships under nvidia/.
         for site in sys.path:
@@ -92,6 +92,6 @@ setup(
     cmdclass=cmdclass,
     python_requires=">=3.9",
     install_requires=["torch>=2.6", "numpy"],
-    extras_require={"triton": ["triton>=3.6"], "test": ["pytest"]},
-    options={"bdist_wheel": {"py_limited_api": "cp39"}} if ext_modules else {},
+    extras_require={"triton": ["triton>=3.6"], "train": ["tqdm", "safetensors"], "test": ["pytest"]},
+    options={"bdist_wheel": {"py_limited_api": "cp310"}} if ext_modules else {},
 )

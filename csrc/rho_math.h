@@ -87,7 +87,8 @@ RHO_HD T nan_max(T a, T b) { return (a != a || a > b) ? a : b; }
 template <typename T>
 RHO_HD T entropy_term(T e, T shifted) {
   const T lowest = std::numeric_limits<T>::lowest();
-  return e * (shifted < lowest ? lowest : shifted);
+  // e == 0 covers a -inf logit, also against a max that is still -inf (shifted = NaN there).
+  return e == T(0) ? T(0) : e * (shifted < lowest ? lowest : shifted);
 }
 
 template <typename T>

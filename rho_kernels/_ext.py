@@ -25,10 +25,23 @@ except ImportError as exc:  # built without the extension, or a broken build
 CUDA_VERIFIED = False
 
 
-def has_kernel(dispatch_key: str, op: str = "select_rows") -> bool:
+def _query_kernel(dispatch_key: str, op: str) -> bool:
     if LOAD_ERROR is not None:
         return False
     return torch._C._dispatch_has_kernel_for_dispatch_key(f"rho_kernels::{op}", dispatch_key)
+
+
+# Registrations happen when _C loads, so the answer is fixed at import time.  A dict lookup
+# (not the dispatcher query) keeps backend resolution traceable by torch.compile.
+_KERNELS: dict[tuple[str, str], bool] = {
+    (key, op): _query_kernel(key, op) for key in ("CPU", "CUDA") for op in ("score_rows", "select_rows")
+}
+
+
+def has_kernel(dispatch_key: str, op: str = "select_rows") -> bool:
+    if (dispatch_key, op) not in _KERNELS:
+        return _query_kernel(dispatch_key, op)
+    return _KERNELS[(dispatch_key, op)]
 
 
 if LOAD_ERROR is None:

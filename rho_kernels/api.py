@@ -27,7 +27,6 @@ Rules shared by every backend (the math lives in csrc/rho_math.h):
 
 from __future__ import annotations
 
-import importlib
 import os
 from typing import NamedTuple, Optional
 
@@ -57,8 +56,11 @@ class Selection(NamedTuple):
 
 
 def _triton_backend():
-    # Imported lazily: importing triton costs a second and it may be absent.
-    return importlib.import_module(".triton_select", __package__)
+    # Imported lazily: importing triton costs a second and it may be absent.  An import
+    # statement, not importlib: dynamo cannot trace importlib.import_module.
+    from . import triton_select
+
+    return triton_select
 
 
 def _backend_module(name: str):

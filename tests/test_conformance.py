@@ -27,7 +27,8 @@ from conftest import DEVICE, INTERPRETED, is_slow_backend
 METHODS = rk.METHODS
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 # V not a multiple of any block size; N = 1, 3, 1000 (and 257 for the tile paths).
-SHAPES = [(1, 1), (3, 7), (1000, 7), (3, 1000), (257, 1000), (1, 32001), (3, 32001), (1000, 32001)]
+# (5000, 7) reaches the large-N (multi-stage) top-k paths of the GPU kernels.
+SHAPES = [(1, 1), (3, 7), (1000, 7), (3, 1000), (257, 1000), (1, 32001), (3, 32001), (1000, 32001), (5000, 7)]
 INTERPRETER_MAX_ELEMENTS = 300_000
 
 
@@ -411,6 +412,12 @@ def test_target_out_of_range_without_check_is_nan_not_oob(backend):
 # --------------------------------------------------------------------------- ops, compile
 
 
+# irreducible's lse is NaN by contract and opcheck's eager-vs-AOT comparison has no equal_nan:
+# that one check is left out for it (schema, autograd registration and fake tensors still run).
+OPCHECK_ALL = ("test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
+OPCHECK_NO_AOT = ("test_schema", "test_autograd_registration", "test_faketensor")
+
+
 def test_opcheck_extension_ops():
     if DEVICE.type == "cpu" and "cpu" not in rk.available_backends("cpu"):
         pytest.skip("the extension's CPU kernel is not built")
@@ -419,15 +426,16 @@ def test_opcheck_extension_ops():
     for dtype in DTYPES:
         logits, targets, il = make_inputs(33, 70, dtype)
         for method in range(len(METHODS)):
-            torch.library.opcheck(torch.ops.rho_kernels.score_rows.default, (logits, targets, il, method, -100))
+            utils = OPCHECK_NO_AOT if METHODS[method] == "irreducible" else OPCHECK_ALL
+            torch.library.opcheck(
+                torch.ops.rho_kernels.score_rows.default, (logits, targets, il, method, -100), test_utils=utils
+            )
             torch.library.opcheck(torch.ops.rho_kernels.select_rows.default, (logits, targets, il, 7, method, -100))
         torch.library.opcheck(torch.ops.rho_kernels.select_rows.default, (logits, targets, None, 7, 1, -100))
 
 
 @pytest.mark.parametrize("method", ["reducible", "entropy"])
 def test_torch_compile_fullgraph(backend, method):
-    if is_slow_backend(backend):
-        pytest.skip("Inductor/aot tracing of Triton kernels needs a GPU; tested by test_triton_paths")
     logits, targets, il = make_inputs(64, 50, torch.float32)
 
     def fn(logits, targets, il):
