@@ -41,7 +41,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from rho_kernels import _selective, api  # noqa: E402
-from rho_kernels.benchmark import CpuPeakMemory, environment  # noqa: E402
+from rho_kernels.benchmark import environment, peak_extra_memory  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEFAULT_CASES = {"cpu": ["8x1024x32000:float32"], "cuda": ["8x1024x32000:float32", "8x4096x128256:bfloat16"]}
@@ -74,16 +74,7 @@ def _time_ms(fn: Callable[[], object], device: torch.device) -> float:
 
 def _peak_extra(fn: Callable[[], object], device: torch.device) -> Optional[int]:
     gc.collect()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        base = torch.cuda.memory_allocated(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        fn()
-        torch.cuda.synchronize(device)
-        return torch.cuda.max_memory_allocated(device) - base
-    with CpuPeakMemory() as mem:
-        fn()
-    return mem.peak
+    return peak_extra_memory(fn, device)
 
 
 def measure(loss_fn: Callable[[torch.Tensor], torch.Tensor], logits: torch.Tensor, device: torch.device,

@@ -23,7 +23,7 @@ from typing import Callable, Optional
 import torch
 
 import rho_kernels as rk
-from rho_kernels import _contract, reference
+
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEFAULT_SHAPES = {
@@ -103,18 +103,21 @@ def measure(fn: Callable[[], object], device: torch.device, repeats: int, warmup
             t0 = time.perf_counter()
             fn()
             times.append((time.perf_counter() - t0) * 1e3)
+    return {"ms": statistics.median(times), "best_ms": min(times), "peak_extra_bytes": peak_extra_memory(fn, device)}
+
+
+def peak_extra_memory(fn: Callable[[], object], device: torch.device) -> Optional[int]:
+    """Bytes fn() allocates at its peak beyond what was allocated before (None if unknown)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         base = torch.cuda.memory_allocated(device)
         torch.cuda.reset_peak_memory_stats(device)
         fn()
         torch.cuda.synchronize(device)
-        peak = torch.cuda.max_memory_allocated(device) - base
-    else:
-        with CpuPeakMemory() as mem:
-            fn()
-        peak = mem.peak
-    return {"ms": statistics.median(times), "best_ms": min(times), "peak_extra_bytes": peak}
+        return torch.cuda.max_memory_allocated(device) - base
+    with CpuPeakMemory() as mem:
+        fn()
+    return mem.peak
 
 
 def bench_case(n: int, v: int, dtype: torch.dtype, device: torch.device, backends: list[str],
