@@ -103,7 +103,7 @@ def main() -> int:
                             "--plot", os.path.join(args.out, "bench.png")], 240))
     if os.path.exists(os.path.join(ROOT, "benchmarks", "bench_selective_ce.py")):
         steps.append(("bench_selective_ce", [py, "benchmarks/bench_selective_ce.py", "--device", device,
-                                             *(["--quick"] if args.dry_run else []),
+                                             *(["--cases", "2x64x1000", "--repeats", "2"] if args.dry_run else []),
                                              "--json", os.path.join(args.out, "bench_selective_ce.json")], 150))
 
     for name, cmd, limit in steps:
