@@ -97,10 +97,17 @@ def main() -> int:
         steps.append(("memcheck", ["compute-sanitizer", "--tool", "memcheck", "--error-exitcode", "1",
                                    py, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "tests/test_conformance.py",
                                    "-k", "cuda and (layouts or special or ignore_index or k_edges) and float32"], 150))
-    bench_shapes = ["--shapes", "2048x3000,320x10", "--repeats", "3"] if args.dry_run else []
-    steps.append(("bench", [py, "-m", "rho_kernels", "bench", "--device", device, *bench_shapes,
-                            "--json", os.path.join(args.out, "bench.json"),
-                            "--plot", os.path.join(args.out, "bench.png")], 240))
+    # The shapes, each in its dtype (fewer torch.compile(reference) builds than a full
+    # shape x dtype grid); the dry run uses small stand-ins.
+    if args.dry_run:
+        bench_sets = [("bench", ["--shapes", "2048x3000,320x10", "--dtypes", "float32,bfloat16", "--repeats", "3"])]
+    else:
+        bench_sets = [("bench", ["--shapes", "16384x128256,4096x32000", "--dtypes", "bfloat16"]),
+                      ("bench_small", ["--shapes", "320x10,3200x1000", "--dtypes", "float32"])]
+    for bench_name, bench_args in bench_sets:
+        steps.append((bench_name, [py, "-m", "rho_kernels", "bench", "--device", device, *bench_args,
+                                   "--json", os.path.join(args.out, f"{bench_name}.json"),
+                                   "--plot", os.path.join(args.out, f"{bench_name}.png")], 200))
     if os.path.exists(os.path.join(ROOT, "benchmarks", "bench_selective_ce.py")):
         steps.append(("bench_selective_ce", [py, "benchmarks/bench_selective_ce.py", "--device", device,
                                              *(["--cases", "2x64x1000", "--repeats", "2"] if args.dry_run else []),
@@ -112,7 +119,7 @@ def main() -> int:
             result["counts"] = pytest_counts(result["tail"])
         summary["steps"][name] = result
         save()
-    for name in ("bench.json", "bench_selective_ce.json"):
+    for name in ("bench.json", "bench_small.json", "bench_selective_ce.json"):
         path = os.path.join(args.out, name)
         if os.path.exists(path):
             with open(path) as f:
