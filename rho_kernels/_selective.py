@@ -22,7 +22,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from . import _contract, _ext
+from . import _contract, _ext, reference
 from . import api as _api
 from ._contract import lse_dtype
 
@@ -114,11 +114,6 @@ def _nonignored(p: _contract.RowProblem) -> Tensor:
     return p.targets != p.ignore_index
 
 
-def _eligible(p: _contract.RowProblem, score: Tensor) -> Tensor:
-    t = p.targets
-    return (t != p.ignore_index) & (t >= 0) & (t < p.num_classes) & ~torch.isnan(score)
-
-
 def select_mask(
     logits: Tensor,
     targets: Tensor,
@@ -133,7 +128,7 @@ def select_mask(
     check_reference_loss(targets, reference_loss, method)
     p = _prepare_detached(logits, targets, reference_loss, method, ignore_index)
     score, _ = _api._backend_module(resolve_names(backend, p.logits.device)[0]).score_rows(p)
-    mask = top_fraction_mask(score, _eligible(p, score), _nonignored(p), ratio)
+    mask = top_fraction_mask(score, reference.eligible_rows(p, score), _nonignored(p), ratio)
     return mask.view(p.lead_shape)
 
 
@@ -288,7 +283,7 @@ class _SelectiveCE(torch.autograd.Function):
                 inplace):
         p = _contract.prepare(logits, targets, reference_loss, "reducible", ignore_index)
         score, lse = _api._backend_module(forward_name).score_rows(p)
-        eligible = _eligible(p, score)
+        eligible = reference.eligible_rows(p, score)
         mask = top_fraction_mask(score, eligible, _nonignored(p), ratio)
         # CE = lse - z_y in the accumulation dtype: the same value the kernel subtracted IL from.
         ce = lse - target_logits(logits, p.targets, eligible).to(lse.dtype)
