@@ -74,6 +74,16 @@ RHO_HD int target_state(int64_t y, int64_t num_classes, int64_t ignore_index) {
   return kTargetOk;
 }
 
+// Accumulation type of a logits dtype: fp32 for fp32/bf16/fp16, fp64 for fp64.
+template <typename T>
+struct AccOf {
+  using type = float;
+};
+template <>
+struct AccOf<double> {
+  using type = double;
+};
+
 template <typename T>
 RHO_HD T pos_inf() { return std::numeric_limits<T>::infinity(); }
 template <typename T>

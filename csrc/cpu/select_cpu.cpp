@@ -72,15 +72,7 @@ constexpr int64_t kChunkElems = 1 << 16;
 constexpr int64_t kMinSplit = 4096;
 
 template <typename scalar_t>
-struct AccOf {
-  using type = float;
-};
-template <>
-struct AccOf<double> {
-  using type = double;
-};
-template <typename scalar_t>
-using acc_t = typename AccOf<scalar_t>::type;
+using acc_t = typename rho::AccOf<scalar_t>::type;
 
 template <typename A>
 using Vec = at::vec::Vectorized<A>;

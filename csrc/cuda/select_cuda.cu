@@ -62,14 +62,6 @@ __host__ __device__ constexpr int kind_method(int kind) {
   return kind == kKindGrad ? rho::kGradNorm : (kind == kKindEnt ? rho::kEntropy : rho::kLoss);
 }
 
-template <typename T>
-struct AccOf {
-  using type = float;
-};
-template <>
-struct AccOf<double> {
-  using type = double;
-};
 
 struct RowParams {
   const void* logits;
@@ -131,10 +123,10 @@ __device__ __forceinline__ rho::RowAcc<acc_t> warp_merge(rho::RowAcc<acc_t> a) {
 // Score one row with a group of nt threads (a warp, or the whole block when kBlock).  Must be
 // reached by every thread of the group; the result is valid in tid 0.
 template <typename scalar_t, int kKind, bool kBlock>
-__device__ __forceinline__ RowResult<typename AccOf<scalar_t>::type> row_result(
+__device__ __forceinline__ RowResult<typename rho::AccOf<scalar_t>::type> row_result(
     const RowParams& p, int64_t row, bool skip_ineligible, int tid, int nt,
-    rho::RowAcc<typename AccOf<scalar_t>::type>* red) {
-  using acc_t = typename AccOf<scalar_t>::type;
+    rho::RowAcc<typename rho::AccOf<scalar_t>::type>* red) {
+  using acc_t = typename rho::AccOf<scalar_t>::type;
   constexpr int kM = kind_method(kKind);
   const int64_t y = p.targets[row];
   const int ts = rho::target_state(y, p.V, p.ignore_index);
@@ -236,7 +228,7 @@ __device__ void select_tail(const RowOut& o, int64_t n) {
 
 template <typename scalar_t, int kKind>
 __global__ void __launch_bounds__(kRowThreads, 4) rho_rows_warp_kernel(RowParams p, RowOut o) {
-  using acc_t = typename AccOf<scalar_t>::type;
+  using acc_t = typename rho::AccOf<scalar_t>::type;
   constexpr int kRowsPerBlock = kRowThreads / kWarp;
   const int lane = threadIdx.x % kWarp;
   const int64_t step = static_cast<int64_t>(gridDim.x) * kRowsPerBlock;
@@ -250,7 +242,7 @@ __global__ void __launch_bounds__(kRowThreads, 4) rho_rows_warp_kernel(RowParams
 
 template <typename scalar_t, int kKind>
 __global__ void __launch_bounds__(kRowThreads, 4) rho_rows_block_kernel(RowParams p, RowOut o) {
-  using acc_t = typename AccOf<scalar_t>::type;
+  using acc_t = typename rho::AccOf<scalar_t>::type;
   __shared__ rho::RowAcc<acc_t> red[kRowThreads / kWarp];
   for (int64_t row = blockIdx.x; row < p.n_rows; row += gridDim.x) {
     const RowResult<acc_t> r =
@@ -370,7 +362,7 @@ __device__ void write_pick(const SelOut& o, int64_t i, uint64_t key, const float
 // Dynamic shared memory: keys[n] | winners[P] | scores[n] (float).
 template <typename scalar_t, int kKind>
 __global__ void __launch_bounds__(kFusedThreads) rho_fused_select_kernel(RowParams p, uint32_t k, SelOut o) {
-  using acc_t = typename AccOf<scalar_t>::type;
+  using acc_t = typename rho::AccOf<scalar_t>::type;
   extern __shared__ uint64_t smem[];
   __shared__ uint32_t hist[256];
   __shared__ uint32_t bcast[2];
