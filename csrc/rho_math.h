@@ -49,6 +49,12 @@
 #endif
 
 namespace rho {
+// Sources compiled once per instruction set (csrc/cpu/isa/) define RHO_ISA_NAMESPACE, so that
+// each copy of these inline functions gets its own symbol: otherwise the linker may keep the
+// AVX-512 copy of, say, acc_merge for the baseline kernel too (ATen's CPU_CAPABILITY trick).
+#if defined(RHO_ISA_NAMESPACE)
+inline namespace RHO_ISA_NAMESPACE {
+#endif
 
 enum Method : int {
   kReducible = 0,
@@ -218,4 +224,7 @@ RHO_HD uint64_t select_key(float score, bool eligible, uint32_t row) {
 RHO_HD uint32_t key_row(uint64_t key) { return 0xFFFFFFFFu - static_cast<uint32_t>(key & 0xFFFFFFFFu); }
 RHO_HD bool key_valid(uint64_t key) { return (key >> 32) != 0; }
 
+#if defined(RHO_ISA_NAMESPACE)
+}  // inline namespace RHO_ISA_NAMESPACE
+#endif
 }  // namespace rho
