@@ -174,36 +174,38 @@ Problem make_problem(const at::Tensor& logits, const at::Tensor& targets, const 
 
 // --------------------------------------------------------------------------- top-k
 
-// The k (1 <= k <= n) largest of n unique keys, largest first, into out[0, k).  `keys` is
-// scratch (reordered).
-void top_keys(uint64_t* keys, int64_t n, int64_t k, uint64_t* out) {
+// The k (1 <= k <= n) largest of n unique keys, largest first, into out[0, k).
+void top_keys(const uint64_t* keys, int64_t n, int64_t k, uint64_t* out) {
   constexpr int kDigitBits = 16;
   constexpr int64_t kBuckets = int64_t(1) << kDigitBits;
   std::vector<uint32_t> hist(static_cast<size_t>(kBuckets));
   // Radix select, most significant 16 bits first: keys >= threshold are exactly the top k.
   uint64_t threshold = 0;
   if (k < n) {
-    uint64_t* cand = keys;  // the keys that share the prefix decided so far, compacted in place
+    std::vector<uint64_t> cand;  // the keys that share the prefix decided so far
+    const uint64_t* src = keys;
     int64_t m = n, need = k;
     uint64_t prefix = 0;
     for (int shift = 64 - kDigitBits;; shift -= kDigitBits) {
       std::fill(hist.begin(), hist.end(), 0u);
-      for (int64_t i = 0; i < m; ++i) ++hist[(cand[i] >> shift) & (kBuckets - 1)];
+      for (int64_t i = 0; i < m; ++i) ++hist[(src[i] >> shift) & (kBuckets - 1)];
       int64_t b = kBuckets - 1;
       for (; hist[b] < need; --b) need -= hist[b];
       prefix |= static_cast<uint64_t>(b) << shift;
       if (hist[b] == need || shift == 0) break;  // the whole bucket is in (unique keys: shift 0 always is)
+      // Keep bucket b only (in place after the first level: the write index never passes the read).
+      if (cand.empty()) cand.resize(hist[b]);
       int64_t j = 0;
       for (int64_t i = 0; i < m; ++i) {
-        const uint64_t key = cand[i];
-        cand[j] = key;
-        j += static_cast<int64_t>(((key >> shift) & (kBuckets - 1)) == static_cast<uint64_t>(b));
+        const uint64_t key = src[i];
+        if (((key >> shift) & (kBuckets - 1)) == static_cast<uint64_t>(b)) cand[j++] = key;
       }
+      src = cand.data();
       m = j;
     }
     threshold = prefix;
   }
-  // The compaction above reordered `keys` but kept every key: collect the winners.
+  // Collect the winners.
   std::vector<uint64_t> a(static_cast<size_t>(k)), tmp(static_cast<size_t>(k));
   int64_t j = 0;
   for (int64_t i = 0; i < n && j < k; ++i) {
