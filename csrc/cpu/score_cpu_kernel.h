@@ -65,7 +65,7 @@ constexpr int64_t kChunkElems = 1 << 16;
 // Split a row along V only into pieces of at least this many logits.
 constexpr int64_t kMinSplit = 4096;
 // Contiguous rows shorter than this take the tile path.
-constexpr int64_t kTileMaxV = 64;
+constexpr int64_t kTileMaxV = 512;
 // Tile path: rows per tile = kTileVecs vectors (independent chains for the FMA pipes), and
 // columns per gathered block (the buffer, kTileVecs * W * kTileCols values, is 16 KiB for fp32
 // under AVX-512).
@@ -489,19 +489,25 @@ void score_kernel(const Problem& p, const Outputs& out) {
   uint64_t* keys = out.keys;
 
   // Per-row epilogue: finalise in double (one rounding to the fp32 score), write outputs.
-  auto finish = [&](int64_t r, const RowAcc<A>& acc, int ts) {
+  // log_d = log(acc.d) in double where the caller has it (the tile path takes it by vector).
+  auto finish_log = [&](int64_t r, const RowAcc<A>& acc, int ts, double log_d) {
     const RowAcc<double> a{static_cast<double>(acc.m), static_cast<double>(acc.d), static_cast<double>(acc.t),
                            static_cast<double>(acc.dx), static_cast<double>(acc.s2x)};
-    const double l = rho::needs_logits(M) ? rho::finalize_lse(a) : rho::quiet_nan<double>();
+    const double l = rho::needs_logits(M) ? rho::finalize_lse_from_log(a, log_d) : rho::quiet_nan<double>();
     double zy = 0.0;
     if (rho::needs_logits(M) && ts == rho::kTargetOk) {
       zy = static_cast<double>(to_acc(logits[row_offset(p, r) + p.targets[r] * p.stride_v]));
     }
     const double il = p.il != nullptr ? static_cast<double>(p.il[r]) : 0.0;
-    const float s = static_cast<float>(rho::finalize_score<double>(M, a, l, zy, il, ts));
+    const float s = static_cast<float>(rho::finalize_score_from_log<double>(M, a, l, zy, il, ts, log_d));
     score[r] = s;
     if (lse != nullptr) lse[r] = static_cast<A>(l);
     if (keys != nullptr) keys[r] = rho::select_key(s, rho::is_eligible(s, ts), static_cast<uint32_t>(r));
+  };
+  auto finish = [&](int64_t r, const RowAcc<A>& acc, int ts) {
+    const bool finite_max = acc.m == acc.m && acc.m != std::numeric_limits<A>::infinity() &&
+                            acc.m != -std::numeric_limits<A>::infinity();
+    finish_log(r, acc, ts, rho::needs_logits(M) && finite_max ? std::log(static_cast<double>(acc.d)) : 0.0);
   };
   auto state = [&](int64_t r) { return rho::target_state(p.targets[r], nv, p.ignore_index); };
   auto reads = [&](int ts) { return rho::needs_logits(M) && (out.read_ineligible || ts == rho::kTargetOk); };
@@ -522,11 +528,17 @@ void score_kernel(const Problem& p, const Outputs& out) {
       __at_align__ A buf[R * kTileCols];
       int64_t tgt[R];
       RowAcc<A> acc[R];
+      __at_align__ A logd[R];
       for (int64_t tile = begin; tile < end; ++tile) {
         const int64_t r0 = tile * R, g = std::min(R, N - r0);
         for (int64_t i = 0; i < g; ++i) tgt[i] = state(r0 + i) == rho::kTargetOk ? p.targets[r0 + i] : -1;
         tile_acc<scalar_t, M>(p, r0, g, tgt, buf, acc);
-        for (int64_t i = 0; i < g; ++i) finish(r0 + i, acc[i], state(r0 + i));
+        // log(d) a vector at a time, in the accumulation type: its ~1-ulp error (on log d <=
+        // log V) is far below the rounding of lse itself.  Lanes with a non-finite max compute a
+        // value nobody reads.
+        for (int64_t i = 0; i < R; ++i) logd[i] = i < g ? acc[i].d : A(1);
+        for (int64_t i = 0; i < R; i += Vec<A>::size()) Vec<A>::loadu(logd + i).log().store(logd + i);
+        for (int64_t i = 0; i < g; ++i) finish_log(r0 + i, acc[i], state(r0 + i), static_cast<double>(logd[i]));
       }
     });
     return;
