@@ -430,7 +430,8 @@ void tile_acc(const Problem& p, int64_t r0, int64_t g, const int64_t* tgt, acc_t
       if (c0 > 0) {
         const V shift = at::vec::clamp_min(m[u] - ref[u], vlowest);  // <= 0; -inf (empty) -> lowest
         const V alpha = exp_nonpos<A>(shift);
-        if constexpr (kEnt) t[u] = alpha * at::vec::fmadd(shift, d[u], t[u]);
+        // alpha == 0: the old terms vanish; not alpha * (...), where shift * d may be -inf.
+        if constexpr (kEnt) t[u] = V::blendv(alpha * at::vec::fmadd(shift, d[u], t[u]), vzero, alpha == vzero);
         d[u] = alpha * d[u];
         if constexpr (kGrad) {
           dx[u] = alpha * dx[u];

@@ -1,5 +1,5 @@
-// The CPU scoring kernel compiled for the baseline x86-64 instruction set (SSE2; at::vec's portable DEFAULT code).
-// setup.py builds this file with no -march; select_cpu.cpp calls it only where the CPU supports it.
+// The CPU scoring kernel compiled for the target's baseline instruction set (x86-64: SSE2) with
+// at::vec's portable DEFAULT code.  setup.py adds no -march: this variant runs on every CPU.
 #define CPU_CAPABILITY DEFAULT
 #define RHO_ISA_NAMESPACE isa_scalar
 #define RHO_SCORE_ROWS_FN score_rows_scalar
