@@ -33,10 +33,29 @@ RHO_CUDA_HD uint4 stream_load(const uint4* p) {
 #endif
 }
 
+// The target logit as one thread of a row group streamed it (CE reads it from the row's own
+// loads instead of a second, dependent load after the row).
+template <typename acc_t>
+struct TargetPick {
+  acc_t z;
+  bool found;
+};
+
 // Fold E values (already in acc_t) into the accumulator: one max/rescale per chunk.
 // tpos = index of the target column inside the chunk, or -1 (gradnorm sums exclude it).
+// pick (may be nullptr) receives the target column's value when it lies in this chunk.
 template <typename acc_t, int kM, int E>
-RHO_CUDA_HD void acc_chunk(rho::RowAcc<acc_t>& a, const acc_t (&z)[E], int tpos) {
+RHO_CUDA_HD void acc_chunk(rho::RowAcc<acc_t>& a, const acc_t (&z)[E], int tpos, TargetPick<acc_t>* pick) {
+  if (pick != nullptr) {
+    // Unrolled compare, not z[tpos]: a dynamic index would put z in local memory.
+RHO_UNROLL
+    for (int i = 0; i < E; ++i) {
+      if (i == tpos) {
+        pick->z = z[i];
+        pick->found = true;
+      }
+    }
+  }
   acc_t cm = z[0];
 RHO_UNROLL
   for (int i = 1; i < E; ++i) cm = rho::nan_max(cm, z[i]);
@@ -50,16 +69,17 @@ RHO_UNROLL
 }
 
 template <typename scalar_t, typename acc_t, int kM>
-RHO_CUDA_HD void acc_one(rho::RowAcc<acc_t>& a, const scalar_t* p, bool is_target) {
+RHO_CUDA_HD void acc_one(rho::RowAcc<acc_t>& a, const scalar_t* p, bool is_target, TargetPick<acc_t>* pick) {
   const acc_t z[1] = {static_cast<acc_t>(*p)};
-  acc_chunk<acc_t, kM, 1>(a, z, is_target ? 0 : -1);
+  acc_chunk<acc_t, kM, 1>(a, z, is_target ? 0 : -1, pick);
 }
 
 // This thread's partial accumulator over columns tid, tid+nt, ... (in vector units when the
-// row is contiguous).  y = target column, or -1 when no column is the target.
+// row is contiguous).  y = target column, or any value outside [0, V) when no column is the
+// target.  pick (may be nullptr) receives the target column's value if this thread reads it.
 template <typename scalar_t, typename acc_t, int kM>
-RHO_CUDA_HD rho::RowAcc<acc_t> scan_row(const scalar_t* __restrict__ row, int64_t V,
-                                                       int64_t sv, int64_t y, int tid, int nt) {
+RHO_CUDA_HD rho::RowAcc<acc_t> scan_row(const scalar_t* __restrict__ row, int64_t V, int64_t sv, int64_t y,
+                                        int tid, int nt, TargetPick<acc_t>* pick = nullptr) {
   rho::RowAcc<acc_t> a = rho::acc_empty<acc_t>();
   if (sv == 1) {
     constexpr int VEC = 16 / static_cast<int>(sizeof(scalar_t));
@@ -68,7 +88,7 @@ RHO_CUDA_HD rho::RowAcc<acc_t> scan_row(const scalar_t* __restrict__ row, int64_
     int64_t head = static_cast<int64_t>(((16u - (addr & 15u)) & 15u) / sizeof(scalar_t));
     if (addr % sizeof(scalar_t) != 0) head = V;  // not element-aligned: all scalar (never for torch)
     if (head > V) head = V;
-    for (int64_t j = tid; j < head; j += nt) acc_one<scalar_t, acc_t, kM>(a, row + j, j == y);
+    for (int64_t j = tid; j < head; j += nt) acc_one<scalar_t, acc_t, kM>(a, row + j, j == y, pick);
     const int64_t nvec = (V - head) / VEC;
     const uint4* __restrict__ vp = reinterpret_cast<const uint4*>(row + head);
     int64_t i = tid;
@@ -86,7 +106,7 @@ RHO_UNROLL
         const int64_t c0 = head + (i + static_cast<int64_t>(u) * nt) * VEC;
         if (y >= c0 && y < c0 + VEC) tpos = u * VEC + static_cast<int>(y - c0);
       }
-      acc_chunk<acc_t, kM, U * VEC>(a, z, tpos);
+      acc_chunk<acc_t, kM, U * VEC>(a, z, tpos, pick);
     }
     for (; i < nvec; i += nt) {
       const uint4 raw = stream_load(vp + i);
@@ -96,9 +116,9 @@ RHO_UNROLL
       for (int e = 0; e < VEC; ++e) z[e] = static_cast<acc_t>(s[e]);
       const int64_t c0 = head + i * VEC;
       const int tpos = (y >= c0 && y < c0 + VEC) ? static_cast<int>(y - c0) : -1;
-      acc_chunk<acc_t, kM, VEC>(a, z, tpos);
+      acc_chunk<acc_t, kM, VEC>(a, z, tpos, pick);
     }
-    for (int64_t j = head + nvec * VEC + tid; j < V; j += nt) acc_one<scalar_t, acc_t, kM>(a, row + j, j == y);
+    for (int64_t j = head + nvec * VEC + tid; j < V; j += nt) acc_one<scalar_t, acc_t, kM>(a, row + j, j == y, pick);
   } else {
     constexpr int U = 4;  // independent strided loads in flight
     int64_t j = tid;
@@ -111,9 +131,9 @@ RHO_UNROLL
         z[u] = static_cast<acc_t>(row[c * sv]);
         if (c == y) tpos = u;
       }
-      acc_chunk<acc_t, kM, U>(a, z, tpos);
+      acc_chunk<acc_t, kM, U>(a, z, tpos, pick);
     }
-    for (; j < V; j += nt) acc_one<scalar_t, acc_t, kM>(a, row + j * sv, j == y);
+    for (; j < V; j += nt) acc_one<scalar_t, acc_t, kM>(a, row + j * sv, j == y, pick);
   }
   return a;
 }
