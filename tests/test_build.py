@@ -286,6 +286,53 @@ int run(int iters) {
   }
   return bad;
 }
+// Column-major tiles (rho_cols_* kernels): rows are the contiguous axis of a [V, N] buffer
+// (column stride sv = N + pad), each row merged over kTileSlices slices and then over the splits
+// of V in the kernels' order; lse / gradnorm / entropy against double.  V spans 1..3 splits.
+template <typename S, typename A, int kM>
+int run_tiles(int iters) {
+  int bad = 0;
+  for (int it = 0; it < iters; ++it) {
+    const int V = (rng() % 3 == 0) ? 1 + rng() % 40 : 1 + rng() % (int)(2 * kTileChunk + 300);
+    const int N = 1 + rng() % 5; const int sv = N + (int)(rng() % 3);
+    std::vector<S> buf((size_t)V * sv + 8);
+    const int special = rng() % 6;
+    std::vector<double> z((size_t)V * N);
+    for (int j = 0; j < V; ++j) for (int r = 0; r < N; ++r) {
+      float v = std::uniform_real_distribution<float>(-8, 8)(rng);
+      if (special == 1 && rng() % 5 == 0) v = -INFINITY;
+      if (special == 3) v = -INFINITY;
+      buf[(size_t)j * sv + r] = S(v); z[(size_t)r * V + j] = (double)(A)buf[(size_t)j * sv + r];
+    }
+    if (special == 2) { int j = rng() % V; buf[(size_t)j * sv] = S(NAN); z[j] = NAN; }
+    for (int r = 0; r < N; ++r) {
+      const int64_t y = (int64_t)(rng() % (V + 1)) - 1;
+      rho::RowAcc<A> acc = rho::acc_empty<A>();
+      for (int64_t sp = 0; sp < tile_splits(V); ++sp) {
+        rho::RowAcc<A> a = tile_slice_acc<S, A, kM>(buf.data() + r, V, sv, y, sp, 0);
+        for (int q = 1; q < kTileSlices; ++q) a = rho::acc_merge(a, tile_slice_acc<S, A, kM>(buf.data() + r, V, sv, y, sp, q));
+        acc = sp == 0 ? a : rho::acc_merge(acc, a);
+      }
+      const A lse = rho::finalize_lse(acc);
+      const double* zr = &z[(size_t)r * V];
+      double m = -INFINITY; bool nan = false;
+      for (int j = 0; j < V; ++j) { if (zr[j] != zr[j]) nan = true; else if (zr[j] > m) m = zr[j]; }
+      double rl;
+      if (nan) rl = NAN; else if (std::isinf(m)) rl = m; else { double d = 0; for (int j = 0; j < V; ++j) d += std::exp(zr[j] - m); rl = m + std::log(d); }
+      bool ok = (std::isnan(rl) && std::isnan((double)lse)) || rl == (double)lse || std::fabs(rl - (double)lse) < 1e-5 * (1 + std::fabs(rl));
+      if (ok && kM != rho::kLoss && std::isfinite(rl) && y >= 0) {
+        double g2 = 0, h = 0;
+        for (int j = 0; j < V; ++j) { double p = std::exp(zr[j] - rl); double q = p - (j == y ? 1 : 0); g2 += q * q; if (p > 0) h -= p * (zr[j] - rl); }
+        const A sc = rho::finalize_score<A>(kM, acc, lse, A(0), A(0), rho::kTargetOk);
+        const double want = kM == rho::kGradNorm ? std::sqrt(g2) : h;
+        ok = std::fabs((double)sc - want) < 2e-5 * (1 + std::fabs(want));
+      }
+      if (!ok) printf("tile mismatch kM=%d V=%d N=%d sv=%d r=%d y=%ld special=%d: lse %g vs %g\n", kM, V, N, sv, r, (long)y, special, (double)lse, rl);
+      bad += !ok;
+    }
+  }
+  return bad;
+}
 // Finite logits spanning more than FLT_MAX, worked by hand relative to the row max (-inf
 // elsewhere in the row changes nothing): every placement of the four values in a row of
 // V = 4..40 columns, every group size, offset and stride 1 / 3.
@@ -333,6 +380,8 @@ int main() {
       {{3e38f, -3e38f, 0.f, 1.f}, 3, 0.0, 0.0, std::sqrt(2.0)}, {{3.38e38f, 3.38e38f, -3.38e38f, 0.f}, 3, ln2, ln2, std::sqrt(1.5)},
   };
   for (const Extreme& e : ext_bf16) bad += run_extreme<__nv_bfloat16, float>(e);
+  bad += run_tiles<float, float, rho::kLoss>(60); bad += run_tiles<float, float, rho::kGradNorm>(60); bad += run_tiles<float, float, rho::kEntropy>(60);
+  bad += run_tiles<double, double, rho::kEntropy>(40); bad += run_tiles<__nv_bfloat16, float, rho::kGradNorm>(40);
   bad += run<float, float, rho::kLoss>(300); bad += run<float, float, rho::kGradNorm>(300); bad += run<float, float, rho::kEntropy>(300);
   bad += run<double, double, rho::kGradNorm>(300); bad += run<double, double, rho::kEntropy>(300);
   bad += run<__half, float, rho::kGradNorm>(300); bad += run<__nv_bfloat16, float, rho::kEntropy>(300); bad += run<__nv_bfloat16, float, rho::kLoss>(300);

@@ -74,6 +74,26 @@ RHO_CUDA_HD void acc_one(rho::RowAcc<acc_t>& a, const scalar_t* p, bool is_targe
   acc_chunk<acc_t, kM, 1>(a, z, is_target ? 0 : -1, pick);
 }
 
+// Fold columns j0 + tid, j0 + tid + nt, ... (< j1) of a row with column stride sv into a,
+// U strided loads in flight per step.
+template <typename scalar_t, typename acc_t, int kM, int U>
+RHO_CUDA_HD void scan_cols(rho::RowAcc<acc_t>& a, const scalar_t* __restrict__ row, int64_t j0, int64_t j1, int64_t sv,
+                           int64_t y, int tid, int nt, TargetPick<acc_t>* pick) {
+  int64_t j = j0 + tid;
+  for (; j + static_cast<int64_t>(U - 1) * nt < j1; j += static_cast<int64_t>(U) * nt) {
+    acc_t z[U];
+    int tpos = -1;
+RHO_UNROLL
+    for (int u = 0; u < U; ++u) {
+      const int64_t c = j + static_cast<int64_t>(u) * nt;
+      z[u] = static_cast<acc_t>(row[c * sv]);
+      if (c == y) tpos = u;
+    }
+    acc_chunk<acc_t, kM, U>(a, z, tpos, pick);
+  }
+  for (; j < j1; j += nt) acc_one<scalar_t, acc_t, kM>(a, row + j * sv, j == y, pick);
+}
+
 // This thread's partial accumulator over columns tid, tid+nt, ... (in vector units when the
 // row is contiguous).  y = target column, or any value outside [0, V) when no column is the
 // target.  pick (may be nullptr) receives the target column's value if this thread reads it.
@@ -120,21 +140,31 @@ RHO_UNROLL
     }
     for (int64_t j = head + nvec * VEC + tid; j < V; j += nt) acc_one<scalar_t, acc_t, kM>(a, row + j, j == y, pick);
   } else {
-    constexpr int U = 4;  // independent strided loads in flight
-    int64_t j = tid;
-    for (; j + static_cast<int64_t>(U - 1) * nt < V; j += static_cast<int64_t>(U) * nt) {
-      acc_t z[U];
-      int tpos = -1;
-RHO_UNROLL
-      for (int u = 0; u < U; ++u) {
-        const int64_t c = j + static_cast<int64_t>(u) * nt;
-        z[u] = static_cast<acc_t>(row[c * sv]);
-        if (c == y) tpos = u;
-      }
-      acc_chunk<acc_t, kM, U>(a, z, tpos, pick);
-    }
-    for (; j < V; j += nt) acc_one<scalar_t, acc_t, kM>(a, row + j * sv, j == y, pick);
+    scan_cols<scalar_t, acc_t, kM, 4>(a, row, 0, V, sv, y, tid, nt, pick);
   }
+  return a;
+}
+
+// Column-major logits (rows are the contiguous axis, V-stride != 1), select_cuda.cu's
+// rho_cols_* kernels: a block takes kTileRows consecutive rows (one per lane, so that a warp
+// load is kTileRows adjacent logits of one column) x one split of kTileChunk columns; warp
+// `slice` of kTileSlices streams the split's columns slice, slice + kTileSlices, ...  The row's
+// accumulator is then merged over slices 0..kTileSlices-1 and over splits 0..n-1, in order.
+constexpr int kTileRows = 32;
+constexpr int kTileSlices = 8;
+constexpr int64_t kTileChunk = 2048;  // columns per split: the split of V depends on V only
+constexpr int kTileLoads = 8;         // strided loads in flight per thread
+
+RHO_CUDA_HD int64_t tile_splits(int64_t V) { return (V + kTileChunk - 1) / kTileChunk; }
+
+// One thread's part of a tile: row (column 0 of the row) over split `split`, slice `slice`.
+template <typename scalar_t, typename acc_t, int kM>
+RHO_CUDA_HD rho::RowAcc<acc_t> tile_slice_acc(const scalar_t* __restrict__ row, int64_t V, int64_t sv, int64_t y,
+                                              int64_t split, int slice) {
+  rho::RowAcc<acc_t> a = rho::acc_empty<acc_t>();
+  const int64_t j0 = split * kTileChunk;
+  const int64_t j1 = j0 + kTileChunk < V ? j0 + kTileChunk : V;
+  scan_cols<scalar_t, acc_t, kM, kTileLoads>(a, row, j0, j1, sv, y, slice, kTileSlices, nullptr);
   return a;
 }
 

@@ -7,7 +7,9 @@
 //   * V <= kWarpRowMaxV : a group of G lanes per row, G = lanes_per_row(V, dtype) in 1..32 (about
 //                         two 16-byte vectors per lane: short rows pack 32/G rows into a warp),
 //                         segmented butterfly merges; rows are read whatever their target;
-//   * larger V          : one 256-thread block per row (grid-stride), warp shuffles + smem merge.
+//   * larger V          : one 256-thread block per row (grid-stride), warp shuffles + smem merge;
+//   * column-major logits (rows the contiguous axis, V-stride != 1), any V: tiles of 32 rows x
+//     2048 columns with a lane per row, so that loads coalesce (rho_cols_*; row_scan.cuh).
 // Each thread streams its share of the row with 16-byte vector loads when the row is contiguous
 // (scalar head up to the first 16-byte boundary, vector body, scalar tail), otherwise strided
 // scalar loads; it keeps one online RowAcc in fp32 (fp64 for fp64 logits) and rescales it once
@@ -325,6 +327,79 @@ __global__ void __launch_bounds__(kRowThreads, 4) rho_rows_block_kernel(RowParam
     const RowResult<acc_t> r =
         row_result<scalar_t, kKind, true>(p, row, o.skip_ineligible, threadIdx.x, kRowThreads, red);
     if (threadIdx.x == 0) write_row(o, row, r);
+  }
+  if (o.ticket != nullptr) select_tail(o, p.n_rows);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Column-major logits: tiles of kTileRows rows x kTileChunk columns (see row_scan.cuh), rows as
+// the fast axis so that loads coalesce.  Several splits of V: partial accumulators part[split][row]
+// merged by rho_cols_final_kernel; one split: the tile kernel finishes its rows itself.
+
+template <typename scalar_t>
+__device__ __forceinline__ const scalar_t* row_ptr(const RowParams& p, int64_t row) {
+  const int64_t b = row / p.T;
+  const int64_t t = row - b * p.T;
+  return static_cast<const scalar_t*>(p.logits) + b * p.sb + t * p.st;
+}
+
+template <typename scalar_t, int kKind>
+__device__ __forceinline__ void finish_row(const RowParams& p, const RowOut& o, int64_t row,
+                                           const rho::RowAcc<typename rho::AccOf<scalar_t>::type>& a) {
+  using acc_t = typename rho::AccOf<scalar_t>::type;
+  const int64_t y = p.targets[row];
+  const int ts = rho::target_state(y, p.V, p.ignore_index);
+  const acc_t il = p.il != nullptr ? static_cast<acc_t>(p.il[row]) : acc_t(0);
+  const acc_t lse = rho::finalize_lse(a);
+  acc_t zy = acc_t(0);
+  if (kKind == kKindCE && ts == rho::kTargetOk) zy = static_cast<acc_t>(row_ptr<scalar_t>(p, row)[y * p.sv]);
+  const acc_t s = rho::finalize_score<acc_t>(p.method, a, lse, zy, il, ts);
+  write_row(o, row, RowResult<acc_t>{static_cast<float>(s), lse, ts});
+}
+
+template <typename scalar_t, int kKind>
+__global__ void __launch_bounds__(kRowThreads) rho_cols_tile_kernel(
+    RowParams p, RowOut o, rho::RowAcc<typename rho::AccOf<scalar_t>::type>* part, int64_t n_splits) {
+  using acc_t = typename rho::AccOf<scalar_t>::type;
+  constexpr int kM = kind_method(kKind);
+  static_assert(kTileRows == kWarp && kTileRows * kTileSlices == kRowThreads, "one warp per slice of a tile");
+  __shared__ rho::RowAcc<acc_t> red[kTileSlices][kTileRows];
+  const int r = threadIdx.x % kTileRows;
+  const int slice = threadIdx.x / kTileRows;
+  const int64_t n_tiles = (p.n_rows + kTileRows - 1) / kTileRows;
+  for (int64_t w = blockIdx.x; w < n_tiles * n_splits; w += gridDim.x) {  // uniform over the block
+    const int64_t tile = w % n_tiles;
+    const int64_t split = w / n_tiles;
+    const int64_t row = tile * kTileRows + r;
+    rho::RowAcc<acc_t> a = rho::acc_empty<acc_t>();
+    // The raw target (see group_row_result): an ignored row's gradnorm sums do not matter.
+    if (row < p.n_rows)
+      a = tile_slice_acc<scalar_t, acc_t, kM>(row_ptr<scalar_t>(p, row), p.V, p.sv, p.targets[row], split, slice);
+    red[slice][r] = a;
+    __syncthreads();
+    if (slice == 0 && row < p.n_rows) {
+#pragma unroll
+      for (int q = 1; q < kTileSlices; ++q) a = rho::acc_merge(a, red[q][r]);
+      if (n_splits == 1)
+        finish_row<scalar_t, kKind>(p, o, row, a);
+      else
+        part[split * p.n_rows + row] = a;
+    }
+    __syncthreads();  // red[] is reused by the next tile
+  }
+  if (n_splits == 1 && o.ticket != nullptr) select_tail(o, p.n_rows);
+}
+
+template <typename scalar_t, int kKind>
+__global__ void __launch_bounds__(kRowThreads) rho_cols_final_kernel(
+    RowParams p, RowOut o, const rho::RowAcc<typename rho::AccOf<scalar_t>::type>* __restrict__ part,
+    int64_t n_splits) {
+  using acc_t = typename rho::AccOf<scalar_t>::type;
+  for (int64_t row = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; row < p.n_rows;
+       row += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    rho::RowAcc<acc_t> a = part[row];
+    for (int64_t s = 1; s < n_splits; ++s) a = rho::acc_merge(a, part[s * p.n_rows + row]);
+    finish_row<scalar_t, kKind>(p, o, row, a);
   }
   if (o.ticket != nullptr) select_tail(o, p.n_rows);
 }
@@ -718,13 +793,48 @@ void allow_smem(Kernel kernel, size_t bytes, std::atomic<uint64_t>& done_mask) {
   done_mask.fetch_or(bit);
 }
 
-// smem: dynamic shared memory for the selection tail (0 without one).
+// Column-major logits (rows the contiguous axis, V-stride != 1) take the tile kernels.
+bool use_col_tiles(const RowParams& p) {
+  if (p.method == rho::kIrreducible || p.sv == 1) return false;
+  const int64_t row_stride = p.T > 1 ? p.st : p.sb;
+  return row_stride == 1;
+}
+
+// Column-major tiles; the kernel that finishes the rows runs the selection tail (o.ticket).
 template <typename scalar_t, int kKind>
-void launch_rows(const RowParams& p, const RowOut& o, size_t smem, cudaStream_t stream) {
+void launch_tiles(const RowParams& p, const RowOut& o, size_t smem, cudaStream_t stream, const at::Tensor& like,
+                  int64_t cap) {
+  using acc_t = typename rho::AccOf<scalar_t>::type;
+  const int64_t n_tiles = (p.n_rows + kTileRows - 1) / kTileRows;
+  const int64_t n_splits = tile_splits(p.V);
+  at::Tensor ws;  // freed stream-ordered by the caching allocator, after the kernels
+  rho::RowAcc<acc_t>* part = nullptr;
+  if (n_splits > 1) {
+    ws = at::empty({p.n_rows * n_splits * static_cast<int64_t>(sizeof(rho::RowAcc<acc_t>))},
+                   like.options().dtype(at::kByte));
+    part = reinterpret_cast<rho::RowAcc<acc_t>*>(ws.data_ptr());
+  }
+  rho_cols_tile_kernel<scalar_t, kKind>
+      <<<grid_for(n_tiles * n_splits, 1, cap), kRowThreads, n_splits == 1 ? smem : 0, stream>>>(p, o, part, n_splits);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  if (n_splits > 1) {
+    rho_cols_final_kernel<scalar_t, kKind>
+        <<<grid_for(p.n_rows, kRowThreads, cap), kRowThreads, smem, stream>>>(p, o, part, n_splits);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+}
+
+// smem: dynamic shared memory for the selection tail (0 without one); `like` gives the device
+// for the tile path's workspace.
+template <typename scalar_t, int kKind>
+void launch_rows(const RowParams& p, const RowOut& o, size_t smem, cudaStream_t stream, const at::Tensor& like) {
   const int64_t cap = static_cast<int64_t>(sm_count()) * 64;
   // The selection tail's winners: at most 32 KiB, under the 48 KiB needing no opt-in.
   static_assert(kFusedMaxRows * sizeof(uint64_t) <= 48 * 1024, "select_tail smem needs an opt-in");
   TORCH_CHECK(smem <= kFusedMaxRows * sizeof(uint64_t), "rho_kernels(cuda): selection tail smem ", smem);
+  if constexpr (kKind != kKindNone) {  // irreducible reads no logits: never tiles
+    if (use_col_tiles(p)) return launch_tiles<scalar_t, kKind>(p, o, smem, stream, like, cap);
+  }
   if (kKind == kKindNone || p.V <= kWarpRowMaxV) {
     const int64_t rows_per_block = static_cast<int64_t>(kRowThreads / kWarp) * (kWarp / lanes_per_row<scalar_t, kKind>(p.V));
     const unsigned grid = grid_for(p.n_rows, rows_per_block, cap);
@@ -751,7 +861,7 @@ std::tuple<at::Tensor, at::Tensor> score_rows_cuda(const at::Tensor& logits, con
   const RowOut o{score.data_ptr<float>(), lse.data_ptr(), nullptr, false, nullptr, 0, SelOut{}};
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   dispatch(logits.scalar_type(), static_cast<int>(method), [&](auto tag, auto kind) {
-    launch_rows<typename decltype(tag)::type, decltype(kind)::value>(p, o, 0, stream);
+    launch_rows<typename decltype(tag)::type, decltype(kind)::value>(p, o, 0, stream, logits);
   });
   return {score, lse};
 }
@@ -777,7 +887,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> select_rows_cuda(const at::Tensor
   // The one-block kernel streams rows a warp each, exactly like rho_rows_warp_kernel, so its
   // scores are bit-identical to score_rows'; rows long enough for the block-per-row kernel go
   // through the ticket path below instead (same kernel as score_rows).
-  const bool warp_rows = method == rho::kIrreducible || logits.size(-1) <= kWarpRowMaxV;
+  // Column-major logits take launch_rows' tile kernels on every path, never this block's rows.
+  const bool warp_rows = (method == rho::kIrreducible || logits.size(-1) <= kWarpRowMaxV) && !use_col_tiles(p);
   if (n <= kFusedMaxRows && logit_bytes <= kFusedMaxBytes && warp_rows) {
     // Tiny problem: one block does everything, no workspace.
     const size_t smem = static_cast<size_t>(n) * (sizeof(uint64_t) + sizeof(float)) +
@@ -804,7 +915,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> select_rows_cuda(const at::Tensor
     const RowOut o{scores_p, nullptr, keys_p, true, ticket, k32, so};
     const size_t smem = static_cast<size_t>(next_pow2(k)) * sizeof(uint64_t);  // winners only, <= 32 KiB
     dispatch(logits.scalar_type(), static_cast<int>(method), [&](auto tag, auto kind) {
-      launch_rows<typename decltype(tag)::type, decltype(kind)::value>(p, o, smem, stream);
+      launch_rows<typename decltype(tag)::type, decltype(kind)::value>(p, o, smem, stream, logits);
     });
     return {idx, out_score, valid};
   }
@@ -821,7 +932,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> select_rows_cuda(const at::Tensor
 
   const RowOut o{scores_p, nullptr, keys_p, true, nullptr, 0, SelOut{}};
   dispatch(logits.scalar_type(), static_cast<int>(method), [&](auto tag, auto kind) {
-    launch_rows<typename decltype(tag)::type, decltype(kind)::value>(p, o, 0, stream);
+    launch_rows<typename decltype(tag)::type, decltype(kind)::value>(p, o, 0, stream, logits);
   });
   const unsigned sel_grid = grid_for(n, kRowThreads * 8, static_cast<int64_t>(sm_count()) * 4);
   for (int pass = 0; pass < kRadixPasses; ++pass) {
