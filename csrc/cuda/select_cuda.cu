@@ -24,10 +24,11 @@
 //     runs on every SM, writes keys + scores to a workspace, and the last block to finish (an
 //     atomic ticket after a threadfence) radix-selects over the n keys in L2 and sorts the
 //     winners in shared memory (the only dynamic shared memory every block reserves);
-//   * larger N: the row kernel writes keys + scores to a workspace, 8 multi-block histogram
-//     passes find the k-th largest key (each block re-derives the prefix from the previous
-//     histograms, so no host round trip), a gather kernel compacts the k winners, and they are
-//     sorted on chip (k <= kSortOnChipMax) or by cub radix sort (only k keys).
+//   * larger N, and column-major logits: the row kernel writes keys + scores to a workspace,
+//     8 multi-block histogram passes find the k-th largest key (each block re-derives the
+//     prefix from the previous histograms, so no host round trip), a gather kernel compacts the
+//     k winners, and they are sorted on chip (k <= kSortOnChipMax) or by cub radix sort (only
+//     k keys).
 // No host synchronisation anywhere: sizes depend on N, V, k only (known on the host).
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
@@ -334,7 +335,8 @@ __global__ void __launch_bounds__(kRowThreads, 4) rho_rows_block_kernel(RowParam
 // ---------------------------------------------------------------------------------------------
 // Column-major logits: tiles of kTileRows rows x kTileChunk columns (see row_scan.cuh), rows as
 // the fast axis so that loads coalesce.  Several splits of V: partial accumulators part[split][row]
-// merged by rho_cols_final_kernel; one split: the tile kernel finishes its rows itself.
+// merged by rho_cols_final_kernel; one split: the tile kernel finishes its rows itself.  No
+// selection tail here: select_rows takes its multi-kernel path for column-major logits.
 
 template <typename scalar_t>
 __device__ __forceinline__ const scalar_t* row_ptr(const RowParams& p, int64_t row) {
@@ -387,7 +389,6 @@ __global__ void __launch_bounds__(kRowThreads) rho_cols_tile_kernel(
     }
     __syncthreads();  // red[] is reused by the next tile
   }
-  if (n_splits == 1 && o.ticket != nullptr) select_tail(o, p.n_rows);
 }
 
 template <typename scalar_t, int kKind>
@@ -401,7 +402,6 @@ __global__ void __launch_bounds__(kRowThreads) rho_cols_final_kernel(
     for (int64_t s = 1; s < n_splits; ++s) a = rho::acc_merge(a, part[s * p.n_rows + row]);
     finish_row<scalar_t, kKind>(p, o, row, a);
   }
-  if (o.ticket != nullptr) select_tail(o, p.n_rows);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -800,10 +800,9 @@ bool use_col_tiles(const RowParams& p) {
   return row_stride == 1;
 }
 
-// Column-major tiles; the kernel that finishes the rows runs the selection tail (o.ticket).
+// Column-major tiles (never with a selection tail).
 template <typename scalar_t, int kKind>
-void launch_tiles(const RowParams& p, const RowOut& o, size_t smem, cudaStream_t stream, const at::Tensor& like,
-                  int64_t cap) {
+void launch_tiles(const RowParams& p, const RowOut& o, cudaStream_t stream, const at::Tensor& like, int64_t cap) {
   using acc_t = typename rho::AccOf<scalar_t>::type;
   const int64_t n_tiles = (p.n_rows + kTileRows - 1) / kTileRows;
   const int64_t n_splits = tile_splits(p.V);
@@ -815,11 +814,11 @@ void launch_tiles(const RowParams& p, const RowOut& o, size_t smem, cudaStream_t
     part = reinterpret_cast<rho::RowAcc<acc_t>*>(ws.data_ptr());
   }
   rho_cols_tile_kernel<scalar_t, kKind>
-      <<<grid_for(n_tiles * n_splits, 1, cap), kRowThreads, n_splits == 1 ? smem : 0, stream>>>(p, o, part, n_splits);
+      <<<grid_for(n_tiles * n_splits, 1, cap), kRowThreads, 0, stream>>>(p, o, part, n_splits);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   if (n_splits > 1) {
     rho_cols_final_kernel<scalar_t, kKind>
-        <<<grid_for(p.n_rows, kRowThreads, cap), kRowThreads, smem, stream>>>(p, o, part, n_splits);
+        <<<grid_for(p.n_rows, kRowThreads, cap), kRowThreads, 0, stream>>>(p, o, part, n_splits);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 }
@@ -833,7 +832,10 @@ void launch_rows(const RowParams& p, const RowOut& o, size_t smem, cudaStream_t 
   static_assert(kFusedMaxRows * sizeof(uint64_t) <= 48 * 1024, "select_tail smem needs an opt-in");
   TORCH_CHECK(smem <= kFusedMaxRows * sizeof(uint64_t), "rho_kernels(cuda): selection tail smem ", smem);
   if constexpr (kKind != kKindNone) {  // irreducible reads no logits: never tiles
-    if (use_col_tiles(p)) return launch_tiles<scalar_t, kKind>(p, o, smem, stream, like, cap);
+    if (use_col_tiles(p)) {
+      TORCH_CHECK(o.ticket == nullptr, "rho_kernels(cuda): column-major tiles take no selection tail");
+      return launch_tiles<scalar_t, kKind>(p, o, stream, like, cap);
+    }
   }
   if (kKind == kKindNone || p.V <= kWarpRowMaxV) {
     const int64_t rows_per_block = static_cast<int64_t>(kRowThreads / kWarp) * (kWarp / lanes_per_row<scalar_t, kKind>(p.V));
@@ -887,7 +889,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> select_rows_cuda(const at::Tensor
   // The one-block kernel streams rows a warp each, exactly like rho_rows_warp_kernel, so its
   // scores are bit-identical to score_rows'; rows long enough for the block-per-row kernel go
   // through the ticket path below instead (same kernel as score_rows).
-  // Column-major logits take launch_rows' tile kernels on every path, never this block's rows.
+  // Column-major logits take launch_rows' tile kernels, on the multi-kernel path below.
   const bool warp_rows = (method == rho::kIrreducible || logits.size(-1) <= kWarpRowMaxV) && !use_col_tiles(p);
   if (n <= kFusedMaxRows && logit_bytes <= kFusedMaxBytes && warp_rows) {
     // Tiny problem: one block does everything, no workspace.
@@ -903,7 +905,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> select_rows_cuda(const at::Tensor
     });
     return {idx, out_score, valid};
   }
-  if (n <= kFusedMaxRows) {
+  if (n <= kFusedMaxRows && !use_col_tiles(p)) {
     // Few rows, long rows: every SM streams rows; the last block to finish selects on chip.
     // Workspace: keys[n] | scores[n] | ticket (zeroed by a memset node, not a kernel).
     at::Tensor ws = at::empty({n * 12 + 16}, logits.options().dtype(at::kByte));
