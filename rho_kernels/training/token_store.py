@@ -269,7 +269,10 @@ class TokenLossStore:
             if first is None or not isinstance(first, (tuple, list)) or len(first) < 3:
                 raise ValueError("token dataset items must be (index, inputs, targets, *extra); "
                                  "wrap an (inputs, targets) dataset in IndexedDataset")
-            width = int(torch.as_tensor(first[2]).shape[0])
+            t0 = torch.as_tensor(first[2])
+            if t0.dim() != 1:
+                raise ValueError(f"token dataset targets must be 1-D [seq_len], item 0 has shape {tuple(t0.shape)}")
+            width = int(t0.shape[0])
         dev = _resolve_device(device, reference_model)
         with _EvalNoGrad(reference_model):
             res = scoring_pass(
