@@ -2,7 +2,7 @@
 over 2 and 3 gloo processes -- every table bit-identical to a clean one-process build.
 
 Fault injection: a forked child builds with a checkpoint and SIGKILLs itself at the K-th event
-(a batch scored, a mapped-file flush, an fsync, a rename -- so also in the middle of a checkpoint
+(a batch scored, a pwrite into the table files, an fsync, a rename -- so also in the middle of a checkpoint
 write), K drawn from a seeded generator; it is restarted until a run completes.
 """
 
@@ -127,10 +127,10 @@ def _tick():
 def _build_child(kind: str, folder: str, kill_at: int, conn) -> None:
     torch.set_num_threads(1)
     _EV["kill_at"] = kill_at
-    orig_fsync, orig_replace, orig_flush = os.fsync, os.replace, np.memmap.flush
+    orig_fsync, orig_replace, orig_pwrite = os.fsync, os.replace, os.pwrite
     os.fsync = lambda fd: (_tick(), orig_fsync(fd))[1]
     os.replace = lambda a, b: (_tick(), orig_replace(a, b), _tick())[1]
-    np.memmap.flush = lambda self: (_tick(), orig_flush(self))[1]
+    os.pwrite = lambda fd, data, at: (_tick(), orig_pwrite(fd, data, at))[1]
     _build(kind, folder, forward=lambda mod, x: (_tick(), mod(x))[1])
     conn.send(_EV["n"])
 
@@ -170,7 +170,7 @@ def test_build_killed_at_random_points_resumes_to_the_clean_table(tmp_path, kind
         for attempt in range(200):
             # a kill within the next few events: every run makes at most a checkpoint or two of
             # progress, so kills land all along the build, many of them inside checkpoint writes
-            code, _ = _fork(_build_child, (kind, folder, int(rng.integers(1, 16))))
+            code, _ = _fork(_build_child, (kind, folder, int(rng.integers(1, max(16, events // 4)))))
             if code == 0:
                 break
             assert code == -signal.SIGKILL

@@ -16,11 +16,11 @@ Checkpoint folder (``checkpoint=DIR``; under ``distributed`` it must be on a fil
 sees)::
 
     run.json                 what the files belong to: model and dataset fingerprints, layout
-    values.bin, keys.bin,    the table, keys and a seen flag per item, raw, memory-mapped and
-    seen.bin                 written in place by every rank (its own slots only)
+    values.bin, keys.bin,    the table, keys and a seen flag per item, raw, written in place
+    seen.bin                 (``pwrite``) by every rank, its own slots only
     state-R-of-W.json        rank R's progress: batches [start, cursor) are done and synced
 
-A rank syncs the mapped files to disk before it atomically replaces its state file, so a state
+A rank fsyncs the data files before it atomically replaces its state file, so a state
 file only ever claims finished work: a pass killed at any point (SIGKILL included, also during a
 checkpoint write) restarts from the last state with at most ``checkpoint_every`` batches redone.
 Slots past the cursor may hold values of the interrupted batch; they are recomputed identically.
@@ -130,12 +130,10 @@ def _tqdm():
 
 
 class _Table:
-    """values / keys / seen of one pass, in memory or mapped from a checkpoint folder."""
+    """values / keys / seen of a pass without checkpoint, in memory on the scoring device."""
 
-    def __init__(self, values: Tensor, keys: Tensor, seen: Tensor, offsets: Optional[np.ndarray], width: int,
-                 mapped: list) -> None:
+    def __init__(self, values: Tensor, keys: Tensor, seen: Tensor, offsets: Optional[np.ndarray], width: int) -> None:
         self.values, self.keys, self.seen, self.offsets, self.width = values, keys, seen, offsets, width
-        self.mapped = mapped  # np.memmap objects to flush before a state is written
 
     def write(self, idx: Tensor, vals: Tensor, keys: Tensor) -> None:
         dev = self.values.device
@@ -159,9 +157,69 @@ class _Table:
         self.keys.index_copy_(0, idx, keys.to(dev, torch.int64))
         self.seen.index_fill_(0, idx, True)
 
+class _FileTable:
+    """values / keys / seen of a checkpointed pass, written with ``pwrite`` into the checkpoint's
+    files (not through a mapping: the written table then lives in the page cache, not in this
+    process's resident memory, however large it is)."""
+
+    def __init__(self, folder: str, dtype: torch.dtype, offsets: Optional[np.ndarray], width: int, num_items: int) -> None:
+        self.dtype, self.offsets, self.width, self.num_items = dtype, offsets, width, num_items
+        self.itemsize = torch.empty(0, dtype=dtype).element_size()
+        self.fds = [os.open(os.path.join(folder, name), os.O_RDWR) for name in ("values.bin", "keys.bin", "seen.bin")]
+
+    def close(self) -> None:
+        for fd in self.fds:
+            os.close(fd)
+        self.fds = []
+
+    def write(self, idx: Tensor, vals: Tensor, keys: Tensor) -> None:
+        idx = idx.detach().to("cpu", torch.int64).reshape(-1)
+        n = self.num_items
+        bad = (idx < 0) | (idx >= n)
+        if bool(bad.any()):
+            i = int(bad.nonzero()[0, 0])
+            raise ValueError(f"dataset index {int(idx[i])} is out of range for num_examples = {n}")
+        vals = vals.detach().to("cpu").to(self.dtype)
+        if self.offsets is None and (vals.dim() != 2 or vals.shape[1] != self.width):
+            raise ValueError(f"expected {self.width} values per item, got a batch of shape {tuple(vals.shape)}")
+        bits = vals.view(torch.int32 if self.itemsize == 4 else torch.int16).numpy()
+        keys = keys.detach().to("cpu", torch.int64).numpy()
+        order = np.argsort(idx.numpy(), kind="stable")
+        sidx = idx.numpy()[order]
+        # one pwrite per run of consecutive indices (a whole batch for an IndexedDataset)
+        cuts = np.flatnonzero(np.diff(sidx) != 1) + 1
+        fv, fk, fs = self.fds
+        for run in np.split(np.arange(len(sidx)), cuts):
+            if not len(run):
+                continue
+            first, rows = int(sidx[run[0]]), order[run]
+            if self.offsets is None:
+                data = bits[rows].reshape(-1)
+                at = first * self.width
+            else:
+                parts = []
+                for r, i in zip(rows, sidx[run]):
+                    lo, hi = int(self.offsets[i]), int(self.offsets[i + 1])
+                    if hi - lo > bits.shape[1]:
+                        raise ValueError(f"item {int(i)} has {hi - lo} slots but the batch gives {bits.shape[1]} values")
+                    parts.append(bits[r, :hi - lo])
+                data = np.concatenate(parts) if parts else bits[:0, 0]
+                at = int(self.offsets[first])
+            os.pwrite(fv, np.ascontiguousarray(data).tobytes(), at * self.itemsize)
+            os.pwrite(fk, np.ascontiguousarray(keys[rows]).tobytes(), first * 8)
+            os.pwrite(fs, b"\x01" * len(run), first)
+
+    def fill_nan(self, slot_mask: np.ndarray) -> None:
+        """Write NaN into the masked slots (never-scored items; the files hold zeros there)."""
+        nan = torch.full((1,), float("nan"), dtype=self.dtype).view(torch.int32 if self.itemsize == 4 else torch.int16)
+        pos = np.flatnonzero(slot_mask)
+        for run in np.split(pos, np.flatnonzero(np.diff(pos) != 1) + 1):
+            if len(run):
+                os.pwrite(self.fds[0], np.repeat(nan.numpy(), len(run)).tobytes(), int(run[0]) * self.itemsize)
+
     def flush(self) -> None:
-        for m in self.mapped:
-            m.flush()
+        for fd in self.fds:
+            os.fsync(fd)
 
 
 def _memmap(path: str, dtype: Any, count: int, mode: str = "r+") -> np.memmap:
@@ -235,18 +293,31 @@ class _Checkpoint:
         c = self.run["config"]
         return {"values.bin": c["total"] * c["itemsize"], "keys.bin": c["num_items"] * 8, "seen.bin": c["num_items"]}
 
-    def open(self, dtype: torch.dtype, offsets: Optional[np.ndarray], width: int, *, mode: str = "r+") -> _Table:
-        """Map the data files: ``"r+"`` to write, ``"c"`` (copy-on-write) for a result that must
-        not write through to the checkpoint."""
-        c = self.run["config"]
+    def check_sizes(self) -> None:
         for name, nbytes in self.sizes().items():
             if os.path.getsize(self._p(name)) != nbytes:
                 raise ValueError(f"checkpoint file {self._p(name)!r} has {os.path.getsize(self._p(name))} bytes, "
                                  f"expected {nbytes}: the folder is damaged; delete it")
-        v = _memmap(self._p("values.bin"), _NP_BITS[dtype], c["total"], mode)
-        k = _memmap(self._p("keys.bin"), np.int64, c["num_items"], mode)
-        s = _memmap(self._p("seen.bin"), np.bool_, c["num_items"], mode)
-        return _Table(_torch_view(v, dtype), torch.from_numpy(k), torch.from_numpy(s), offsets, width, [v, k, s])
+
+    def open(self, dtype: torch.dtype, offsets: Optional[np.ndarray], width: int) -> _FileTable:
+        self.check_sizes()
+        return _FileTable(self.folder, dtype, offsets, width, self.run["config"]["num_items"])
+
+    def seen(self) -> np.ndarray:
+        return np.fromfile(self._p("seen.bin"), dtype=np.bool_)
+
+    def result(self, dtype: torch.dtype, mmap: bool) -> tuple[Tensor, Tensor, Tensor]:
+        """The finished files as tensors: copy-on-write mappings (``mmap``) or read into memory."""
+        c = self.run["config"]
+        out = []
+        for name, np_dtype, count in (("values.bin", _NP_BITS[dtype], c["total"]), ("keys.bin", np.int64, c["num_items"]),
+                                      ("seen.bin", np.bool_, c["num_items"])):
+            if mmap:
+                arr = _memmap(self._p(name), np_dtype, count, "c")
+            else:
+                arr = np.fromfile(self._p(name), dtype=np_dtype, count=count)
+            out.append(arr)
+        return _torch_view(out[0], dtype), torch.from_numpy(out[1]), torch.from_numpy(out[2])
 
     def states(self) -> list[dict]:
         out = []
@@ -365,59 +436,62 @@ def scoring_pass(
                 err = ckpt.mismatch(json.load(f))
             if err:
                 raise ValueError(err)
-        table = ckpt.open(dtype, np_offsets, width)
+        table: Any = ckpt.open(dtype, np_offsets, width)
     else:
         table = _Table(torch.full((total,), float("nan"), dtype=dtype, device=device),
                        torch.full((num_items,), -1, dtype=torch.int64, device=device),
-                       torch.zeros((num_items,), dtype=torch.bool, device=device), np_offsets, width, [])
+                       torch.zeros((num_items,), dtype=torch.bool, device=device), np_offsets, width)
 
     tqdm = _tqdm()
-    if map_style:
-        positions = len(dataset)
-        nb = -(-positions // batch_size)
-        start, stop = rank * nb // world, (rank + 1) * nb // world
-        cursor = ckpt.cursor(start, stop) if ckpt is not None else start
-        bar = tqdm(total=stop - start, initial=cursor - start, disable=not progress, desc=desc, leave=False)
-        b = cursor
-        while b < stop:
-            # one DataLoader per checkpoint interval: batch b covers positions [b*bs, (b+1)*bs)
-            upto = min(stop, b + checkpoint_every) if ckpt is not None else stop
-            sub = Subset(dataset, range(b * batch_size, min(positions, upto * batch_size)))
-            loader = DataLoader(sub, batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                                collate_fn=collate_fn)
-            for batch in loader:
+    try:
+        if map_style:
+            positions = len(dataset)
+            nb = -(-positions // batch_size)
+            start, stop = rank * nb // world, (rank + 1) * nb // world
+            cursor = ckpt.cursor(start, stop) if ckpt is not None else start
+            bar = tqdm(total=stop - start, initial=cursor - start, disable=not progress, desc=desc, leave=False)
+            b = cursor
+            while b < stop:
+                # one DataLoader per checkpoint interval: batch b covers positions [b*bs, (b+1)*bs)
+                upto = min(stop, b + checkpoint_every) if ckpt is not None else stop
+                sub = Subset(dataset, range(b * batch_size, min(positions, upto * batch_size)))
+                loader = DataLoader(sub, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                                    collate_fn=collate_fn)
+                for batch in loader:
+                    table.write(*score_batch(batch))
+                    bar.update(1)
+                b = upto
+                if ckpt is not None:
+                    ckpt.save_state(table, start, stop, b)
+            bar.close()
+        else:
+            total_batches = None
+            try:
+                total_batches = len(dataset)
+            except TypeError:
+                pass
+            for batch in tqdm(dataset, total=total_batches, disable=not progress, desc=desc, leave=False):
                 table.write(*score_batch(batch))
-                bar.update(1)
-            b = upto
-            if ckpt is not None:
-                ckpt.save_state(table, start, stop, b)
-        bar.close()
-    else:
-        total_batches = None
-        try:
-            total_batches = len(dataset)
-        except TypeError:
-            pass
-        for batch in tqdm(dataset, total=total_batches, disable=not progress, desc=desc, leave=False):
-            table.write(*score_batch(batch))
+    except BaseException:
+        if ckpt is not None:
+            table.close()
+        raise
 
     if ckpt is not None:
         table.flush()
         if world > 1:
             dist.barrier(group=group)  # every rank's slots are on disk
-            table = ckpt.open(dtype, np_offsets, width)  # see what the other ranks wrote
-        unseen = ~table.seen
-        if bool(unseen.any()):  # never-scored slots hold zeros in the files: make them NaN
-            if rank == 0:
-                table.values[_slots(unseen, np_offsets, width, total)] = float("nan")
-                table.flush()
-            if world > 1:
-                dist.barrier(group=group)
-        if mmap:
-            table = ckpt.open(dtype, np_offsets, width, mode="c")
-            return PassResult(table.values, table.keys, table.seen)
-        return PassResult(table.values.to(device, copy=True), table.keys.to(device, copy=True),
-                          table.seen.to(device, copy=True))
+        unseen = ~ckpt.seen()
+        if unseen.any() and rank == 0:  # never-scored slots hold zeros in the files: make them NaN
+            table.fill_nan(_slots(torch.from_numpy(unseen), np_offsets, width, total).numpy())
+            table.flush()
+        table.close()
+        if world > 1:
+            dist.barrier(group=group)
+        vals, keys, seen = ckpt.result(dtype, mmap)
+        if not mmap:
+            vals, keys, seen = vals.to(device), keys.to(device), seen.to(device)
+        return PassResult(vals, keys, seen)
     vals, keys, seen = table.values, table.keys, table.seen
     if world > 1:
         count = seen.to(torch.int64)
