@@ -21,7 +21,7 @@ import torch.multiprocessing as mp
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from rho_kernels.training import IndexedDataset, IrreducibleLossStore, TokenLossStore, il_build, il_format
+from rho_kernels.training import IndexedDataset, IrreducibleLossStore, TokenLossStore, il_build
 
 torch.set_num_threads(1)
 N, D, C = 45, 4, 3
@@ -244,4 +244,3 @@ def test_model_fingerprint_follows_weights():
     with torch.no_grad():
         b[0].bias[0] += 1e-6
     assert il_build.model_fingerprint(a) != il_build.model_fingerprint(b)
-    assert il_format.FORMAT_VERSION >= 2

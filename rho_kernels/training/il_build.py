@@ -39,7 +39,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from .il_format import atomic_write
+from .il_format import advise_random, atomic_write
 
 __all__ = ["PassResult", "model_fingerprint", "dataset_probe", "scoring_pass", "world_of"]
 
@@ -314,6 +314,7 @@ class _Checkpoint:
                                       ("seen.bin", np.bool_, c["num_items"])):
             if mmap:
                 arr = _memmap(self._p(name), np_dtype, count, "c")
+                advise_random(arr)
             else:
                 arr = np.fromfile(self._p(name), dtype=np_dtype, count=count)
             out.append(arr)

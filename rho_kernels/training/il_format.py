@@ -31,6 +31,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import mmap as mmap_module
 import os
 import struct
 import sys
@@ -280,13 +281,26 @@ def _check_meta_layout(path: str, meta: dict, dtype: torch.dtype, shape: tuple) 
         raise _corrupt(path, f"the metadata says shape {tuple(json.loads(meta['shape']))}, the table has {tuple(shape)}")
 
 
+def advise_random(arr: np.ndarray) -> None:
+    """Tell the kernel a mapped table is read at random (gathers): no read-ahead around each
+    fault, so a gather maps only the pages it reads (less I/O and resident memory)."""
+    m = getattr(arr, "_mmap", None)
+    if m is not None and hasattr(m, "madvise") and hasattr(mmap_module, "MADV_RANDOM"):
+        try:
+            m.madvise(mmap_module.MADV_RANDOM)
+        except OSError:
+            pass
+
+
 def _map_or_read(path: str, start: int, nbytes: int, mmap: bool) -> Tensor:
     """Bytes ``[start, start + nbytes)`` of ``path`` as a uint8 tensor (copy-on-write mapping or read)."""
     if nbytes == 0:
         return torch.empty(0, dtype=torch.uint8)
     if mmap:
         # mode "c" (MAP_PRIVATE): a writable tensor for torch, and the file is never modified.
-        return torch.from_numpy(np.memmap(path, dtype=np.uint8, mode="c", offset=start, shape=(nbytes,)))
+        arr = np.memmap(path, dtype=np.uint8, mode="c", offset=start, shape=(nbytes,))
+        advise_random(arr)
+        return torch.from_numpy(arr)
     arr = np.fromfile(path, dtype=np.uint8, count=nbytes, offset=start)
     if arr.size != nbytes:
         raise _corrupt(path, f"expected {nbytes} bytes of table data, the file has {arr.size}")

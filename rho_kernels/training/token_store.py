@@ -91,6 +91,21 @@ def _token_scorer(model: nn.Module, dev: torch.device, forward: Callable, ignore
     return score
 
 
+def _scan(values: Tensor, chunk: int = 1 << 22) -> tuple[int, Optional[int]]:
+    """(NaN count, flat position of the first +/-inf or None), in chunks: a memory-mapped table
+    is scanned without whole-table temporaries."""
+    flat = values.reshape(-1)
+    nan, inf_at = 0, None
+    for i in range(0, flat.numel(), chunk):
+        part = flat[i:i + chunk]
+        nan += int(torch.isnan(part).sum())
+        if inf_at is None:
+            inf = torch.isinf(part)
+            if bool(inf.any()):
+                inf_at = i + int(inf.nonzero()[0, 0])
+    return nan, inf_at
+
+
 class TokenLossStore:
     """Per-token reference loss, indexed by sequence index.
 
@@ -195,15 +210,13 @@ class TokenLossStore:
         """Check the whole table (one host sync): NaN beyond the ignored tokens means unscored
         sequences (ValueError unless ``allow_missing``); ``+/-inf`` is an error.  Returns the
         counts ``{"num_tokens", "num_ignored", "num_unscored"}``."""
-        nan = int(torch.isnan(self.values).sum())
+        nan, inf_at = _scan(self.values)
         unscored = nan - min(nan, self.num_ignored)
         if unscored and not allow_missing:
             raise ValueError(f"{unscored} of {self.values.numel()} token losses are NaN besides the "
                              f"{self.num_ignored} ignored tokens: some sequences were never scored")
-        inf = torch.isinf(self.values)
-        if bool(inf.any()):
-            pos = inf.nonzero()[0].tolist()
-            raise ValueError(f"token {pos} has an infinite reference loss")
+        if inf_at is not None:
+            raise ValueError(f"the token at flat position {inf_at} has an infinite reference loss")
         return {"num_tokens": self.values.numel(), "num_ignored": min(nan, self.num_ignored), "num_unscored": unscored}
 
     def check_fingerprint(self, sequences: Union[Tensor, Sequence[Tensor]]) -> None:
@@ -286,9 +299,8 @@ class TokenLossStore:
             )
         values = res.values if offsets is not None else res.values.view(n, width)
         complete = bool(res.seen.all())
-        nan = torch.isnan(values)
         # ignored tokens = NaN inside scored sequences (unscored sequences are NaN throughout)
-        num_ignored = int(nan.sum()) if complete else cls._ignored_in_seen(nan, res.seen, offsets)
+        num_ignored = _scan(values)[0] if complete else cls._ignored_in_seen(torch.isnan(values), res.seen, offsets)
         store = cls(values, offsets, dataset_fingerprint(res.keys) if complete else None, num_ignored=num_ignored)
         if not allow_missing:
             store.validate()
