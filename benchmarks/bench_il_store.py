@@ -1,6 +1,8 @@
 """Benchmark: a per-token loss table of ~10^8 float16 values, built, saved, memory-mapped, gathered.
 
-Phases, each in its own process so that each peak RSS (``ru_maxrss``) is its own:
+Phases, each in its own process so that each peak RSS (``ru_maxrss``) is its own.  ``ru_maxrss``
+counts mapped file pages too: the anonymous / file-backed split at the end of each phase shows
+how much is the process's own memory (the import of torch alone is ~650 MB here).
 
 * ``build``  -- ``TokenLossStore.build`` over a synthetic corpus of ``S`` sequences of ``T``
   tokens (tokens generated from the index on the fly, so the corpus itself takes no memory) with
@@ -58,6 +60,22 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
+def rss_split_mb() -> dict:
+    """Current resident memory split (Linux): anonymous (the process's own allocations) and
+    file-backed (mapped page-cache pages: a mapped table's touched pages, shared with the page
+    cache and reclaimable, plus the libraries)."""
+    out = {}
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                key, _, val = line.partition(":")
+                if key in ("RssAnon", "RssFile"):
+                    out[key + "_mb"] = int(val.split()[0]) / 1024
+    except OSError:
+        pass
+    return out
+
+
 def phase_build(args) -> dict:
     torch.manual_seed(0)
     model = nn.Embedding(V, V)  # logits[b, t] = row of the input token
@@ -69,7 +87,8 @@ def phase_build(args) -> dict:
     dt = time.perf_counter() - t0
     n = store.values.numel()
     return {"values": n, "table_mb": n * 2 / 2**20, "seconds": dt, "values_per_s": n / dt,
-            "mb_per_s": n * 2 / 2**20 / dt, "peak_rss_mb_before": rss0, "peak_rss_mb": peak_rss_mb()}
+            "mb_per_s": n * 2 / 2**20 / dt, "peak_rss_mb_before": rss0, "peak_rss_mb": peak_rss_mb(),
+            "rss_at_end": rss_split_mb()}
 
 
 def phase_save(args) -> dict:
@@ -85,7 +104,7 @@ def phase_save(args) -> dict:
     dt = time.perf_counter() - t0
     mb = store.values.numel() * 2 / 2**20
     return {"seconds": dt, "mb_per_s": mb / dt, "peak_rss_mb_before": rss0, "peak_rss_mb": peak_rss_mb(),
-            "note": "reads the table through its mapping: the touched file pages count in RSS"}
+            "rss_at_end": rss_split_mb(), "note": "reads the table through its mapping: the touched file pages count in RSS"}
 
 
 def phase_gather(args) -> dict:
@@ -94,6 +113,7 @@ def phase_gather(args) -> dict:
     store = TokenLossStore.load(args.file, mmap=True)  # sha256 verified by streaming reads
     t_load = time.perf_counter() - t0
     rss_load = peak_rss_mb()
+    split_load = rss_split_mb()
     g = torch.Generator().manual_seed(0)
     times = []
     checksum = 0.0
@@ -109,7 +129,8 @@ def phase_gather(args) -> dict:
     return {"load_verified_seconds": t_load, "verify_mb_per_s": mb / t_load, "peak_rss_mb_after_load": rss_load,
             "gathers": args.gathers, "batch": [32, args.seq_len], "first_ms": times[0] * 1e3,
             "median_ms": times_ms[len(times_ms) // 2], "p90_ms": times_ms[int(len(times_ms) * 0.9)],
-            "max_ms": times_ms[-1], "peak_rss_mb_before": rss0, "peak_rss_mb": peak_rss_mb()}
+            "max_ms": times_ms[-1], "peak_rss_mb_before": rss0, "peak_rss_mb": peak_rss_mb(),
+            "rss_after_load": split_load, "rss_after_gathers": rss_split_mb()}
 
 
 PHASES = {"build": phase_build, "save": phase_save, "gather": phase_gather}
