@@ -103,6 +103,11 @@ def test_foreign_checkpoints_are_refused(tmp_path):
         IrreducibleLossStore.build(_model(seed=1), ds, checkpoint=tmp_path / "ck", **BUILD)
     with pytest.raises(ValueError, match="another dataset"):
         IrreducibleLossStore.build(m, _data(seed=1), checkpoint=tmp_path / "ck", **BUILD)
+    # an explicit dataset identity replaces the sampled-items probe (datasets with random items)
+    IrreducibleLossStore.build(m, ds, checkpoint=tmp_path / "id", dataset_id="train-v1", **BUILD)
+    IrreducibleLossStore.build(m, _data(seed=1), checkpoint=tmp_path / "id", dataset_id="train-v1", **BUILD)
+    with pytest.raises(ValueError, match="another dataset"):
+        IrreducibleLossStore.build(m, ds, checkpoint=tmp_path / "id", dataset_id="train-v2", **BUILD)
     with pytest.raises(ValueError, match="other build settings.*batch_size"):
         IrreducibleLossStore.build(m, ds, checkpoint=tmp_path / "ck", batch_size=5, progress=False)
     with pytest.raises(ValueError, match="map-style"):

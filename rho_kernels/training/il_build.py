@@ -277,7 +277,8 @@ class _Checkpoint:
         if old.get("version") != CHECKPOINT_VERSION:
             return f"checkpoint folder {self.folder!r} has version {old.get('version')}, expected {CHECKPOINT_VERSION}"
         for key, what in (("model", "another model (its weights differ)"),
-                          ("dataset", "another dataset (size or sampled items differ)")):
+                          ("dataset", "another dataset (size or sampled items differ; if its items are "
+                                      "random, e.g. augmented, pass dataset_id=)")):
             if old.get(key) != self.run[key]:
                 return (f"checkpoint folder {self.folder!r} was written for {what}: "
                         f"{key} fingerprint {old.get(key)!r}, this build has {self.run[key]!r}; "

@@ -362,6 +362,7 @@ class IrreducibleLossStore:
         checkpoint: Optional[PathLike] = None,
         checkpoint_every: int = 100,
         mmap: bool = False,
+        dataset_id: Optional[str] = None,
     ) -> "IrreducibleLossStore":
         """Score every example once with ``il_model`` (eval mode, ``no_grad``) and store its CE.
 
@@ -387,6 +388,9 @@ class IrreducibleLossStore:
             checkpoint_every: batches between two checkpoints.
             mmap: leave the table memory-mapped on the checkpoint's files (needs ``checkpoint``)
                 instead of reading it into memory.
+            dataset_id: identity of the dataset recorded in the checkpoint (default: its length
+                and a hash of 32 sampled items).  Pass your own string when items are random
+                (e.g. augmented), or a resume would be refused as "another dataset".
 
         The CE is computed by ``rho_kernels.score(method="loss")`` (float32 accumulation).  The
         fingerprint is taken from the labels seen in the pass.
@@ -394,7 +398,8 @@ class IrreducibleLossStore:
         res = cls._pass(il_model, dataset, num_examples=num_examples, batch_size=batch_size, device=device,
                         forward=forward, ignore_index=ignore_index, autocast_dtype=autocast_dtype,
                         progress=progress, num_workers=num_workers, desc=desc, distributed=distributed,
-                        group=group, checkpoint=checkpoint, checkpoint_every=checkpoint_every, mmap=mmap)
+                        group=group, checkpoint=checkpoint, checkpoint_every=checkpoint_every, mmap=mmap,
+                        dataset_id=dataset_id)
         complete = bool(res.seen.all())
         num_ignored = int(((res.keys == ignore_index) & res.seen).sum())
         store = cls(res.values, dataset_fingerprint(res.keys) if complete else None, num_ignored=num_ignored)
@@ -408,7 +413,7 @@ class IrreducibleLossStore:
               ignore_index: int = -100, autocast_dtype: Optional[torch.dtype] = None, progress: bool = True,
               num_workers: int = 0, desc: str = "irreducible loss", distributed: bool = False,
               group: Optional[object] = None, checkpoint: Optional[PathLike] = None, checkpoint_every: int = 100,
-              mmap: bool = False) -> PassResult:
+              mmap: bool = False, dataset_id: Optional[str] = None) -> PassResult:
         dev = _resolve_device(device, il_model)
         n = cls._num_examples(dataset, num_examples)
         ckpt = os.fspath(checkpoint) if checkpoint is not None else None
@@ -418,7 +423,8 @@ class IrreducibleLossStore:
                 num_items=n, width=1, dtype=torch.float32, batch_size=batch_size, num_workers=num_workers,
                 device=dev, checkpoint=ckpt, checkpoint_every=checkpoint_every, distributed=distributed,
                 group=group, mmap=mmap, progress=progress, desc=desc,
-                fingerprints=lambda: {"model": model_fingerprint(il_model), "dataset": dataset_probe(dataset)},
+                fingerprints=lambda: {"model": model_fingerprint(il_model),
+                                      "dataset": dataset_id if dataset_id is not None else dataset_probe(dataset)},
                 config={"kind": "example", "ignore_index": ignore_index, "autocast": str(autocast_dtype)},
             )
 

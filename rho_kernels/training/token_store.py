@@ -249,6 +249,7 @@ class TokenLossStore:
         checkpoint: Optional[PathLike] = None,
         checkpoint_every: int = 100,
         mmap: bool = False,
+        dataset_id: Optional[str] = None,
     ) -> "TokenLossStore":
         """Score every token of ``dataset`` once with ``reference_model`` (eval, ``no_grad``).
 
@@ -260,7 +261,7 @@ class TokenLossStore:
             dtype: table dtype (float16, bfloat16 or float32); the CE is computed in float32.
             lengths: tokens of every sequence for a ragged table (default: fixed length, read
                 from ``dataset[0]``).
-            distributed, checkpoint, checkpoint_every, mmap: as in
+            distributed, checkpoint, checkpoint_every, mmap, dataset_id: as in
                 :meth:`IrreducibleLossStore.build` -- sharded over ranks (bit-identical to one
                 process), resumable from a checkpoint folder, result memory-mapped on the
                 checkpoint's files (for tables larger than RAM).
@@ -294,7 +295,8 @@ class TokenLossStore:
                 collate_fn=_pad_collate(ignore_index), num_workers=num_workers, device=dev,
                 checkpoint=None if checkpoint is None else os.fspath(checkpoint), checkpoint_every=checkpoint_every,
                 distributed=distributed, group=group, mmap=mmap, progress=progress, desc=desc,
-                fingerprints=lambda: {"model": model_fingerprint(reference_model), "dataset": dataset_probe(dataset)},
+                fingerprints=lambda: {"model": model_fingerprint(reference_model),
+                                      "dataset": dataset_id if dataset_id is not None else dataset_probe(dataset)},
                 config={"kind": "token", "ignore_index": ignore_index, "autocast": str(autocast_dtype)},
             )
         values = res.values if offsets is not None else res.values.view(n, width)
