@@ -26,7 +26,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
-import rho_kernels as rk
+from .. import api as rk  # the public op API only (the package imports this layer)
 
 from .il_build import PassResult, dataset_probe, model_fingerprint, scoring_pass
 from .il_format import read_table, write_table
