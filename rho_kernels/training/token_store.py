@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-import rho_kernels as rk
+from .. import api as rk  # the public op API only (the package imports this layer)
 
 from .il_build import dataset_probe, model_fingerprint, scoring_pass
 from .il_format import TABLE_DTYPES, read_table, write_table
