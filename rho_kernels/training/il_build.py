@@ -346,7 +346,7 @@ class _Checkpoint:
                              f"this rank's shard is {start}..{stop}: delete the folder")
         return int(mine["cursor"])
 
-    def save_state(self, table: _Table, start: int, stop: int, cursor: int) -> None:
+    def save_state(self, table: _FileTable, start: int, stop: int, cursor: int) -> None:
         table.flush()  # data first, then the claim that it is there
         state = {"version": CHECKPOINT_VERSION, "rank": self.rank, "world": self.world,
                  "start": start, "stop": stop, "cursor": cursor}
@@ -357,7 +357,8 @@ def _share(err: Optional[str], rank: int, world: int, group: Optional[object]) -
     """Raise ``err`` (rank 0's) on every rank, so that no rank waits forever for one that failed."""
     if world > 1:
         box = [err]
-        dist.broadcast_object_list(box, src=0, group=group)
+        src = 0 if group is None else dist.get_global_rank(group, 0)  # src is a global rank
+        dist.broadcast_object_list(box, src=src, group=group)
         err = box[0]
     if err:
         raise ValueError(err)
