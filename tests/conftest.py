@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import rho_kernels as rk
-from rho_kernels import api
+from rho_kernels import backends
 
 DEVICE = torch.device(os.environ.get("RHO_KERNELS_TEST_DEVICE", "cpu"))
 INTERPRETED = DEVICE.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -42,7 +42,7 @@ BACKEND_CASES = list(rk.BACKENDS) + [f"cpu-{isa}" for isa in _LOWER_CPU_ISAS]
 @pytest.fixture(params=BACKEND_CASES)
 def backend(request):
     name, _, isa = request.param.partition("-")
-    reason = api._unavailable_reason(name, DEVICE)
+    reason = backends.unavailable_reason(name, DEVICE)
     if reason is not None:
         pytest.skip(f"backend {name!r} cannot run on {DEVICE}: {reason}")
     if not isa:
