@@ -120,8 +120,9 @@ def format_report(info: dict[str, Any]) -> str:
         lines.append(f"  built against    torch {built} ({same}); compiler {record.get('compiler')}")
     lines.append(f"  CPU kernel       {ext['cpu_instruction_set'] or 'not available'}")
     if ext["cuda_kernel"] or record.get("with_cuda"):
-        archs = ", ".join(ext["cuda_archs"] or []) or "unknown"
-        lines.append(f"  CUDA kernel      compiled for {archs} (CUDA toolkit {record.get('cuda_toolkit')}); "
+        archs = ", ".join(ext["cuda_archs"] or []) or "unknown architectures (no build record)"
+        toolkit = f" (CUDA toolkit {record['cuda_toolkit']})" if record.get("cuda_toolkit") else ""
+        lines.append(f"  CUDA kernel      compiled for {archs}{toolkit}; "
                      f"verified on a GPU: {'yes' if ext['cuda_verified'] else 'no (auto never picks it)'}")
     else:
         lines.append("  CUDA kernel      not compiled in")

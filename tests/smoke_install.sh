@@ -19,7 +19,9 @@ run_logged() {  # run "$@" with its output in $WORK/$1.log, shown only on failur
 }
 
 step "building the sdist"
-# --no-isolation: the build requirements (torch included) are the installed ones.
+# --no-isolation: the build requirements (torch included) are the installed ones.  Run from
+# $WORK: in the checkout, its build/ folder would shadow the `build` module.
+cd "$WORK"
 run_logged sdist "$PY" -m build --sdist --no-isolation --outdir "$WORK/dist" "$ROOT"
 SDIST="$(ls "$WORK"/dist/rho_kernels-*.tar.gz)"
 echo "$(basename "$SDIST"): $(tar tzf "$SDIST" | grep -vc '/$') files"
