@@ -131,7 +131,7 @@ def cuda_archs() -> list[str]:
     except Exception:  # a private helper: fall back to the requested list
         return [a for a in re.split(r"[;\s,]+", os.environ.get("TORCH_CUDA_ARCH_LIST", "")) if a]
     # "-gencode=arch=compute_90,code=sm_90" -> "sm_90"; "...code=compute_90" (PTX) -> "compute_90"
-    return sorted({m for f in flags for m in re.findall(r"code=(\w+)", f)})
+    return sorted({m for f in flags for m in re.findall(r",code=(\w+)", f)})
 
 
 def build_record(ext) -> dict:
