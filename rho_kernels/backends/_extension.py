@@ -99,7 +99,7 @@ def unavailable_reason(dispatch_key: str, device_type: str, device: torch.device
                        op: str = "select_rows") -> Optional[str]:
     """Why the extension's ``op`` cannot run for ``device`` (None where it can)."""
     if LOAD_ERROR is not None:
-        return f"the extension rho_kernels._C is not built, not loaded or failed to load ({LOAD_ERROR})"
+        return f"the extension rho_kernels._C is not loaded ({LOAD_ERROR})"
     if not has_kernel(dispatch_key, op):
         return f"the extension was built without a {dispatch_key} kernel for {op}"
     if device.type != device_type:
