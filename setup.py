@@ -92,6 +92,13 @@ setup(
     cmdclass=cmdclass,
     python_requires=">=3.9",
     install_requires=["torch>=2.6", "numpy"],
-    extras_require={"triton": ["triton>=3.6"], "train": ["tqdm", "safetensors"], "test": ["pytest"]},
+    extras_require={
+        "triton": ["triton>=3.6"],
+        "train": ["tqdm", "safetensors"],
+        "test": ["pytest"],
+        # the drop-in trainers of rho_kernels.integrations (tested with the pins of requirements.txt)
+        "transformers": ["transformers>=5.0", "accelerate"],
+        "lightning": ["lightning>=2.4"],
+    },
     options={"bdist_wheel": {"py_limited_api": "cp310"}} if ext_modules else {},
 )

@@ -20,6 +20,7 @@ Trainer has) at each ``logging_steps``.  Needs ``pip install rho_kernels[transfo
 
 from __future__ import annotations
 
+import importlib
 import inspect
 import math
 import os
@@ -41,8 +42,8 @@ except ImportError as e:  # pragma: no cover - exercised in a subprocess by the 
 from .. import api, tokens
 from ..training import IrreducibleLossStore, OnlineBatchSelector
 
-try:  # fused hidden-state + LM-head loss (no logits); absent in older versions of the package
-    from .. import linear as _linear
+try:  # the fused hidden-state + LM-head loss (no logits), a public op module where it exists
+    _linear = importlib.import_module("rho_kernels.linear")
 except ImportError:  # pragma: no cover - depends on the package version
     _linear = None
 
