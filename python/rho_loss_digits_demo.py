@@ -100,6 +100,9 @@ def main(argv: Optional[list] = None) -> dict:
     ap.add_argument("--seeds", type=int, default=None)
     ap.add_argument("--steps", type=int, default=None)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--name", default=None, help="output file stem")
+    ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                    help="override a Config field, e.g. --set holdout_fraction=0.5 (repeatable)")
     ap.add_argument("--no-plot", action="store_true")
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
@@ -107,7 +110,12 @@ def main(argv: Optional[list] = None) -> dict:
     cfg = Config(**QUICK) if args.quick else Config()
     cfg.seeds = args.seeds or cfg.seeds
     cfg.steps = args.steps or cfg.steps
-    name = "rho_loss_digits_demo_quick" if args.quick else "rho_loss_digits_demo"
+    for item in args.set:
+        key, _, val = item.partition("=")
+        if key not in Config.__dataclass_fields__:
+            raise SystemExit(f"--set: unknown field {key!r}; fields: {list(Config.__dataclass_fields__)}")
+        setattr(cfg, key, type(getattr(cfg, key))(val))
+    name = args.name or ("rho_loss_digits_demo_quick" if args.quick else "rho_loss_digits_demo")
     os.makedirs(args.out, exist_ok=True)
 
     t0 = time.time()

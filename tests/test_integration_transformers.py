@@ -343,3 +343,47 @@ def test_rho_loss_ratio_resume_and_checks(tmp_path):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="store has 24 entries but the train dataset has 10"):
         rkt.RhoLossTrainer(model=tiny_bert(0), args=args(tmp_path), train_dataset=data[:10], irreducible_loss=store)
+
+
+# ------------------------------------------------------------------------------ DDP (gloo, 2 ranks)
+def _ddp_worker(rank, port, tmpdir, world):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE=str(world))
+    torch.set_num_threads(1)
+    model, ref = tiny_llama(0), tiny_llama(1)
+    tr = Recording(model=model, args=args(__import__("pathlib").Path(tmpdir), max_steps=2, ddp_backend="gloo"),
+                   train_dataset=lm_dataset(8), reference_model=ref, keep_ratio=RATIO)
+    tr.train()
+    import torch.distributed as dist
+
+    assert dist.get_world_size() == world
+    # each rank selected within its own micro-batch
+    for rec in tr.records:
+        assert rec["loss"] == pytest.approx(rec["hand"]["loss"], rel=1e-5, abs=1e-5)
+    # the logged kept fraction is over both ranks' tokens
+    mine = torch.tensor([[r["hand"]["mask"].sum().item(), (r["batch"]["labels"][:, 1:] != -100).sum().item()]
+                         for r in tr.records], dtype=torch.float64)
+    dist.all_reduce(mine)
+    logs = [h for h in tr.state.log_history if "loss" in h]
+    for (kept, counted), log in zip(mine.tolist(), logs):
+        assert log["rho1/kept_fraction"] == pytest.approx(kept / counted, rel=1e-6)
+    # the ranks saw different data and still hold the same (synchronised) weights
+    w = model.lm_head.weight.detach().clone()
+    ws = [torch.empty_like(w) for _ in range(world)]
+    dist.all_gather(ws, w)
+    assert torch.equal(ws[0], ws[1])
+    ids = tr.records[0]["batch"]["input_ids"]
+    all_ids = [torch.empty_like(ids) for _ in range(world)]
+    dist.all_gather(all_ids, ids)
+    assert not torch.equal(all_ids[0], all_ids[1])
+
+
+def test_rho1_ddp_selects_per_rank(tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_ddp_worker, args=(port, str(tmp_path), 2), nprocs=2, join=True)
