@@ -336,7 +336,7 @@ class RhoLossTrainer(Trainer):
         opts = dict(selector_kwargs or {})
         opts.setdefault("forward", _logits_forward)
         self.selector = OnlineBatchSelector(self.model, irreducible_loss, method, ratio, k=n_b, **opts)
-        if isinstance(irreducible_loss, IrreducibleLossStore) and self.train_dataset is not None:
+        if isinstance(irreducible_loss, IrreducibleLossStore) and hasattr(self.train_dataset, "__len__"):
             n = len(self.train_dataset)
             if len(irreducible_loss) != n:
                 raise ValueError(f"the irreducible-loss store has {len(irreducible_loss)} entries but the train "
