@@ -391,8 +391,8 @@ class RhoLossTrainer(Trainer):
         super().log(logs, *args, **kwargs)
 
     # The selector's step counter (temperature schedules) and RNG travel with checkpoints.
-    def _save_checkpoint(self, model: nn.Module, trial: Any) -> None:
-        super()._save_checkpoint(model, trial)
+    def _save_checkpoint(self, model: nn.Module, trial: Any, *args: Any, **kwargs: Any) -> None:
+        super()._save_checkpoint(model, trial, *args, **kwargs)
         folder = os.path.join(self._get_output_dir(trial=trial), f"checkpoint-{self.state.global_step}")
         state = {"step": self.selector.step}
         if self.selector.generator is not None:
