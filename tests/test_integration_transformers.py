@@ -206,10 +206,15 @@ def test_rho1_needs_a_reference(tmp_path):
 def test_rho1_bf16_and_compiled_model(tmp_path):
     """bf16 autocast and a torch.compile'd model (aot_eager: no C compiler needed) train and
     select as many tokens as asked."""
-    tr = rkt.Rho1Trainer(model=tiny_llama(0), args=args(tmp_path, bf16=True, torch_compile=True,
-                                                        torch_compile_backend="aot_eager", max_steps=2),
+    model = tiny_llama(0)
+    dtypes = []
+    model.lm_head.register_forward_hook(lambda m, i, o: dtypes.append(o.dtype))
+    tr = rkt.Rho1Trainer(model=model, args=args(tmp_path, bf16=True, torch_compile=True,
+                                                torch_compile_backend="aot_eager", max_steps=2),
                          train_dataset=lm_dataset(4), reference_model=tiny_llama(1))
     out = tr.train()
+    assert hasattr(tr.model_wrapped, "_orig_mod") or hasattr(tr.model, "_orig_mod")  # it was compiled
+    assert torch.bfloat16 in dtypes  # the training forward ran under bf16 autocast
     assert torch.isfinite(torch.tensor(out.training_loss))
     logs = [h for h in tr.state.log_history if "loss" in h]
     assert len(logs) == 2
