@@ -264,7 +264,9 @@ setup(
     extras_require={
         "triton": ["triton>=3.6"],
         "train": ["tqdm", "safetensors"],
-        "transformers": ["transformers>=4.40"],
+        # the drop-in trainers of rho_kernels.integrations (CI tests the pins of requirements.txt:
+        # transformers 5.17.0, accelerate 1.15.0, lightning 2.6.6); Trainer needs accelerate
+        "transformers": ["transformers>=5.0", "accelerate"],
         "lightning": ["lightning>=2.2"],
         "dev": ["pytest", "expecttest", "build", "ninja", "matplotlib", "safetensors", "tqdm"],
     },
