@@ -1,7 +1,7 @@
 """Rho-1 token selection and the selective cross-entropy.
 
 * select_mask / select_sequences follow rk.select's order exactly (checked against rk.select
-  and against a brute-force Python sort of the same scores), keep k = max(1, int(ratio * n));
+  and against a brute-force Python sort of the same scores), keep k = max(1, floor(ratio * n + 0.5)) (the package's one rounding rule);
 * selective_cross_entropy: loss and gradients match autograd through the reference (CE +
   selection) for every backward kernel (reference torch, CPU extension, Triton -- interpreted on
   CPU), every dtype, rank 2/3 and non-contiguous logits, every reduction; exact zeros off the
@@ -98,7 +98,7 @@ def test_select_mask_follows_select(backend, method, ratio):
     mask = tokens.select_mask(logits, targets, ref_loss, ratio, method=method, backend=backend)
     assert mask.dtype == torch.bool and mask.shape == targets.shape and mask.device == logits.device
     n = int((targets != -100).sum())
-    k = max(1, int(ratio * n))
+    k = max(1, math.floor(ratio * n + 0.5))  # nearest, halves up, at least 1
     assert int(mask.sum()) == k
     # Exactly rk.select's top k (same backend, so the same scores).
     sel = rk.select(logits, targets, ref_loss, k, method=method, backend=backend)
@@ -314,7 +314,7 @@ def test_loss_is_mean_ce_of_selected_tokens():
     excess = ce - ref_loss.double()
     # The selected tokens are the top-k excess losses.
     k = int(mask.sum())
-    assert k == max(1, int(ratio * int((targets != -100).sum())))
+    assert k == max(1, math.floor(ratio * int((targets != -100).sum()) + 0.5))
     assert excess[mask].min() >= excess[~mask & (targets != -100)].max()
     loss = tokens.selective_cross_entropy(logits, targets, ref_loss, ratio)
     assert torch.allclose(loss, ce[mask].mean(), rtol=1e-12, atol=0)
