@@ -433,6 +433,27 @@ def test_ce_grad_rows_opcheck():
         torch.ops.rho_kernels.ce_grad_rows(z, t, lse, scale.float(), -100)
 
 
+def test_optional_reference_loss_and_positional_misuse():
+    logits, targets, ref_loss = make_lm_batch(2, 9, 11)
+    want = tokens.select_mask(logits, targets, None, 0.5, method="loss")
+    assert torch.equal(rk.select_mask(logits, targets, ratio=0.5, method="loss"), want)
+    seq = rk.select_sequences(logits, targets, k=1, method="gradnorm")
+    assert torch.equal(seq.indices, rk.select_sequences(logits, targets, None, 1, method="gradnorm").indices)
+    with pytest.raises(TypeError, match=r"pass the count by keyword: rk.select_mask\(logits, targets, ratio=0.5"):
+        rk.select_mask(logits, targets, 0.5, method="loss")
+    with pytest.raises(TypeError, match=r"k=1"):
+        rk.select_sequences(logits, targets, 1, method="loss")
+    with pytest.raises(TypeError, match="'ratio'"):
+        rk.select_mask(logits, targets, ref_loss)
+    # entropy is label-free: targets=None counts every token
+    free = rk.select_mask(logits, None, ratio=0.5, method="entropy")
+    assert int(free.sum()) == 9
+    no_ignored = torch.where(targets == -100, 0, targets)
+    assert torch.equal(free, rk.select_mask(logits, no_ignored, ratio=0.5, method="entropy"))
+    with pytest.raises(TypeError, match="entropy"):
+        rk.select_mask(logits, None, ratio=0.5, method="loss")
+
+
 # --------------------------------------------------------------------------- torch.compile
 
 
