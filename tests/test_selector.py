@@ -210,6 +210,16 @@ def test_scoring_leaves_no_trace_on_the_model_by_default():
         assert not torch.equal(want, eval_pick)  # the two modes differ here, so the check means something
 
 
+def test_lazy_batchnorm_first_scored_is_left_fresh():
+    idx, x, y = _batch()
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(D, 8), nn.LazyBatchNorm1d(), nn.Linear(8, C))
+    OnlineBatchSelector(model, None, "loss", k=4).select((x, y))
+    bn = model[1]
+    assert torch.equal(bn.running_mean, torch.zeros(8)) and torch.equal(bn.running_var, torch.ones(8))
+    assert int(bn.num_batches_tracked) == 0
+
+
 def test_paper_side_effect_on_request_and_eval_mode_untouched():
     idx, x, y = _batch()
     model = _bn_model()

@@ -301,8 +301,10 @@ _NORM_TYPES = (nn.modules.batchnorm._NormBase,)  # BatchNorm*, SyncBatchNorm, In
 def _restore_norm_buffers(model: nn.Module, enabled: bool) -> Iterator[None]:
     """Put back the running statistics (and ``num_batches_tracked``) that a train-mode forward
     updates, so that scoring leaves no trace on the model.  Device copies only: no host sync."""
-    bufs = [b for m in model.modules() if isinstance(m, _NORM_TYPES) for b in m.buffers(recurse=False)
-            if b is not None] if enabled else []
+    norms = [m for m in model.modules() if isinstance(m, _NORM_TYPES)] if enabled else []
+    # A lazy layer's buffers do not exist before its first forward: put it back to its fresh state.
+    lazy = [m for m in norms if any(nn.parameter.is_lazy(b) for b in m.buffers(recurse=False))]
+    bufs = [b for m in norms if m not in lazy for b in m.buffers(recurse=False)]
     saved = [b.clone() for b in bufs]
     try:
         yield
@@ -310,6 +312,8 @@ def _restore_norm_buffers(model: nn.Module, enabled: bool) -> Iterator[None]:
         with torch.no_grad():
             for b, v in zip(bufs, saved):
                 b.copy_(v)
+            for m in lazy:
+                m.reset_running_stats()
 
 
 @contextmanager
