@@ -37,7 +37,7 @@ class Selection(NamedTuple):
 
     Attributes:
         indices: int64 ``[k]``, flat row indices into ``targets.reshape(-1)``, best first.
-        scores: float32 ``[k]``, the score of each picked row.
+        scores: float32 ``[k]``, the score of each picked row (differentiable like :func:`score`).
         valid: bool ``[k]``, False where fewer than ``k`` rows were eligible.
     """
 
