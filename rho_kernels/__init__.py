@@ -12,6 +12,7 @@ Below them, the op layer: ``_contract`` (validation), ``reference`` (the definit
 ``backends`` (one module per backend).
 """
 
+from ._version import __version__
 from .api import BACKENDS, METHODS, Selection, available_backends, score, select
 from .tokens import select_mask, select_sequences, selective_cross_entropy
 from .training import (
@@ -28,8 +29,6 @@ from .training import (
     split_halves,
     token_fingerprint,
 )
-
-__version__ = "0.1.0"
 
 __all__ = [
     "BACKENDS", "METHODS", "Selection", "available_backends", "score", "select",

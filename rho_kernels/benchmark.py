@@ -24,6 +24,7 @@ from typing import Callable, Optional
 import torch
 
 import rho_kernels as rk
+from rho_kernels import info
 
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -212,6 +213,7 @@ def environment(device: torch.device) -> dict:
         env["triton"] = None
     if device.type == "cuda":
         env["gpu"] = torch.cuda.get_device_name(device)
+    env["info"] = info.collect()  # the `python -m rho_kernels info` report: build, ISA, backends
     try:
         env["git_commit"] = subprocess.run(
             ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
