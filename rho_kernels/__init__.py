@@ -2,7 +2,8 @@
 
 Public names only; where they live:
 
-* ``api`` -- row ops: ``score``, ``select``, ``Selection``, ``available_backends``;
+* ``api`` -- row ops: ``score``, ``select``, ``Selection``, ``available_backends``
+  (``help(rho_kernels.score)`` lists the methods and their formulas);
 * ``tokens`` -- Rho-1 token ops: ``select_mask``, ``select_sequences``, ``selective_cross_entropy``;
 * ``training`` -- irreducible-loss store, batch selector, distributed selection (built on the
   public op API only).
