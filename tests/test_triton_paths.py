@@ -224,8 +224,10 @@ def test_default_plan_heuristics(monkeypatch):
     p, fused = plan(320, 10, torch.float32)
     assert (p.block_r, p.block_v, p.split, fused) == (128, 16, 1, True)
     assert 320 * 10 <= ts.ONE_PROGRAM_MAX_ELEMS  # [320, 10]: one program, one launch
-    p, fused = plan(3200, 1000, torch.float32)
+    p, fused = plan(1000, 1000, torch.float32)
     assert (p.block_r, p.block_v, p.split, fused) == (4, 1024, 1, True)
+    p, fused = plan(3200, 1000, torch.float32)  # beyond FUSED_MAX_ROWS: two stages
+    assert (p.block_r, p.block_v, p.split, fused) == (4, 1024, 1, False)
     p, fused = plan(4096, 4096, torch.bfloat16)
     assert (p.block_r, p.block_v, p.split) == (1, 4096, 1)
     p, fused = plan(16384, 128256, torch.bfloat16)
