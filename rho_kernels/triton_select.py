@@ -479,7 +479,8 @@ def _plan(logits: Tensor, n: int, v: int) -> _Plan:
     row_blocks = triton.cdiv(n, block_r)
     split = 1
     sms = _sms()
-    if nchunks >= 4 and row_blocks < 2 * sms:  # few row blocks, long rows: split V too
+    long_rows = nchunks >= 4 and (not column or v > 8192)
+    if long_rows and row_blocks < 2 * sms:  # few row blocks, long rows: split V too
         if not column and "block_v" not in _OVERRIDES:  # smaller chunks: more programs per row
             block_v = max(1024, block_v // 4)
             nchunks = triton.cdiv(v, block_v)

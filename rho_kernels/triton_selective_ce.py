@@ -22,6 +22,8 @@ import triton.language as tl
 from torch import Tensor
 from torch.library import triton_op, wrap_triton
 
+from .triton_select import _device_guard
+
 NAME = "triton"
 
 
@@ -82,15 +84,16 @@ def _launch(logits: Tensor, out: Tensor, targets: Tensor, lse: Tensor, row_scale
     t_len, z_sb, z_st, z_sv = _row_layout(logits, n)
     _, o_sb, o_st, o_sv = _row_layout(out, n)
     grid = (n, triton.cdiv(v, block))
-    wrap_triton(_ce_grad_rows_kernel)[grid](
-        logits, out, targets, lse, row_scale,
-        v, t_len,
-        z_sb, z_st, z_sv,
-        o_sb, o_st, o_sv,
-        ignore_index,
-        BLOCK=block,
-        num_warps=8 if block >= 2048 else 4,
-    )
+    with _device_guard(logits.device):  # Triton launches on the current device, not the tensor's
+        wrap_triton(_ce_grad_rows_kernel)[grid](
+            logits, out, targets, lse, row_scale,
+            v, t_len,
+            z_sb, z_st, z_sv,
+            o_sb, o_st, o_sv,
+            ignore_index,
+            BLOCK=block,
+            num_warps=8 if block >= 2048 else 4,
+        )
 
 
 @triton_op("rho_kernels::ce_grad_rows_triton", mutates_args=())
