@@ -464,8 +464,11 @@ def _plan(logits: Tensor, n: int, v: int) -> _Plan:
         block_v = 4096 // block_r
         warps = 4
     elif v_p2 <= 1024:  # small V: 2-D tile of rows
+        # Each thread keeps the accumulators of every row it touches: tiles of up to 512
+        # logits keep that <= 8 rows per thread, <= 96 registers at sm_90 (4096-logit tiles
+        # took 164-255 registers and spilled at [64, 64]).
         block_v = v_p2
-        block_r = max(1, min(128, 4096 // v_p2))
+        block_r = min(128, max(4, 512 // v_p2))
         warps = 4
     elif v_p2 <= whole_max:  # medium V: the whole row in one load
         block_v, block_r = v_p2, 1
