@@ -185,6 +185,8 @@ def _layouts(dtype):
         ("every_other_row", wide[::2, 5 : 5 + v], t40[::2], il40[::2]),
         ("3d_sliced_vocab", torch.cat([base, base], -1)[..., 3 : 3 + v], tg, il),
         ("targets_int32", base, tg.to(torch.int32), il.to(torch.float16)),
+        # V the slowest axis, rows adjacent: [B, T, V] with strides (T, 1, B*T)
+        ("3d_vocab_major", (torch.randn(v, b, t, generator=g) * 2).to(dtype).to(DEVICE).permute(1, 2, 0), tg, il),
     ]
 
 

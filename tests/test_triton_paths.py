@@ -42,6 +42,7 @@ PATHS = {
     "whole_row": dict(fused=False, cand=False, block_r=1, block_v=64),
     "chunked_v": dict(fused=False, cand=False, block_r=1, block_v=16),
     "split_v": dict(fused=False, cand=True, cand_block=16, block_r=1, block_v=8, split=3),
+    "tile_split_v": dict(fused=False, cand=False, block_r=8, block_v=8, split=3),  # rows x V split
 }
 
 
@@ -141,10 +142,13 @@ def _layouts(n_b=2, n_t=3, v=37):
     yield "transposed", torch.randn(v, n_b * n_t, generator=g).t()  # stride_v = N
     yield "3d_t_slice", torch.randn(n_b, 2 * n_t, v, generator=g)[:, ::2]  # stride_t = 2V
     yield "expanded", torch.randn(1, v, generator=g).expand(n_b * n_t, v)  # stride_b = 0: all ties
+    # rows adjacent in memory, V-stride = N (>= 16 rows): the column-tile geometry
+    yield "column_major", torch.randn(v, 40, generator=g).t()
+    yield "3d_column_major", torch.randn(v, 4, 5, generator=g).permute(1, 2, 0)  # strides (5, 1, 20)
 
 
-@pytest.mark.parametrize("path", ["fused_ticket", "split_v"] if ON_GPU else
-                         ["fused_one_program", "fused_ticket", "split_v", "chunked_v"])
+@pytest.mark.parametrize("path", ["fused_ticket", "split_v", "tile_split_v"] if ON_GPU else
+                         ["fused_one_program", "fused_ticket", "split_v", "tile_split_v", "chunked_v"])
 @pytest.mark.parametrize("method", ["reducible", "gradnorm", "entropy"])
 def test_layouts(path, method):
     for name, logits in _layouts():
