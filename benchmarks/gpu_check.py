@@ -97,7 +97,7 @@ def main() -> int:
         steps.append(("memcheck", ["compute-sanitizer", "--tool", "memcheck", "--error-exitcode", "1",
                                    py, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "tests/test_conformance.py",
                                    "-k", "cuda and (layouts or special or ignore_index or k_edges) and float32"], 150))
-    # The shapes, each in its dtype (fewer torch.compile(reference) builds than a full
+    # The target shapes, each in its dtype (fewer torch.compile(reference) builds than a full
     # shape x dtype grid); the dry run uses small stand-ins.
     if args.dry_run:
         bench_sets = [("bench", ["--shapes", "2048x3000,320x10", "--dtypes", "float32,bfloat16", "--repeats", "3"])]

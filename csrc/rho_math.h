@@ -1,7 +1,7 @@
 // rho_math.h -- the math of the fused score/select op, in one torch-free header.
 //
 // Shared by the CPU kernel (csrc/cpu) and the CUDA kernel (csrc/cuda); the Triton kernel
-// (rho_kernels/triton_select.py) and the PyTorch reference (rho_kernels/reference.py)
+// (rho_kernels/backends/triton_select.py) and the PyTorch reference (rho_kernels/reference.py)
 // implement exactly these rules.  Nothing here includes torch.
 //
 // One row = the logits z[0..V) of one candidate, its target y and its irreducible loss il.

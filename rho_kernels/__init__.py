@@ -1,24 +1,19 @@
 """rho_kernels: fused score + top-k for online batch selection (RHO-LOSS, Rho-1).
 
-The op layer (``api``, ``reference`` and the backends) is importable on its own; the training
-layer (``training``: irreducible-loss store, batch selector, distributed selection) builds on
-the public op API only.
+Public names only; where they live:
+
+* ``api`` -- row ops: ``score``, ``select``, ``Selection``, ``available_backends``;
+* ``tokens`` -- Rho-1 token ops: ``select_mask``, ``select_sequences``, ``selective_cross_entropy``;
+* ``training`` -- irreducible-loss store, batch selector, distributed selection (built on the
+  public op API only).
+
+Below them, the op layer: ``_contract`` (validation), ``reference`` (the definition) and
+``backends`` (one module per backend).
 """
 
-from .api import (
-    BACKENDS,
-    METHODS,
-    Selection,
-    available_backends,
-    score,
-    select,
-    select_mask,
-    select_sequences,
-    selective_cross_entropy,
-)
-
-# After the op API: the training modules read rk.METHODS at import.
-from .training import (  # noqa: E402
+from .api import BACKENDS, METHODS, Selection, available_backends, score, select
+from .tokens import select_mask, select_sequences, selective_cross_entropy
+from .training import (
     IndexedDataset,
     IrreducibleLossStore,
     OnlineBatchSelector,

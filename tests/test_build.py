@@ -121,7 +121,7 @@ def test_cuda_sources_compiled(build_log: str) -> None:
 
 
 def _ext():
-    from rho_kernels import _ext
+    from rho_kernels.backends import _extension as _ext
 
     return _ext
 

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
-import rho_kernels as rk
+from .. import api as rk  # the public op API only (the package imports this layer)
 
 __all__ = [
     "IndexedDataset",
