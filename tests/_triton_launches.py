@@ -135,7 +135,7 @@ def tile_layouts(ttgir: str, block_r: int, block_v: int) -> list[tuple[str, str]
 def main(argv: list[str]) -> None:
     """Compile the score launch and the select launch that scores the rows of CASES[i] for each
     index i in argv; print {case: {"score": layouts, "select": layouts, ...}} as JSON."""
-    from rho_kernels import triton_select as ts
+    from rho_kernels.backends import triton_select as ts
 
     out = {}
     for i in map(int, argv):

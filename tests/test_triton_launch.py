@@ -22,8 +22,8 @@ import torch
 
 pytest.importorskip("triton")
 
-from rho_kernels import triton_select as ts  # noqa: E402
-from rho_kernels import triton_selective_ce as tce  # noqa: E402
+from rho_kernels.backends import triton_select as ts  # noqa: E402
+from rho_kernels.backends import triton_ce_grad as tce  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
 import _triton_launches as tl_rec  # noqa: E402

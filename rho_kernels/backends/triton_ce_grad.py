@@ -14,6 +14,7 @@ triton is imported).
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -21,8 +22,6 @@ import triton
 import triton.language as tl
 from torch import Tensor
 from torch.library import triton_op, wrap_triton
-
-from .triton_select import _device_guard
 
 NAME = "triton"
 
@@ -35,6 +34,14 @@ def unavailable_reason(device: torch.device) -> str | None:
             return None
         return "Triton runs on CPU tensors only with TRITON_INTERPRET=1 set before triton is imported"
     return f"Triton kernels run on CUDA tensors, got tensors on {device}"
+
+
+def _device_guard(device: torch.device):
+    """Makes ``device`` the current CUDA device for a launch: Triton launches on the current
+    device (and its current stream), which need not be the tensors' one.  No-op off CUDA."""
+    if device.type == "cuda":
+        return torch.cuda.device(device)
+    return contextlib.nullcontext()
 
 
 @triton.jit

@@ -38,7 +38,6 @@ int32 image of the fp32 score (-0 read as +0), or INT32_MIN for an ineligible ro
 from __future__ import annotations
 
 import contextlib
-import functools
 import os
 from typing import Iterator, NamedTuple, Optional
 
@@ -50,6 +49,7 @@ from torch.library import triton_op, wrap_triton  # torch >= 2.6
 
 from .._contract import RowProblem, lse_dtype
 from . import triton_ce_grad
+from .triton_ce_grad import _device_guard
 
 NAME = "triton"
 
@@ -512,14 +512,6 @@ def _geometry(logits: Tensor) -> tuple[int, int, int, int]:
     if logits.dim() == 3:
         return logits.shape[1], logits.stride(0), logits.stride(1), logits.stride(2)
     return 1, logits.stride(0), 0, logits.stride(1)
-
-
-def _device_guard(device: torch.device):
-    """Makes ``device`` the current CUDA device for a launch: Triton launches on the current
-    device (and its current stream), which need not be the tensors' one.  No-op off CUDA."""
-    if device.type == "cuda":
-        return torch.cuda.device(device)
-    return contextlib.nullcontext()
 
 
 def _launch(kernel, grid, device: torch.device, *args, **kwargs) -> None:
