@@ -122,13 +122,13 @@ RHO_HD RowAcc<T> acc_rescale(const RowAcc<T>& a, T m) {
     r.m = m;
     return r;
   }
-  const T shift = a.m - m;  // <= 0; -inf when the row spans more than the type's max
+  const T shift = a.m - m;  // <= 0
   const T alpha = std::exp(shift);
   RowAcc<T> r;
   r.m = m;
   r.d = alpha * a.d;
-  // alpha == 0: every old term has e = 0 relative to m and contributes 0 (entropy_term's rule),
-  // not 0 * (t + -inf * d) = NaN.
+  // alpha == 0: a's terms vanish (x e^x -> 0).  Not alpha * (...): for finite logits spanning
+  // more than FLT_MAX, shift * d overflows to -inf and 0 * -inf would make the entropy NaN.
   r.t = alpha == T(0) ? T(0) : alpha * (a.t + shift * a.d);
   r.dx = alpha * a.dx;
   r.s2x = alpha * alpha * a.s2x;

@@ -18,12 +18,14 @@ from .training import (
     IrreducibleLossStore,
     OnlineBatchSelector,
     SelectorStats,
+    TokenLossStore,
     constant_temperature,
     cosine_temperature,
     dataset_fingerprint,
     exponential_temperature,
     linear_temperature,
     split_halves,
+    token_fingerprint,
 )
 
 __version__ = "0.1.0"
@@ -32,6 +34,7 @@ __all__ = [
     "BACKENDS", "METHODS", "Selection", "available_backends", "score", "select",
     "select_mask", "select_sequences", "selective_cross_entropy",
     "IndexedDataset", "IrreducibleLossStore", "OnlineBatchSelector", "SelectorStats",
+    "TokenLossStore", "token_fingerprint",
     "constant_temperature", "cosine_temperature", "dataset_fingerprint", "exponential_temperature",
     "linear_temperature", "split_halves", "__version__",
 ]
