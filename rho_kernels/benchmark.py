@@ -30,6 +30,7 @@ import torch
 
 import rho_kernels as rk
 from rho_kernels import info
+from rho_kernels.tokens import kept_count
 
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -139,7 +140,7 @@ def bench_case(n: int, v: int, dtype: torch.dtype, device: torch.device, backend
     logits = (torch.randn(n, v, generator=g, dtype=torch.float32) * 3).to(dtype).to(device)
     targets = torch.randint(0, v, (n,), generator=g).to(device)
     il = (torch.rand(n, generator=g) * 2).to(device)
-    k = max(1, int(k_ratio * n))
+    k = kept_count(n, k_ratio)
     if op == "score":
         moved = logits.numel() * logits.element_size() + n * (8 + 4) + n * (4 + 4)
     else:
