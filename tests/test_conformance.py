@@ -177,12 +177,16 @@ def _layouts(dtype):
     wide = (torch.randn(40, v + 37, generator=g) * 2).to(dtype).to(DEVICE)
     tall = (torch.randn(v, 40, generator=g) * 2).to(dtype).to(DEVICE)
     t40 = torch.randint(0, v, (40,), generator=g).to(DEVICE)
+    # V > 2048 column-major: the CUDA kernel splits such rows over several column tiles and merges
+    tall_long = (torch.randn(4500, 40, generator=g) * 2).to(dtype).to(DEVICE)
+    t40_long = torch.randint(0, 4500, (40,), generator=g).to(DEVICE)
     il40 = torch.rand(40, generator=g).to(DEVICE)
     return [
         ("3d", base, tg, il),
         ("3d_transposed_bt", base.transpose(0, 1), tg.transpose(0, 1), il.transpose(0, 1)),
         ("row_stride_padded", wide[:, :v], t40, il40),  # row stride != V
         ("column_stride", tall.t(), t40, il40),  # V stride != 1
+        ("column_stride_long", tall_long.t(), t40_long, il40),
         ("every_other_row", wide[::2, 5 : 5 + v], t40[::2], il40[::2]),
         ("3d_sliced_vocab", torch.cat([base, base], -1)[..., 3 : 3 + v], tg, il),
         ("targets_int32", base, tg.to(torch.int32), il.to(torch.float16)),
