@@ -178,7 +178,11 @@ def select_sequences(
     num_seq, seq_len = p.lead_shape
     k = _contract.check_k(k, num_seq)
     score, _ = backends.get(resolve_names(backend, p.logits.device)[0]).score_rows(p)
-    counted = _nonignored(p)
+    return top_sequences(score, _nonignored(p), num_seq, seq_len, k)
+
+
+def top_sequences(score: Tensor, counted: Tensor, num_seq: int, seq_len: int, k: int) -> Selection:
+    """The ``k`` best sequences by the mean of their ``counted`` token scores (flat ``[B*T]``)."""
     # Mean over the non-ignored tokens (float64 sum: the mean is exact to float32 rounding).  A
     # NaN token score (NaN logits / reference loss, target out of range) makes the mean NaN.
     total = torch.where(counted, score.to(torch.float64), 0.0).view(num_seq, seq_len).sum(1)

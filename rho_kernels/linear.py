@@ -1,0 +1,367 @@
+"""Selection straight from hidden states and the LM head: the logits never exist in full.
+
+Public entry points (re-exported as ``rho_kernels.<name>``):
+
+* :func:`linear_score` -- :func:`rho_kernels.score` of ``hidden @ weight.T + bias``;
+* :func:`linear_select` -- :func:`rho_kernels.select` of those logits;
+* :func:`linear_select_sequences` -- :func:`rho_kernels.select_sequences` of those logits;
+* :func:`selective_linear_cross_entropy` -- :func:`rho_kernels.selective_cross_entropy` of those
+  logits, differentiable with respect to ``hidden``, ``weight`` and ``bias``.
+
+The logits these ops stand for are ``F.linear(hidden, weight, bias)``, computed in the inputs'
+dtype (fp32 accumulation, as ``F.linear`` does).  They are produced one chunk of rows at a time:
+per chunk ``F.linear`` then the backend's fused ``score_rows``, so the largest temporary is one
+``[chunk, V]`` block.  The loss saves only the per-row log-sum-exp and the selection mask; its
+backward recomputes each chunk's logits, turns them in place into ``row_scale * (softmax -
+onehot)`` with the backend's ``ce_grad_rows`` kernel and multiplies them into the gradients of
+``hidden`` (``[chunk, D]`` rows, written once), ``weight`` and ``bias`` (accumulated).  Every
+rule of the logits ops (methods, order, ties, ineligible rows, ratio, reductions) is theirs:
+the selection code is the same functions.
+
+No host synchronisation: the chunk count comes from shapes, ``k`` of the ratio rule stays on the
+device, and the ops trace under ``torch.compile(fullgraph=True)``.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from . import _contract, backends, reference, tokens
+from ._contract import FLOAT_DTYPES, RowProblem
+from .api import Selection
+
+__all__ = ["linear_score", "linear_select", "linear_select_sequences", "selective_linear_cross_entropy"]
+
+# Bytes of one [chunk, V] logits block when chunk_size is None: large enough that the matmul runs
+# at full speed, small next to the [N, V] logits it replaces.
+CHUNK_BUDGET_BYTES: dict[str, int] = {"cpu": 64 << 20, "cuda": 1 << 30}
+DEFAULT_CHUNK_BUDGET_BYTES = 256 << 20
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def _check_linear(hidden: Tensor, weight: Tensor, bias: Optional[Tensor]) -> None:
+    if not isinstance(hidden, Tensor):
+        raise TypeError(f"hidden must be a torch.Tensor, got {type(hidden).__name__}")
+    if not isinstance(weight, Tensor):
+        raise TypeError(f"weight must be a torch.Tensor, got {type(weight).__name__}")
+    if hidden.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"hidden must be float32, bfloat16, float16 or float64, got dtype {hidden.dtype}")
+    if hidden.dim() not in (2, 3):
+        raise ValueError(f"hidden must be [N, D] or [B, T, D], got shape {tuple(hidden.shape)} (rank {hidden.dim()})")
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be [V, D] (as nn.Linear stores it), got shape {tuple(weight.shape)}")
+    if weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(f"weight is [V, D] = {tuple(weight.shape)} but hidden has D = {hidden.shape[-1]} "
+                         f"(shape {tuple(hidden.shape)})")
+    if weight.dtype != hidden.dtype:
+        raise TypeError(f"weight dtype {weight.dtype} differs from hidden dtype {hidden.dtype}")
+    if weight.device != hidden.device:
+        raise ValueError(f"weight is on {weight.device} but hidden on {hidden.device}")
+    if bias is not None:
+        if not isinstance(bias, Tensor):
+            raise TypeError(f"bias must be a torch.Tensor or None, got {type(bias).__name__}")
+        if bias.shape != (weight.shape[0],):
+            raise ValueError(f"bias must be [V] = [{weight.shape[0]}], got shape {tuple(bias.shape)}")
+        if bias.dtype != hidden.dtype:
+            raise TypeError(f"bias dtype {bias.dtype} differs from hidden dtype {hidden.dtype}")
+        if bias.device != hidden.device:
+            raise ValueError(f"bias is on {bias.device} but hidden on {hidden.device}")
+
+
+def _check_lead(name: str, x, hidden: Tensor) -> None:
+    if isinstance(x, Tensor) and x.shape != hidden.shape[:-1]:
+        raise ValueError(f"{name} shape {tuple(x.shape)} does not match the leading dims "
+                         f"{tuple(hidden.shape[:-1])} of hidden {tuple(hidden.shape)}")
+
+
+def chunk_rows(num_rows: int, num_classes: int, dtype: torch.dtype, device: torch.device,
+               chunk_size: Optional[int]) -> int:
+    """Rows per logits block: ``chunk_size``, or as many as fit the device's memory budget."""
+    if chunk_size is None:
+        budget = CHUNK_BUDGET_BYTES.get(device.type, DEFAULT_CHUNK_BUDGET_BYTES)
+        per_row = max(1, num_classes) * torch.empty((), dtype=dtype).element_size()
+        chunk = budget // per_row
+    else:
+        if isinstance(chunk_size, bool) or not isinstance(chunk_size, int):
+            raise TypeError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+        if chunk_size < 1:
+            raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+        chunk = chunk_size
+    return max(1, min(chunk, max(num_rows, 1)))
+
+
+def _prepare(hidden, weight, targets, irreducible_loss, bias, method, ignore_index, il_name="irreducible_loss"):
+    """Validate and normalise: a RowProblem whose logits are a zero-storage stand-in of the
+    ``[*lead, V]`` logits (the checks read only their metadata; no chunk is computed yet)."""
+    _check_linear(hidden, weight, bias)
+    _check_lead("targets", targets, hidden)
+    _check_lead(il_name, irreducible_loss, hidden)
+    stand_in = torch.empty((), dtype=hidden.dtype, device=hidden.device).expand(*hidden.shape[:-1], weight.shape[0])
+    return _contract.prepare(stand_in, targets, irreducible_loss, method, ignore_index)
+
+
+def _ranges(num_rows: int, chunk: int) -> list[tuple[int, int]]:
+    return [(r0, min(num_rows, r0 + chunk)) for r0 in range(0, num_rows, chunk)]
+
+
+def _chunk_problem(p: RowProblem, logits: Tensor, r0: int, r1: int) -> RowProblem:
+    return p._replace(logits=logits, targets=p.targets[r0:r1], il=None if p.il is None else p.il[r0:r1],
+                      lead_shape=torch.Size([r1 - r0]), num_rows=r1 - r0)
+
+
+def _score_chunks(p: RowProblem, hidden: Tensor, weight: Tensor, bias: Optional[Tensor], chunk: int,
+                  backend_name: str) -> tuple[Tensor, Tensor]:
+    """Per-row (score, lse) of the whole problem, one logits block at a time (no autograd)."""
+    impl = backends.get(backend_name)
+    if p.method == _contract.METHOD_IDS["irreducible"]:
+        return impl.score_rows(p)  # reads no logit: score the stand-in, no matmul
+    n = p.num_rows
+    if n == 0:
+        return impl.score_rows(p)
+    h = hidden.detach().reshape(n, hidden.shape[-1])
+    w = weight.detach()
+    b = None if bias is None else bias.detach()
+    scores, lses = [], []
+    for r0, r1 in _ranges(n, chunk):
+        s, lse = impl.score_rows(_chunk_problem(p, F.linear(h[r0:r1], w, b), r0, r1))
+        scores.append(s)
+        lses.append(lse)
+    return torch.cat(scores), torch.cat(lses)
+
+
+# --------------------------------------------------------------------------- selection
+
+
+def linear_score(
+    hidden: Tensor,
+    weight: Tensor,
+    targets: Tensor,
+    irreducible_loss: Optional[Tensor] = None,
+    *,
+    bias: Optional[Tensor] = None,
+    method: str = "reducible",
+    ignore_index: int = -100,
+    chunk_size: Optional[int] = None,
+    backend: str = "auto",
+) -> Tensor:
+    """:func:`rho_kernels.score` of the logits ``F.linear(hidden, weight, bias)``, never materialised.
+
+    Args:
+        hidden: ``[N, D]`` or ``[B, T, D]`` float32/bfloat16/float16/float64.
+        weight: ``[V, D]`` in hidden's dtype, as ``nn.Linear`` stores an LM head.
+        targets, irreducible_loss, method, ignore_index, backend: as for :func:`rho_kernels.score`.
+        bias: ``[V]`` or None.
+        chunk_size: rows per logits block; None picks it from a per-device memory budget
+            (``CHUNK_BUDGET_BYTES``).
+
+    Returns:
+        float32 scores of shape ``targets.shape`` (not differentiable).
+    """
+    p = _prepare(hidden, weight, targets, irreducible_loss, bias, method, ignore_index)
+    chunk = chunk_rows(p.num_rows, p.num_classes, hidden.dtype, hidden.device, chunk_size)
+    name = tokens.resolve_names(backend, hidden.device)[0]
+    with torch.no_grad():
+        score, _ = _score_chunks(p, hidden, weight, bias, chunk, name)
+    return score.view(p.lead_shape)
+
+
+def linear_select(
+    hidden: Tensor,
+    weight: Tensor,
+    targets: Tensor,
+    irreducible_loss: Optional[Tensor],
+    k: int,
+    *,
+    bias: Optional[Tensor] = None,
+    method: str = "reducible",
+    ignore_index: int = -100,
+    chunk_size: Optional[int] = None,
+    backend: str = "auto",
+) -> Selection:
+    """:func:`rho_kernels.select` of the logits ``F.linear(hidden, weight, bias)``, never materialised.
+
+    Arguments are those of :func:`linear_score` plus ``k`` (``0 <= k <= N``).  Same order as
+    ``select``: score descending, ties to the lower flat row index, ineligible rows last and
+    flagged ``valid=False``.  No host synchronisation.
+    """
+    p = _prepare(hidden, weight, targets, irreducible_loss, bias, method, ignore_index)
+    k = _contract.check_k(k, p.num_rows)
+    chunk = chunk_rows(p.num_rows, p.num_classes, hidden.dtype, hidden.device, chunk_size)
+    name = tokens.resolve_names(backend, hidden.device)[0]
+    with torch.no_grad():
+        score, _ = _score_chunks(p, hidden, weight, bias, chunk, name)
+        eligible = reference.eligible_rows(p, score)
+        # Keys are unique and encode the whole ordering rule: their top k is the selection.
+        idx = torch.topk(tokens.ordering_key(score, eligible), k).indices
+    return Selection(idx, score[idx], eligible[idx])
+
+
+def linear_select_sequences(
+    hidden: Tensor,
+    weight: Tensor,
+    targets: Tensor,
+    reference_loss: Optional[Tensor],
+    k: int,
+    *,
+    bias: Optional[Tensor] = None,
+    method: str = "reducible",
+    ignore_index: int = -100,
+    chunk_size: Optional[int] = None,
+    backend: str = "auto",
+) -> Selection:
+    """:func:`rho_kernels.select_sequences` of ``F.linear(hidden, weight, bias)``, never materialised.
+
+    ``hidden`` must be ``[B, T, D]``; the ``k`` sequences with the highest mean token score over
+    their non-ignored tokens, in ``select``'s order (sequence-level RHO-LOSS with the default
+    ``method="reducible"`` and the reference model's per-token loss as ``reference_loss``).
+    """
+    tokens.check_reference_loss(targets, reference_loss, method)
+    p = _prepare(hidden, weight, targets, reference_loss, bias, method, ignore_index, "reference_loss")
+    if hidden.dim() != 3:
+        raise ValueError(f"linear_select_sequences needs [B, T, D] hidden states, got shape {tuple(hidden.shape)}")
+    num_seq, seq_len = p.lead_shape
+    k = _contract.check_k(k, num_seq)
+    chunk = chunk_rows(p.num_rows, p.num_classes, hidden.dtype, hidden.device, chunk_size)
+    name = tokens.resolve_names(backend, hidden.device)[0]
+    with torch.no_grad():
+        score, _ = _score_chunks(p, hidden, weight, bias, chunk, name)
+        return tokens.top_sequences(score, p.targets != p.ignore_index, num_seq, seq_len, k)
+
+
+# --------------------------------------------------------------------------- selective CE
+
+
+def _grad_accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    # Half-precision weight/bias gradients are sums over every chunk: accumulate them in float32
+    # so that the chunking adds no rounding of its own (one rounding at the end, as F.linear).
+    return torch.float32 if dtype in (torch.bfloat16, torch.float16) else dtype
+
+
+class _SelectiveLinearCE(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, reference_loss, ratio, ignore_index, reduction, chunk,
+                forward_name, grad_name):
+        p = _prepare(hidden, weight, targets, reference_loss, bias, "reducible", ignore_index)
+        n, d = p.num_rows, hidden.shape[-1]
+        h = hidden.reshape(n, d)
+        impl = backends.get(forward_name)
+        scores, lses, ces, eligibles = [], [], [], []
+        for r0, r1 in _ranges(n, chunk):
+            z = F.linear(h[r0:r1], weight, bias)
+            pc = _chunk_problem(p, z, r0, r1)
+            s, lse = impl.score_rows(pc)
+            e = reference.eligible_rows(pc, s)
+            # CE = lse - z_y in the accumulation dtype: the value the kernel subtracted IL from.
+            ces.append(lse - tokens.target_logits(z, pc.targets, e).to(lse.dtype))
+            scores.append(s)
+            lses.append(lse)
+            eligibles.append(e)
+        acc = _contract.lse_dtype(hidden.dtype)
+        if n == 0:
+            score = torch.empty((0,), dtype=torch.float32, device=hidden.device)
+            lse = ce = torch.empty((0,), dtype=acc, device=hidden.device)
+            eligible = torch.empty((0,), dtype=torch.bool, device=hidden.device)
+        else:
+            score, lse, ce, eligible = torch.cat(scores), torch.cat(lses), torch.cat(ces), torch.cat(eligibles)
+        mask = tokens.top_fraction_mask(score, eligible, p.targets != ignore_index, ratio)
+        ce = torch.where(mask, ce, torch.zeros_like(ce))
+        n_sel = mask.sum()
+        if reduction == "mean":
+            out = ce.sum() / n_sel.clamp_min(1).to(ce.dtype)
+        elif reduction == "sum":
+            out = ce.sum()
+        else:
+            out = ce.view(p.lead_shape)
+        ctx.save_for_backward(hidden, weight, bias, p.targets, lse, mask, n_sel)
+        ctx.config = (ignore_index, reduction, chunk, grad_name)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        hidden, weight, bias, targets, lse, mask, n_sel = ctx.saved_tensors
+        ignore_index, reduction, chunk, grad_name = ctx.config
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        n, d = targets.shape[0], hidden.shape[-1]
+        acc = lse.dtype
+        g = grad_out.to(acc)
+        if reduction == "mean":
+            g = g / n_sel.clamp_min(1).to(acc)
+        elif reduction == "none":
+            g = g.reshape(-1)
+        row_scale = torch.where(mask, g, torch.zeros_like(lse)).contiguous()
+        impl = backends.get(grad_name)
+        h = hidden.reshape(n, d)
+        grad_h = torch.empty_like(h) if need_h else None
+        w_acc = _grad_accumulation_dtype(weight.dtype)
+        grad_w = torch.zeros(weight.shape, dtype=w_acc, device=weight.device) if need_w else None
+        grad_b = torch.zeros(weight.shape[0], dtype=acc, device=weight.device) if need_b else None
+        # Under torch.compile the compiler owns buffer reuse; in-place only eagerly.
+        inplace = not _contract.is_compiling()
+        for r0, r1 in _ranges(n, chunk):
+            z = F.linear(h[r0:r1], weight, bias)
+            gz = impl.ce_grad_rows(z, targets[r0:r1], lse[r0:r1], row_scale[r0:r1], ignore_index, inplace)
+            if need_h:
+                # Exact zeros on unselected rows, even against non-finite weights.
+                grad_h[r0:r1] = torch.where(mask[r0:r1, None], gz @ weight, 0.0)
+            if need_w:
+                if w_acc == weight.dtype:
+                    grad_w.addmm_(gz.t(), h[r0:r1])
+                else:
+                    grad_w += gz.t() @ h[r0:r1]
+            if need_b:
+                grad_b += gz.sum(0, dtype=acc)
+        return (
+            None if grad_h is None else grad_h.view(hidden.shape),
+            None if grad_w is None else grad_w.to(weight.dtype),
+            None if grad_b is None else grad_b.to(bias.dtype),
+            None, None, None, None, None, None, None, None,
+        )
+
+
+def selective_linear_cross_entropy(
+    hidden: Tensor,
+    weight: Tensor,
+    targets: Tensor,
+    reference_loss: Tensor,
+    ratio: float,
+    *,
+    bias: Optional[Tensor] = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    chunk_size: Optional[int] = None,
+    backend: str = "auto",
+) -> Tensor:
+    """:func:`rho_kernels.selective_cross_entropy` of ``F.linear(hidden, weight, bias)``, never
+    materialising the logits or their gradient.
+
+    Keeps ``k = max(1, int(ratio * n))`` of the ``n`` non-ignored tokens by excess loss ``CE -
+    reference_loss`` (the order of ``select``) and returns their cross-entropy.  Differentiable
+    in ``hidden``, ``weight`` and ``bias``; unselected tokens get exact zeros in ``hidden``'s
+    gradient and add nothing to ``weight``'s / ``bias``'s.  Peak extra memory: one ``[chunk, V]``
+    block (forward and backward) plus the gradients themselves (a float32 accumulator for
+    half-precision ``weight``/``bias``).
+
+    Args:
+        hidden: ``[N, D]`` or ``[B, T, D]``; weight ``[V, D]``; bias ``[V]`` or None (one dtype).
+        targets, reference_loss, ratio, ignore_index, reduction, backend: as for
+            :func:`rho_kernels.selective_cross_entropy`.
+        chunk_size: rows per logits block; None picks it from the device's memory budget.
+
+    Returns:
+        float32 loss (float64 for float64 inputs): a scalar, or ``targets.shape`` for "none".
+    """
+    if reduction not in tokens.REDUCTIONS:
+        raise ValueError(f"reduction must be one of {list(tokens.REDUCTIONS)}, got {reduction!r}")
+    ratio = tokens.check_ratio(ratio)
+    tokens.check_reference_loss(targets, reference_loss)
+    p = _prepare(hidden, weight, targets, reference_loss, bias, "reducible", ignore_index, "reference_loss")
+    chunk = chunk_rows(p.num_rows, p.num_classes, hidden.dtype, hidden.device, chunk_size)
+    forward_name, grad_name = tokens.resolve_names(backend, hidden.device)
+    return _SelectiveLinearCE.apply(hidden, weight, bias, targets, reference_loss, ratio, ignore_index, reduction,
+                                    chunk, forward_name, grad_name)
