@@ -310,10 +310,12 @@ class _SelectiveLinearCE(torch.autograd.Function):
                 # Exact zeros on unselected rows, even against non-finite weights.
                 grad_h[r0:r1] = torch.where(mask[r0:r1, None], gz @ weight, 0.0)
             if need_w:
+                # Unselected rows add nothing, even a NaN/inf hidden state (0 * NaN would).
+                hc = torch.where(mask[r0:r1, None], h[r0:r1], 0.0)
                 if w_acc == weight.dtype:
-                    grad_w.addmm_(gz.t(), h[r0:r1])
+                    grad_w.addmm_(gz.t(), hc)
                 else:
-                    grad_w += gz.t() @ h[r0:r1]
+                    grad_w += gz.t() @ hc
             if need_b:
                 grad_b += gz.sum(0, dtype=acc)
         return (
