@@ -11,10 +11,11 @@ Public entry points (re-exported as ``rho_kernels.<name>``):
 The logits these ops stand for are ``F.linear(hidden, weight, bias)``, computed in the inputs'
 dtype (fp32 accumulation, as ``F.linear`` does).  They are produced one chunk of rows at a time:
 per chunk ``F.linear`` then the backend's fused ``score_rows``, so the largest temporary is one
-``[chunk, V]`` block.  The loss saves only the per-row log-sum-exp and the selection mask; its
-backward recomputes each chunk's logits, turns them in place into ``row_scale * (softmax -
-onehot)`` with the backend's ``ce_grad_rows`` kernel and multiplies them into the gradients of
-``hidden`` (``[chunk, D]`` rows, written once), ``weight`` and ``bias`` (accumulated).  Every
+``[chunk, V]`` block.  The loss saves only the per-row log-sum-exp and the selection; its
+backward recomputes the logits of the selected rows only (a fixed-size superset of them, so the
+backward costs ``ratio`` of a dense one), chunk by chunk, turns them in place into ``row_scale *
+(softmax - onehot)`` with the backend's ``ce_grad_rows`` kernel and multiplies them into the
+gradients of ``hidden`` (rows written once), ``weight`` and ``bias`` (accumulated).  Every
 rule of the logits ops (methods, order, ties, ineligible rows, ratio, reductions) is theirs:
 the selection code is the same functions.
 
@@ -24,6 +25,7 @@ device, and the ops trace under ``torch.compile(fullgraph=True)``.
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -278,13 +280,17 @@ class _SelectiveLinearCE(torch.autograd.Function):
             out = ce.sum()
         else:
             out = ce.view(p.lead_shape)
-        ctx.save_for_backward(hidden, weight, bias, p.targets, lse, mask, n_sel)
+        # The backward needs only the selected rows.  Their number k lives on the device; a fixed
+        # superset of max_selected(n, ratio) rows (the best by the ordering key, so every selected
+        # row is among them) keeps shapes static.  Ascending row order: a deterministic sum.
+        rows = torch.topk(tokens.ordering_key(score, eligible), max_selected(n, ratio)).indices.sort().values
+        ctx.save_for_backward(hidden, weight, bias, p.targets, lse, mask, n_sel, rows)
         ctx.config = (ignore_index, reduction, chunk, grad_name)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        hidden, weight, bias, targets, lse, mask, n_sel = ctx.saved_tensors
+        hidden, weight, bias, targets, lse, mask, n_sel, rows = ctx.saved_tensors
         ignore_index, reduction, chunk, grad_name = ctx.config
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         n, d = targets.shape[0], hidden.shape[-1]
@@ -294,24 +300,29 @@ class _SelectiveLinearCE(torch.autograd.Function):
             g = g / n_sel.clamp_min(1).to(acc)
         elif reduction == "none":
             g = g.reshape(-1)
-        row_scale = torch.where(mask, g, torch.zeros_like(lse)).contiguous()
+        row_scale = torch.where(mask, g, torch.zeros_like(lse))
         impl = backends.get(grad_name)
         h = hidden.reshape(n, d)
-        grad_h = torch.empty_like(h) if need_h else None
+        # Gather the candidate rows once: the logits are recomputed for them only.
+        sel_h, sel_t, sel_lse = h[rows], targets[rows], lse[rows]
+        sel_scale, sel_mask = row_scale[rows].contiguous(), mask[rows]
+        # Exact zeros on every unselected row: they are never written.
+        grad_h = torch.zeros_like(h) if need_h else None
         w_acc = _grad_accumulation_dtype(weight.dtype)
         grad_w = torch.zeros(weight.shape, dtype=w_acc, device=weight.device) if need_w else None
         grad_b = torch.zeros(weight.shape[0], dtype=acc, device=weight.device) if need_b else None
         # Under torch.compile the compiler owns buffer reuse; in-place only eagerly.
         inplace = not _contract.is_compiling()
-        for r0, r1 in _ranges(n, chunk):
-            z = F.linear(h[r0:r1], weight, bias)
-            gz = impl.ce_grad_rows(z, targets[r0:r1], lse[r0:r1], row_scale[r0:r1], ignore_index, inplace)
+        for r0, r1 in _ranges(rows.shape[0], chunk):
+            live = sel_mask[r0:r1, None]
+            z = F.linear(sel_h[r0:r1], weight, bias)
+            gz = impl.ce_grad_rows(z, sel_t[r0:r1], sel_lse[r0:r1], sel_scale[r0:r1], ignore_index, inplace)
             if need_h:
-                # Exact zeros on unselected rows, even against non-finite weights.
-                grad_h[r0:r1] = torch.where(mask[r0:r1, None], gz @ weight, 0.0)
+                # where(): zeros on candidates outside the selection, even against non-finite weights.
+                grad_h[rows[r0:r1]] = torch.where(live, gz @ weight, 0.0)
             if need_w:
-                # Unselected rows add nothing, even a NaN/inf hidden state (0 * NaN would).
-                hc = torch.where(mask[r0:r1, None], h[r0:r1], 0.0)
+                # Unselected candidates add nothing, even a NaN/inf hidden state (0 * NaN would).
+                hc = torch.where(live, sel_h[r0:r1], 0.0)
                 if w_acc == weight.dtype:
                     grad_w.addmm_(gz.t(), hc)
                 else:
@@ -324,6 +335,12 @@ class _SelectiveLinearCE(torch.autograd.Function):
             None if grad_b is None else grad_b.to(bias.dtype),
             None, None, None, None, None, None, None, None,
         )
+
+
+def max_selected(num_rows: int, ratio: float) -> int:
+    """A static upper bound of the number of tokens the ratio rule keeps out of ``num_rows``
+    (``k <= ratio * n`` rounded, ``n <= num_rows``; one row of slack for any rounding)."""
+    return min(num_rows, math.ceil(ratio * num_rows) + 1)
 
 
 def selective_linear_cross_entropy(
