@@ -308,12 +308,15 @@ class _SelectiveLinearCE(torch.autograd.Function):
         sel_scale, sel_mask = row_scale[rows].contiguous(), mask[rows]
         # Exact zeros on every unselected row: they are never written.
         grad_h = torch.zeros_like(h) if need_h else None
-        w_acc = _grad_accumulation_dtype(weight.dtype)
-        grad_w = torch.zeros(weight.shape, dtype=w_acc, device=weight.device) if need_w else None
+        ranges = _ranges(rows.shape[0], chunk)
+        # One chunk: the weight gradient is one matmul in the weight's dtype, as F.linear's.  More:
+        # a sum over chunks, accumulated in float32 for half-precision weights.
+        w_acc = weight.dtype if len(ranges) <= 1 else _grad_accumulation_dtype(weight.dtype)
+        grad_w = torch.zeros(weight.shape, dtype=w_acc, device=weight.device) if need_w and not ranges else None
         grad_b = torch.zeros(weight.shape[0], dtype=acc, device=weight.device) if need_b else None
         # Under torch.compile the compiler owns buffer reuse; in-place only eagerly.
         inplace = not _contract.is_compiling()
-        for r0, r1 in _ranges(rows.shape[0], chunk):
+        for i, (r0, r1) in enumerate(ranges):
             live = sel_mask[r0:r1, None]
             z = F.linear(sel_h[r0:r1], weight, bias)
             gz = impl.ce_grad_rows(z, sel_t[r0:r1], sel_lse[r0:r1], sel_scale[r0:r1], ignore_index, inplace)
@@ -323,7 +326,9 @@ class _SelectiveLinearCE(torch.autograd.Function):
             if need_w:
                 # Unselected candidates add nothing, even a NaN/inf hidden state (0 * NaN would).
                 hc = torch.where(live, sel_h[r0:r1], 0.0)
-                if w_acc == weight.dtype:
+                if i == 0:
+                    grad_w = (gz.t() @ hc).to(w_acc)  # no zero fill of a [V, D] buffer
+                elif w_acc == weight.dtype:
                     grad_w.addmm_(gz.t(), hc)
                 else:
                     grad_w += gz.t() @ hc
