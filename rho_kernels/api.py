@@ -32,7 +32,7 @@ from typing import NamedTuple, Optional
 import torch
 from torch import Tensor
 
-from . import _contract, backends
+from . import _contract, backends, reference, vocab_parallel
 from ._contract import METHODS
 
 __all__ = ["Selection", "score", "select", "available_backends", "METHODS", "BACKENDS"]
@@ -77,6 +77,8 @@ def score(
     method: str = "reducible",
     ignore_index: int = -100,
     backend: str = "auto",
+    process_group=None,
+    vocab_start_index: int = 0,
 ) -> Tensor:
     """Score every row of ``logits`` in one fused pass.
 
@@ -89,10 +91,17 @@ def score(
         method: one of ``METHODS`` (see the module docstring for formulas).
         ignore_index: rows whose target equals it score ``-inf``.
         backend: ``"auto"`` or one of :func:`available_backends`.
+        process_group, vocab_start_index: vocabulary parallel: ``logits`` holds the columns
+            ``[vocab_start_index, vocab_start_index + V_local)`` and every rank of the group gets
+            the scores of the full rows (see ``rho_kernels.vocab_parallel``; ``backend`` unused).
 
     Returns:
         float32 tensor of shape ``targets.shape``.
     """
+    vocab_parallel.check_shard(process_group, vocab_start_index)
+    if process_group is not None:
+        p = vocab_parallel.prepare(logits, targets, irreducible_loss, method, ignore_index)
+        return vocab_parallel.score_rows(p, vocab_start_index, process_group).score.view(p.lead_shape)
     p = _contract.prepare(logits, targets, irreducible_loss, method, ignore_index)
     s, _ = backends.resolve(backend, logits.device).score_rows(p)
     return s.view(p.lead_shape)
@@ -107,14 +116,23 @@ def select(
     method: str = "reducible",
     ignore_index: int = -100,
     backend: str = "auto",
+    process_group=None,
+    vocab_start_index: int = 0,
 ) -> Selection:
     """Score every row and return the top ``k`` (score descending, ties to the lower index).
 
     Arguments are those of :func:`score` plus ``k`` (``0 <= k <= N``, N = number of rows).
     No host synchronisation: usable under ``torch.compile(fullgraph=True)`` and CUDA graphs.
     Rows that are ineligible (ignored target, NaN score) come after every eligible row and
-    are flagged ``valid=False``.
+    are flagged ``valid=False``.  ``process_group``/``vocab_start_index``: as for :func:`score`.
     """
+    vocab_parallel.check_shard(process_group, vocab_start_index)
+    if process_group is not None:
+        p = vocab_parallel.prepare(logits, targets, irreducible_loss, method, ignore_index)
+        k = _contract.check_k(k, p.num_rows)
+        f = vocab_parallel.score_rows(p, vocab_start_index, process_group)
+        idx = reference.order_rows(f.score, f.eligible)[:k]
+        return Selection(idx, f.score[idx], f.eligible[idx])
     p = _contract.prepare(logits, targets, irreducible_loss, method, ignore_index)
     k = _contract.check_k(k, p.num_rows)
     indices, scores, valid = backends.resolve(backend, logits.device).select_rows(p, k)

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import _contract, backends, reference, tokens
+from . import _contract, backends, reference, tokens, vocab_parallel
 from ._contract import FLOAT_DTYPES, RowProblem
 from .api import Selection
 
@@ -98,14 +98,16 @@ def chunk_rows(num_rows: int, num_classes: int, dtype: torch.dtype, device: torc
     return max(1, min(chunk, max(num_rows, 1)))
 
 
-def _prepare(hidden, weight, targets, irreducible_loss, bias, method, ignore_index, il_name="irreducible_loss"):
+def _prepare(hidden, weight, targets, irreducible_loss, bias, method, ignore_index, il_name="irreducible_loss",
+             sharded=False):
     """Validate and normalise: a RowProblem whose logits are a zero-storage stand-in of the
     ``[*lead, V]`` logits (the checks read only their metadata; no chunk is computed yet)."""
     _check_linear(hidden, weight, bias)
     _check_lead("targets", targets, hidden)
     _check_lead(il_name, irreducible_loss, hidden)
     stand_in = torch.empty((), dtype=hidden.dtype, device=hidden.device).expand(*hidden.shape[:-1], weight.shape[0])
-    return _contract.prepare(stand_in, targets, irreducible_loss, method, ignore_index)
+    return (vocab_parallel.prepare if sharded else _contract.prepare)(stand_in, targets, irreducible_loss, method,
+                                                                      ignore_index)
 
 
 def _ranges(num_rows: int, chunk: int) -> list[tuple[int, int]]:
@@ -137,6 +139,36 @@ def _score_chunks(p: RowProblem, hidden: Tensor, weight: Tensor, bias: Optional[
     return torch.cat(scores), torch.cat(lses)
 
 
+def _score_chunks_sharded(p: RowProblem, hidden: Tensor, weight: Tensor, bias: Optional[Tensor], chunk: int,
+                          vocab_start: int, group) -> vocab_parallel.Finalized:
+    """Vocabulary parallel: this shard's partials chunk by chunk, then ONE exchange for all rows."""
+    n, d = p.num_rows, hidden.shape[-1]
+    h = hidden.detach().reshape(n, d)
+    w = weight.detach()
+    b = None if bias is None else bias.detach()
+    parts = [vocab_parallel.local_stats(F.linear(h[r0:r1], w, b), p.targets[r0:r1], vocab_start, p.method,
+                                        p.ignore_index) for r0, r1 in _ranges(n, chunk)]
+    stats = torch.cat(parts) if parts else torch.empty((0, vocab_parallel.NUM_STATS),
+                                                       dtype=_contract.lse_dtype(hidden.dtype), device=h.device)
+    return vocab_parallel.merge_and_finalize(vocab_parallel.exchange(stats, group), p.targets, p.il, p.method,
+                                             p.ignore_index)
+
+
+def _scores(hidden, weight, targets, il, bias, method, ignore_index, chunk_size, backend, process_group,
+            vocab_start_index, il_name="irreducible_loss") -> tuple[RowProblem, Tensor, Tensor]:
+    """(problem, score, eligible) of every row, sharded or not, without autograd."""
+    vocab_parallel.check_shard(process_group, vocab_start_index)
+    sharded = process_group is not None
+    p = _prepare(hidden, weight, targets, il, bias, method, ignore_index, il_name, sharded)
+    chunk = chunk_rows(p.num_rows, p.num_classes, hidden.dtype, hidden.device, chunk_size)
+    with torch.no_grad():
+        if sharded:
+            f = _score_chunks_sharded(p, hidden, weight, bias, chunk, vocab_start_index, process_group)
+            return p, f.score, f.eligible
+        score, _ = _score_chunks(p, hidden, weight, bias, chunk, tokens.resolve_names(backend, hidden.device)[0])
+        return p, score, reference.eligible_rows(p, score)
+
+
 # --------------------------------------------------------------------------- selection
 
 
@@ -151,6 +183,8 @@ def linear_score(
     ignore_index: int = -100,
     chunk_size: Optional[int] = None,
     backend: str = "auto",
+    process_group=None,
+    vocab_start_index: int = 0,
 ) -> Tensor:
     """:func:`rho_kernels.score` of the logits ``F.linear(hidden, weight, bias)``, never materialised.
 
@@ -161,15 +195,18 @@ def linear_score(
         bias: ``[V]`` or None.
         chunk_size: rows per logits block; None picks it from a per-device memory budget
             (``CHUNK_BUDGET_BYTES``).
+        process_group, vocab_start_index: vocabulary parallel (a tensor-parallel LM head):
+            ``weight``/``bias`` hold the rows ``[vocab_start_index, vocab_start_index + V_local)``
+            of the head; every rank of the group gets the scores of the full vocabulary after one
+            exchange (``rho_kernels.vocab_parallel``).  The same two arguments exist on every op
+            of this module; the loss then returns each rank's own gradient of ``weight``/``bias``
+            and this shard's share of ``hidden``'s gradient (the group's sum is the full one).
 
     Returns:
         float32 scores of shape ``targets.shape`` (not differentiable).
     """
-    p = _prepare(hidden, weight, targets, irreducible_loss, bias, method, ignore_index)
-    chunk = chunk_rows(p.num_rows, p.num_classes, hidden.dtype, hidden.device, chunk_size)
-    name = tokens.resolve_names(backend, hidden.device)[0]
-    with torch.no_grad():
-        score, _ = _score_chunks(p, hidden, weight, bias, chunk, name)
+    p, score, _ = _scores(hidden, weight, targets, irreducible_loss, bias, method, ignore_index, chunk_size, backend,
+                          process_group, vocab_start_index)
     return score.view(p.lead_shape)
 
 
@@ -185,6 +222,8 @@ def linear_select(
     ignore_index: int = -100,
     chunk_size: Optional[int] = None,
     backend: str = "auto",
+    process_group=None,
+    vocab_start_index: int = 0,
 ) -> Selection:
     """:func:`rho_kernels.select` of the logits ``F.linear(hidden, weight, bias)``, never materialised.
 
@@ -192,13 +231,12 @@ def linear_select(
     ``select``: score descending, ties to the lower flat row index, ineligible rows last and
     flagged ``valid=False``.  No host synchronisation.
     """
-    p = _prepare(hidden, weight, targets, irreducible_loss, bias, method, ignore_index)
+    if isinstance(targets, Tensor):
+        _contract.check_k(k, targets.numel())  # before any matmul
+    p, score, eligible = _scores(hidden, weight, targets, irreducible_loss, bias, method, ignore_index, chunk_size,
+                                 backend, process_group, vocab_start_index)
     k = _contract.check_k(k, p.num_rows)
-    chunk = chunk_rows(p.num_rows, p.num_classes, hidden.dtype, hidden.device, chunk_size)
-    name = tokens.resolve_names(backend, hidden.device)[0]
     with torch.no_grad():
-        score, _ = _score_chunks(p, hidden, weight, bias, chunk, name)
-        eligible = reference.eligible_rows(p, score)
         # Keys are unique and encode the whole ordering rule: their top k is the selection.
         idx = torch.topk(tokens.ordering_key(score, eligible), k).indices
     return Selection(idx, score[idx], eligible[idx])
@@ -216,6 +254,8 @@ def linear_select_sequences(
     ignore_index: int = -100,
     chunk_size: Optional[int] = None,
     backend: str = "auto",
+    process_group=None,
+    vocab_start_index: int = 0,
 ) -> Selection:
     """:func:`rho_kernels.select_sequences` of ``F.linear(hidden, weight, bias)``, never materialised.
 
@@ -224,15 +264,15 @@ def linear_select_sequences(
     ``method="reducible"`` and the reference model's per-token loss as ``reference_loss``).
     """
     tokens.check_reference_loss(targets, reference_loss, method)
-    p = _prepare(hidden, weight, targets, reference_loss, bias, method, ignore_index, "reference_loss")
-    if hidden.dim() != 3:
+    if isinstance(hidden, Tensor) and hidden.dim() != 3:
         raise ValueError(f"linear_select_sequences needs [B, T, D] hidden states, got shape {tuple(hidden.shape)}")
+    if isinstance(hidden, Tensor):
+        _contract.check_k(k, hidden.shape[0])  # before any matmul
+    p, score, _ = _scores(hidden, weight, targets, reference_loss, bias, method, ignore_index, chunk_size, backend,
+                          process_group, vocab_start_index, "reference_loss")
     num_seq, seq_len = p.lead_shape
     k = _contract.check_k(k, num_seq)
-    chunk = chunk_rows(p.num_rows, p.num_classes, hidden.dtype, hidden.device, chunk_size)
-    name = tokens.resolve_names(backend, hidden.device)[0]
     with torch.no_grad():
-        score, _ = _score_chunks(p, hidden, weight, bias, chunk, name)
         return tokens.top_sequences(score, p.targets != p.ignore_index, num_seq, seq_len, k)
 
 
@@ -248,13 +288,14 @@ def _grad_accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
 class _SelectiveLinearCE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, reference_loss, ratio, ignore_index, reduction, chunk,
-                forward_name, grad_name):
-        p = _prepare(hidden, weight, targets, reference_loss, bias, "reducible", ignore_index)
+                forward_name, grad_name, vocab_start, group):
+        p = _prepare(hidden, weight, targets, reference_loss, bias, "reducible", ignore_index,
+                     sharded=group is not None)
         n, d = p.num_rows, hidden.shape[-1]
         h = hidden.reshape(n, d)
         impl = backends.get(forward_name)
         scores, lses, ces, eligibles = [], [], [], []
-        for r0, r1 in _ranges(n, chunk):
+        for r0, r1 in _ranges(n, chunk) if group is None else ():
             z = F.linear(h[r0:r1], weight, bias)
             pc = _chunk_problem(p, z, r0, r1)
             s, lse = impl.score_rows(pc)
@@ -265,7 +306,10 @@ class _SelectiveLinearCE(torch.autograd.Function):
             lses.append(lse)
             eligibles.append(e)
         acc = _contract.lse_dtype(hidden.dtype)
-        if n == 0:
+        if group is not None:  # vocabulary parallel: merged partials of every rank
+            f = _score_chunks_sharded(p, hidden, weight, bias, chunk, vocab_start, group)
+            score, lse, eligible, ce = f.score, f.lse, f.eligible, f.lse - f.target_logit
+        elif n == 0:
             score = torch.empty((0,), dtype=torch.float32, device=hidden.device)
             lse = ce = torch.empty((0,), dtype=acc, device=hidden.device)
             eligible = torch.empty((0,), dtype=torch.bool, device=hidden.device)
@@ -285,13 +329,13 @@ class _SelectiveLinearCE(torch.autograd.Function):
         # row is among them) keeps shapes static.  Ascending row order: a deterministic sum.
         rows = torch.topk(tokens.ordering_key(score, eligible), max_selected(n, ratio)).indices.sort().values
         ctx.save_for_backward(hidden, weight, bias, p.targets, lse, mask, n_sel, rows)
-        ctx.config = (ignore_index, reduction, chunk, grad_name)
+        ctx.config = (ignore_index, reduction, chunk, grad_name, vocab_start, group)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
         hidden, weight, bias, targets, lse, mask, n_sel, rows = ctx.saved_tensors
-        ignore_index, reduction, chunk, grad_name = ctx.config
+        ignore_index, reduction, chunk, grad_name, vocab_start, group = ctx.config
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         n, d = targets.shape[0], hidden.shape[-1]
         acc = lse.dtype
@@ -319,7 +363,11 @@ class _SelectiveLinearCE(torch.autograd.Function):
         for i, (r0, r1) in enumerate(ranges):
             live = sel_mask[r0:r1, None]
             z = F.linear(sel_h[r0:r1], weight, bias)
-            gz = impl.ce_grad_rows(z, sel_t[r0:r1], sel_lse[r0:r1], sel_scale[r0:r1], ignore_index, inplace)
+            if group is None:
+                gz = impl.ce_grad_rows(z, sel_t[r0:r1], sel_lse[r0:r1], sel_scale[r0:r1], ignore_index, inplace)
+            else:  # this shard's columns
+                gz = vocab_parallel.ce_grad_rows(z, sel_t[r0:r1], sel_lse[r0:r1], sel_scale[r0:r1], ignore_index,
+                                                 vocab_start)
             if need_h:
                 # where(): zeros on candidates outside the selection, even against non-finite weights.
                 grad_h[rows[r0:r1]] = torch.where(live, gz @ weight, 0.0)
@@ -338,7 +386,7 @@ class _SelectiveLinearCE(torch.autograd.Function):
             None if grad_h is None else grad_h.view(hidden.shape),
             None if grad_w is None else grad_w.to(weight.dtype),
             None if grad_b is None else grad_b.to(bias.dtype),
-            None, None, None, None, None, None, None, None,
+            None, None, None, None, None, None, None, None, None, None,
         )
 
 
@@ -360,6 +408,8 @@ def selective_linear_cross_entropy(
     reduction: str = "mean",
     chunk_size: Optional[int] = None,
     backend: str = "auto",
+    process_group=None,
+    vocab_start_index: int = 0,
 ) -> Tensor:
     """:func:`rho_kernels.selective_cross_entropy` of ``F.linear(hidden, weight, bias)``, never
     materialising the logits or their gradient.
@@ -384,8 +434,10 @@ def selective_linear_cross_entropy(
         raise ValueError(f"reduction must be one of {list(tokens.REDUCTIONS)}, got {reduction!r}")
     ratio = tokens.check_ratio(ratio)
     tokens.check_reference_loss(targets, reference_loss)
-    p = _prepare(hidden, weight, targets, reference_loss, bias, "reducible", ignore_index, "reference_loss")
+    vocab_parallel.check_shard(process_group, vocab_start_index)
+    p = _prepare(hidden, weight, targets, reference_loss, bias, "reducible", ignore_index, "reference_loss",
+                 sharded=process_group is not None)
     chunk = chunk_rows(p.num_rows, p.num_classes, hidden.dtype, hidden.device, chunk_size)
     forward_name, grad_name = tokens.resolve_names(backend, hidden.device)
     return _SelectiveLinearCE.apply(hidden, weight, bias, targets, reference_loss, ratio, ignore_index, reduction,
-                                    chunk, forward_name, grad_name)
+                                    chunk, forward_name, grad_name, vocab_start_index, process_group)
