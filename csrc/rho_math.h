@@ -127,7 +127,9 @@ RHO_HD RowAcc<T> acc_rescale(const RowAcc<T>& a, T m) {
   RowAcc<T> r;
   r.m = m;
   r.d = alpha * a.d;
-  r.t = alpha * (a.t + shift * a.d);
+  // alpha == 0: a's terms vanish (x e^x -> 0).  Not alpha * (...): for finite logits spanning
+  // more than FLT_MAX, shift * d overflows to -inf and 0 * -inf would make the entropy NaN.
+  r.t = alpha == T(0) ? T(0) : alpha * (a.t + shift * a.d);
   r.dx = alpha * a.dx;
   r.s2x = alpha * alpha * a.s2x;
   return r;

@@ -21,12 +21,14 @@ from .training import (
     IrreducibleLossStore,
     OnlineBatchSelector,
     SelectorStats,
+    TokenLossStore,
     constant_temperature,
     cosine_temperature,
     dataset_fingerprint,
     exponential_temperature,
     linear_temperature,
     split_halves,
+    token_fingerprint,
 )
 
 __version__ = "0.1.0"
@@ -36,6 +38,7 @@ __all__ = [
     "select_mask", "select_sequences", "selective_cross_entropy",
     "linear_score", "linear_select", "linear_select_sequences", "selective_linear_cross_entropy",
     "IndexedDataset", "IrreducibleLossStore", "OnlineBatchSelector", "SelectorStats",
+    "TokenLossStore", "token_fingerprint",
     "constant_temperature", "cosine_temperature", "dataset_fingerprint", "exponential_temperature",
     "linear_temperature", "split_halves", "__version__",
 ]
