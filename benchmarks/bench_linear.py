@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
@@ -107,6 +108,7 @@ def main() -> None:
     ap.add_argument("--v", type=int, default=32000)
     ap.add_argument("--dtypes", nargs="+", default=list(DTYPES))
     ap.add_argument("--tasks", nargs="+", default=list(VARIANTS))
+    ap.add_argument("--only", nargs="+", default=None, help="run only these variants (ratios need the baseline)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--ratio", type=float, default=0.6, help="Rho-1 keep ratio of the loss")
     ap.add_argument("--k-ratio", type=float, default=0.1, help="k / N of the selection")
@@ -129,6 +131,8 @@ def main() -> None:
     for dtype_name in args.dtypes:
         for task in args.tasks:
             for variant in VARIANTS[task]:
+                if args.only and variant not in args.only:
+                    continue
                 cmd = [sys.executable, os.path.abspath(__file__), "--n", str(args.n), "--d", str(args.d), "--v",
                        str(args.v), "--repeats", str(args.repeats), "--ratio", str(args.ratio), "--k-ratio",
                        str(args.k_ratio), "--child", task, f"{variant}|{dtype_name}"]
@@ -142,8 +146,11 @@ def main() -> None:
                       f"peak extra {row['peak_extra_bytes'] / 2**20:8.0f} MiB", flush=True)
     # Ratios against the materialised path with the fused op (the second variant of each task).
     for row in rows:
-        base = next(r for r in rows if r["dtype"] == row["dtype"] and r["task"] == row["task"]
-                    and r["variant"] == VARIANTS[row["task"]][1])
+        base = next((r for r in rows if r["dtype"] == row["dtype"] and r["task"] == row["task"]
+                     and r["variant"] == VARIANTS[row["task"]][1]), None)
+        if base is None:
+            row["time_vs_materialised"] = row["memory_vs_materialised"] = math.nan
+            continue
         row["time_vs_materialised"] = row["ms"] / base["ms"]
         row["memory_vs_materialised"] = (row["peak_extra_bytes"] / base["peak_extra_bytes"]
                                          if base["peak_extra_bytes"] else None)

@@ -40,8 +40,10 @@ __all__ = ["linear_score", "linear_select", "linear_select_sequences", "selectiv
 
 # Bytes of one [chunk, V] logits block when chunk_size is None: large enough that the matmul runs
 # at full speed, small next to the [N, V] logits it replaces.
-CHUNK_BUDGET_BYTES: dict[str, int] = {"cpu": 64 << 20, "cuda": 1 << 30}
+CHUNK_BUDGET_BYTES: dict[str, int] = {"cpu": 32 << 20, "cuda": 1 << 30}
 DEFAULT_CHUNK_BUDGET_BYTES = 256 << 20
+# Vocabulary rows per update of a float32 weight-gradient accumulator.
+_W_SLICE = 4096
 
 
 # --------------------------------------------------------------------------- validation
@@ -379,7 +381,10 @@ class _SelectiveLinearCE(torch.autograd.Function):
                 elif w_acc == weight.dtype:
                     grad_w.addmm_(gz.t(), hc)
                 else:
-                    grad_w += gz.t() @ hc
+                    # Half-precision products added to the float32 sum a vocabulary slice at a
+                    # time: no [V, D] temporary.
+                    for v0 in range(0, weight.shape[0], _W_SLICE):
+                        grad_w[v0:v0 + _W_SLICE] += gz[:, v0:v0 + _W_SLICE].t() @ hc
             if need_b:
                 grad_b += gz.sum(0, dtype=acc)
         return (

@@ -97,7 +97,7 @@ def test_default_chunk_from_budget(backend, monkeypatch):
     """chunk_size=None takes the chunk from the budget; a budget of a few rows still gives the
     same answer as one block."""
     h, w, b, targets, il = exact_inputs((40,), 300, torch.float32)
-    assert linear.chunk_rows(40, 300, torch.float32, h.device, None) == 40  # 64 MiB: one block
+    assert linear.chunk_rows(40, 300, torch.float32, h.device, None) == 40  # 32 MiB: one block
     one_block = rk.linear_score(h, w, targets, il, bias=b, backend=backend)
     monkeypatch.setitem(linear.CHUNK_BUDGET_BYTES, DEVICE.type, 3 * 300 * 4)
     assert linear.chunk_rows(40, 300, torch.float32, h.device, None) == 3
@@ -296,6 +296,15 @@ def test_loss_shapes_and_bias(grad_impl, lead, with_bias):
     h, w, b, targets, il = exact_inputs(lead, v, torch.float32, seed=2, bias=with_bias)
     for chunk in (1, 7, None):
         _compare_loss(h, w, b, targets, il, 0.3, "mean", grad_impl, chunk, f"{grad_impl}/{lead}/c{chunk}")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_half_precision_weight_gradient_in_vocabulary_slices(dtype, monkeypatch):
+    """Several chunks: the float32 weight-gradient sum is updated a vocabulary slice at a time."""
+    monkeypatch.setattr(linear, "_W_SLICE", 7)
+    h, w, b, targets, il = _loss_case(dtype, v=60)
+    _compare_loss(h, w, b, targets, il, 0.5, "sum", "cpu" if backends.grad_unavailable_reason("cpu", DEVICE) is None
+                  else "reference", 4, f"{dtype}/slices")
 
 
 def test_only_selected_rows_reach_the_weight(grad_impl):
