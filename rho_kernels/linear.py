@@ -39,8 +39,10 @@ from .api import Selection
 __all__ = ["linear_score", "linear_select", "linear_select_sequences", "selective_linear_cross_entropy"]
 
 # Bytes of one [chunk, V] logits block when chunk_size is None: large enough that the matmul runs
-# at full speed, small next to the [N, V] logits it replaces.
-CHUNK_BUDGET_BYTES: dict[str, int] = {"cpu": 32 << 20, "cuda": 1 << 30}
+# at full speed, small next to the [N, V] logits it replaces.  CPU: above glibc's largest mmap
+# threshold (32 MiB), so that every freed block goes back to the OS; 32 MiB blocks measured a
+# 2-8x higher peak RSS (heap fragmentation, benchmarks/results/linear_cpu_*_budget32.json).
+CHUNK_BUDGET_BYTES: dict[str, int] = {"cpu": 64 << 20, "cuda": 1 << 30}
 DEFAULT_CHUNK_BUDGET_BYTES = 256 << 20
 # Vocabulary rows per update of a float32 weight-gradient accumulator.
 _W_SLICE = 4096

@@ -97,7 +97,7 @@ def test_default_chunk_from_budget(backend, monkeypatch):
     """chunk_size=None takes the chunk from the budget; a budget of a few rows still gives the
     same answer as one block."""
     h, w, b, targets, il = exact_inputs((40,), 300, torch.float32)
-    assert linear.chunk_rows(40, 300, torch.float32, h.device, None) == 40  # 32 MiB: one block
+    assert linear.chunk_rows(40, 300, torch.float32, h.device, None) == 40  # 64 MiB: one block
     one_block = rk.linear_score(h, w, targets, il, bias=b, backend=backend)
     monkeypatch.setitem(linear.CHUNK_BUDGET_BYTES, DEVICE.type, 3 * 300 * 4)
     assert linear.chunk_rows(40, 300, torch.float32, h.device, None) == 3
