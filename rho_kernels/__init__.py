@@ -2,7 +2,8 @@
 
 Public names only; where they live:
 
-* ``api`` -- row ops: ``score``, ``select``, ``Selection``, ``available_backends``;
+* ``api`` -- row ops: ``score``, ``select``, ``Selection``, ``available_backends``
+  (``help(rho_kernels.score)`` lists the methods and their formulas);
 * ``tokens`` -- Rho-1 token ops: ``select_mask``, ``select_sequences``, ``selective_cross_entropy``;
 * ``linear`` -- the same ops from hidden states and the LM head, without materialising the logits:
   ``linear_score``, ``linear_select``, ``linear_select_sequences``, ``selective_linear_cross_entropy``;
@@ -13,6 +14,7 @@ Below them, the op layer: ``_contract`` (validation), ``reference`` (the definit
 ``backends`` (one module per backend).
 """
 
+from ._version import __version__
 from .api import BACKENDS, METHODS, Selection, available_backends, score, select
 from .tokens import select_mask, select_sequences, selective_cross_entropy
 from .linear import linear_score, linear_select, linear_select_sequences, selective_linear_cross_entropy
@@ -30,8 +32,6 @@ from .training import (
     split_halves,
     token_fingerprint,
 )
-
-__version__ = "0.1.0"
 
 __all__ = [
     "BACKENDS", "METHODS", "Selection", "available_backends", "score", "select",
