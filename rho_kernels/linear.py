@@ -421,8 +421,9 @@ def selective_linear_cross_entropy(
     """:func:`rho_kernels.selective_cross_entropy` of ``F.linear(hidden, weight, bias)``, never
     materialising the logits or their gradient.
 
-    Keeps ``k = max(1, int(ratio * n))`` of the ``n`` non-ignored tokens by excess loss ``CE -
-    reference_loss`` (the order of ``select``) and returns their cross-entropy.  Differentiable
+    Keeps ``k`` of the ``n`` non-ignored tokens (the ratio rule of ``selective_cross_entropy``)
+    by excess loss ``CE - reference_loss`` (the order of ``select``) and returns their
+    cross-entropy.  Differentiable
     in ``hidden``, ``weight`` and ``bias``; unselected tokens get exact zeros in ``hidden``'s
     gradient and add nothing to ``weight``'s / ``bias``'s.  Peak extra memory: one ``[chunk, V]``
     block (forward and backward) plus the gradients themselves (a float32 accumulator for
