@@ -45,12 +45,17 @@ def score_rows(p: RowProblem) -> tuple[Tensor, Tensor]:
         lse = torch.full((p.num_rows,), math.nan, dtype=acc, device=t.device)
     else:
         z = row_logits(p)
-        # log-sum-exp with the header's special values: NaN anywhere -> NaN, +inf -> +inf,
-        # all -inf -> -inf (amax propagates NaN).
+        # Everything relative to the row max m, as csrc/rho_math.h does: z - lse would lose
+        # what lse's rounding absorbs (the log 2 of [3.4e38, 3.4e38, -3.4e38, 0]).  Special
+        # values of the header: NaN anywhere -> NaN (amax propagates NaN), +inf -> +inf,
+        # all -inf -> -inf.
         m = z.amax(dim=-1)
         m_finite = torch.isfinite(m)
         shift = torch.where(m_finite, m, torch.zeros_like(m))
-        lse = torch.where(m_finite, shift + torch.exp(z - shift[:, None]).sum(-1).log(), m)
+        zs = z - shift[:, None]  # <= 0; -inf where a finite row spans more than the dtype's max
+        e = torch.exp(zs)
+        d = e.sum(-1)
+        lse = torch.where(m_finite, shift + d.log(), m)
         safe_t = torch.where(ignored | out_of_range, torch.zeros_like(t), t)
         z_y = z.gather(1, safe_t[:, None]).squeeze(1)
         ce = lse - z_y
@@ -60,13 +65,14 @@ def score_rows(p: RowProblem) -> tuple[Tensor, Tensor]:
                 assert p.il is not None
                 score = ce - p.il.to(acc)
         else:
-            prob = torch.exp(z - lse[:, None])
+            prob = e / d[:, None]
             if method == "gradnorm":
                 onehot = torch.zeros_like(prob)
                 onehot.scatter_(1, safe_t[:, None], 1.0)
                 score = torch.linalg.vector_norm(prob - onehot, dim=-1)
-            else:  # entropy; a -inf logit is an impossible class and contributes 0
-                plogp = torch.where(z == -math.inf, torch.zeros_like(z), prob * (z - lse[:, None]))
+            else:  # entropy: a class with p = 0 (a -inf logit, or e = 0) contributes 0, not 0 * -inf
+                log_prob = zs - d.log()[:, None]
+                plogp = torch.where(e == 0, torch.zeros_like(z), prob * log_prob)
                 score = -plogp.sum(-1)
             score = torch.where(torch.isfinite(lse), score, nan)
     score = torch.where(out_of_range, nan, score)

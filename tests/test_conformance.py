@@ -186,6 +186,8 @@ def _layouts(dtype):
         ("every_other_row", wide[::2, 5 : 5 + v], t40[::2], il40[::2]),
         ("3d_sliced_vocab", torch.cat([base, base], -1)[..., 3 : 3 + v], tg, il),
         ("targets_int32", base, tg.to(torch.int32), il.to(torch.float16)),
+        # V the slowest axis, rows adjacent: [B, T, V] with strides (T, 1, B*T)
+        ("3d_vocab_major", (torch.randn(v, b, t, generator=g) * 2).to(dtype).to(DEVICE).permute(1, 2, 0), tg, il),
     ]
 
 
@@ -290,6 +292,57 @@ def test_special_values_semantics():
     row = logits[3][torch.isfinite(logits[3])]
     want = torch.logsumexp(row, 0) - logits[3, targets[3]]
     assert abs(s["loss"][3] - want.item()) < 1e-5
+
+
+# Finite rows whose logits span more than the float max: z - m overflows to -inf for the small
+# logits (their e = 0 and they contribute 0 to every sum, also to the entropy's e * (z - m)),
+# and lse's rounding absorbs log d.  Expected scores worked by hand from the softmax relative
+# to the row max (p below).
+EXTREME_ROWS = [  # (logits, target, il)
+    ([3e38, -3e38, 0.0, 1.0], 2, 0.5),  # p = (1, 0, 0, 0)
+    ([3.4e38, 3.4e38, -3.4e38, 0.0], 3, 0.25),  # p = (1/2, 1/2, 0, 0)
+    ([-3e38] * 4, 1, 1.0),  # p = (1/4, 1/4, 1/4, 1/4)
+    ([-3e38, 1.0, 0.0, 3e38], 3, 2.0),  # p = (0, 0, 0, 1); the max comes last (a rescale)
+]
+EXTREME_EXPECTED = {
+    "entropy": [0.0, math.log(2), math.log(4), 0.0],
+    # ||p - onehot(y)||
+    "gradnorm": [math.sqrt(1 + 1), math.sqrt(0.25 + 0.25 + 1), math.sqrt(3 / 16 + 9 / 16), 0.0],
+    # CE = lse - z_y.  Row 2: the exact CE is log 4, but lse = -3e38 + log 4 rounds to -3e38 in
+    # fp32 and fp64 alike, so CE = lse - z_y gives 0 on every backend: compared with the truth.
+    "loss": [3e38 - 0.0, 3.4e38 - 0.0, None, 3e38 - 3e38],
+}
+EXTREME_EXPECTED["reducible"] = [
+    None if ce is None else ce - il for ce, (_, _, il) in zip(EXTREME_EXPECTED["loss"], EXTREME_ROWS)]
+SPREAD_V = 4 * 4096 + 1  # spread: the four logits in different blocks / chunks / splits
+SPREAD_COLS = [0, 4100, 8200, SPREAD_V - 1]
+
+
+def _extreme_inputs(dtype, spread: bool):
+    rows = torch.tensor([r for r, _, _ in EXTREME_ROWS], dtype=torch.float64)
+    targets = torch.tensor([t for _, t, _ in EXTREME_ROWS])
+    il = torch.tensor([i for _, _, i in EXTREME_ROWS])
+    if spread:  # the other columns are -inf: impossible classes, same scores
+        wide = torch.full((len(EXTREME_ROWS), SPREAD_V), -math.inf, dtype=torch.float64)
+        wide[:, SPREAD_COLS] = rows
+        rows, targets = wide, torch.tensor(SPREAD_COLS)[targets]
+    return rows.to(dtype).to(DEVICE), targets.to(DEVICE), il.to(DEVICE)
+
+
+@pytest.mark.parametrize("spread", [False, True], ids=["v4", "spread"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("method", ["reducible", "loss", "gradnorm", "entropy"])
+def test_rows_spanning_more_than_float_max(backend, method, dtype, spread):
+    logits, targets, il = _extreme_inputs(dtype, spread)
+    truth = truth_scores(logits, targets, il, method).cpu()
+    got = rk.score(logits, targets, il, method=method, backend=backend).cpu().double()
+    for i, want in enumerate(EXTREME_EXPECTED[method]):
+        want = truth[i].item() if want is None else want
+        # the reference (in fp64, the suite's truth) is the definition: it must be right too
+        assert truth[i].item() == pytest.approx(want, rel=1e-6, abs=1e-6), f"truth, row {i}"
+        assert got[i].item() == pytest.approx(want, rel=1e-6, abs=1e-6), f"{backend}, row {i}: {got[i]}"
+    sel = rk.select(logits, targets, il, 4, method=method, backend=backend)
+    assert_selection_consistent(sel, got.float(), eligible_of(targets, got, logits.shape[-1]), 4, method)
 
 
 # --------------------------------------------------------------------------- ties

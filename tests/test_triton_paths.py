@@ -42,6 +42,7 @@ PATHS = {
     "whole_row": dict(fused=False, cand=False, block_r=1, block_v=64),
     "chunked_v": dict(fused=False, cand=False, block_r=1, block_v=16),
     "split_v": dict(fused=False, cand=True, cand_block=16, block_r=1, block_v=8, split=3),
+    "tile_split_v": dict(fused=False, cand=False, block_r=8, block_v=8, split=3),  # rows x V split
 }
 
 
@@ -141,10 +142,13 @@ def _layouts(n_b=2, n_t=3, v=37):
     yield "transposed", torch.randn(v, n_b * n_t, generator=g).t()  # stride_v = N
     yield "3d_t_slice", torch.randn(n_b, 2 * n_t, v, generator=g)[:, ::2]  # stride_t = 2V
     yield "expanded", torch.randn(1, v, generator=g).expand(n_b * n_t, v)  # stride_b = 0: all ties
+    # rows adjacent in memory, V-stride = N (>= 16 rows): the column-tile geometry
+    yield "column_major", torch.randn(v, 40, generator=g).t()
+    yield "3d_column_major", torch.randn(v, 4, 5, generator=g).permute(1, 2, 0)  # strides (5, 1, 20)
 
 
-@pytest.mark.parametrize("path", ["fused_ticket", "split_v"] if ON_GPU else
-                         ["fused_one_program", "fused_ticket", "split_v", "chunked_v"])
+@pytest.mark.parametrize("path", ["fused_ticket", "split_v", "tile_split_v"] if ON_GPU else
+                         ["fused_one_program", "fused_ticket", "split_v", "tile_split_v", "chunked_v"])
 @pytest.mark.parametrize("method", ["reducible", "gradnorm", "entropy"])
 def test_layouts(path, method):
     for name, logits in _layouts():
@@ -222,10 +226,12 @@ def test_default_plan_heuristics(monkeypatch):
             return ts._plan(t, n, v), ts._use_fused(t, n)
 
     p, fused = plan(320, 10, torch.float32)
-    assert (p.block_r, p.block_v, p.split, fused) == (128, 16, 1, True)
+    assert (p.block_r, p.block_v, p.split, fused) == (32, 16, 1, True)
     assert 320 * 10 <= ts.ONE_PROGRAM_MAX_ELEMS  # [320, 10]: one program, one launch
-    p, fused = plan(3200, 1000, torch.float32)
+    p, fused = plan(1000, 1000, torch.float32)
     assert (p.block_r, p.block_v, p.split, fused) == (4, 1024, 1, True)
+    p, fused = plan(3200, 1000, torch.float32)  # beyond FUSED_MAX_ROWS: two stages
+    assert (p.block_r, p.block_v, p.split, fused) == (4, 1024, 1, False)
     p, fused = plan(4096, 4096, torch.bfloat16)
     assert (p.block_r, p.block_v, p.split) == (1, 4096, 1)
     p, fused = plan(16384, 128256, torch.bfloat16)
@@ -296,3 +302,26 @@ def test_int64_offsets():
     torch.testing.assert_close(score[tail], want, rtol=1e-4, atol=1e-4)
     sel = rk.select(x, y, il, 5, backend="triton")
     assert torch.equal(sel.indices, reference.order_rows(score, torch.ones_like(y, dtype=torch.bool))[:5])
+
+
+@pytest.mark.parametrize("method", ["loss", "gradnorm", "entropy"])
+@pytest.mark.parametrize("path", ["fused_chunked_v", "chunked_v", "split_v", "fused_one_program"])
+def test_rows_spanning_more_than_float_max(path, method):
+    """The running max jumps by more than FLT_MAX between chunks (or splits): the old partial
+    is rescaled by exp(-inf) = 0 and must contribute 0, not 0 * -inf = NaN (rho::acc_rescale).
+    Expected values worked by hand from the softmax relative to the row max."""
+    x = torch.full((4, 37), -INF)  # -inf: impossible classes, no effect on the scores
+    x[0, [0, 20, 36]] = torch.tensor([-3e38, 3e38, 0.0])  # p = (0, 1, 0)
+    x[1, [0, 17, 33]] = torch.tensor([-3.4e38, 3.4e38, 3.4e38])  # p = (0, 1/2, 1/2)
+    x[2] = -3e38  # p = 1/37 everywhere
+    x[3] = torch.randn(37, generator=torch.Generator().manual_seed(7))
+    y = torch.tensor([36, 0, 5, 3])
+    il = torch.tensor([0.5, 0.25, 1.0, 2.0])
+    score, _, _ = check(x.to(DEVICE), y.to(DEVICE), il.to(DEVICE), method, 4, **PATHS[path])
+    want = {
+        "entropy": [0.0, math.log(2), math.log(37)],
+        "gradnorm": [math.sqrt(2), math.sqrt(1 + 0.5), math.sqrt(36 / 37**2 + (36 / 37) ** 2)],
+        "loss": [3e38, INF, 0.0],  # lse - z_y: 3e38 - 0; 3.4e38 + 3.4e38; row 2 loses log 37 to lse's rounding
+    }[method]
+    got = score.cpu()[:3].tolist()
+    assert got == pytest.approx(want, rel=1e-6, abs=1e-6), got

@@ -14,6 +14,7 @@ triton is imported).
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -33,6 +34,14 @@ def unavailable_reason(device: torch.device) -> str | None:
             return None
         return "Triton runs on CPU tensors only with TRITON_INTERPRET=1 set before triton is imported"
     return f"Triton kernels run on CUDA tensors, got tensors on {device}"
+
+
+def _device_guard(device: torch.device):
+    """Makes ``device`` the current CUDA device for a launch: Triton launches on the current
+    device (and its current stream), which need not be the tensors' one.  No-op off CUDA."""
+    if device.type == "cuda":
+        return torch.cuda.device(device)
+    return contextlib.nullcontext()
 
 
 @triton.jit
@@ -82,15 +91,16 @@ def _launch(logits: Tensor, out: Tensor, targets: Tensor, lse: Tensor, row_scale
     t_len, z_sb, z_st, z_sv = _row_layout(logits, n)
     _, o_sb, o_st, o_sv = _row_layout(out, n)
     grid = (n, triton.cdiv(v, block))
-    wrap_triton(_ce_grad_rows_kernel)[grid](
-        logits, out, targets, lse, row_scale,
-        v, t_len,
-        z_sb, z_st, z_sv,
-        o_sb, o_st, o_sv,
-        ignore_index,
-        BLOCK=block,
-        num_warps=8 if block >= 2048 else 4,
-    )
+    with _device_guard(logits.device):  # Triton launches on the current device, not the tensor's
+        wrap_triton(_ce_grad_rows_kernel)[grid](
+            logits, out, targets, lse, row_scale,
+            v, t_len,
+            z_sb, z_st, z_sv,
+            o_sb, o_st, o_sv,
+            ignore_index,
+            BLOCK=block,
+            num_warps=8 if block >= 2048 else 4,
+        )
 
 
 @triton_op("rho_kernels::ce_grad_rows_triton", mutates_args=())

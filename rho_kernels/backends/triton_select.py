@@ -8,9 +8,11 @@ Launch paths, chosen from shapes only (no host sync, so the choice traces under 
 * score kernel: a ``[BLOCK_R, BLOCK_V]`` tile per program, looping over V in BLOCK_V chunks with
   an online accumulator.  Small V: several rows per program, the whole row in one chunk;
   medium V: one row per program, whole row in one load; large V: one row, chunked.
-* split-V: few rows with a large V.  Programs ``(row block, split)`` write partial accumulators
-  ``(m, d, t, dx, s2x)`` to a workspace, a merge kernel combines them and finalises.
-* select, small problems (N <= 4096, no split): ONE launch.  Every program scores its rows,
+  Column-major logits (V-stride != 1, consecutive rows adjacent, e.g. ``[V, N].t()``): tiles
+  of up to 64 rows x a V chunk, the rows being the coalesced axis.
+* split-V: few row blocks with a large V.  Programs ``(row block, split)`` write partial
+  accumulators ``(m, d, t, dx, s2x)`` to a workspace, a merge kernel combines them and finalises.
+* select, small problems (N <= 1024, no split): ONE launch.  Every program scores its rows,
   writes score and 64-bit key to a small scratch buffer, and the last program to finish (an
   atomic ticket) sorts all keys on chip and writes the top k.  The ticket counter needs a
   4-byte zero fill before the kernel; when the problem is tiny (N*V <= 65536, e.g. [320, 10])
@@ -20,6 +22,14 @@ Launch paths, chosen from shapes only (no host sync, so the choice traces under 
   ``torch.topk`` on the int64 keys, i.e. a radix select (no k-sized sorting network), so a
   large k (10% of a million rows) stays fast.
 
+Bit-exactness: every path that scores rows (score kernel, split-V, fused select) uses the same
+plan -- BLOCK_R, BLOCK_V, num_warps, split -- so ``Selection.scores`` is bit-identical to
+``score()[indices]``.  The plan depends on the shape, dtype and strides and on a notional SM
+count (``PLAN_SMS``), never on the GPU: the same inputs give the same bits on every GPU model.
+It does depend on the batch: rows of a small batch with a large V are split over V (a
+different summation order), so a row's last bits can differ between a batch of 4 and one of
+4096 (and between a contiguous and a column-major copy of the same logits).
+
 Keys: the signed-int64 image of rho::select_key (same order): high word = order-preserving
 int32 image of the fp32 score (-0 read as +0), or INT32_MIN for an ineligible row; low word =
 0xFFFFFFFF - row.  Keys are unique, so the order is total and deterministic.
@@ -28,7 +38,6 @@ int32 image of the fp32 score (-0 read as +0), or INT32_MIN for an ineligible ro
 from __future__ import annotations
 
 import contextlib
-import functools
 import os
 from typing import Iterator, NamedTuple, Optional
 
@@ -40,6 +49,7 @@ from torch.library import triton_op, wrap_triton  # torch >= 2.6
 
 from .._contract import RowProblem, lse_dtype
 from . import triton_ce_grad
+from .triton_ce_grad import _device_guard
 
 NAME = "triton"
 
@@ -138,12 +148,14 @@ def _stats(logits_ptr, row_off, rmask, y, v_lo, v_hi, stride_v,
         same = m_new == m
         shift = m - m_new
         alpha = tl.where(same, 1.0, _exp(shift, IS_F64))
-        z = x - m_new[:, None]
-        ninf = x == float("-inf")
-        e = tl.where(ninf, 0.0, _exp(z, IS_F64))  # a -inf logit contributes exactly 0
+        z = x - m_new[:, None]  # -inf where the row spans more than FLT_MAX: e = 0 then
+        e = tl.where(x == float("-inf"), 0.0, _exp(z, IS_F64))  # a -inf logit contributes 0
         if METHOD == 4:
-            t_old = tl.where(same | (d == 0), t, alpha * (t + shift * d))
-            t = t_old + tl.sum(tl.where(ninf, 0.0, e * z), axis=1)
+            # rho::entropy_term and acc_rescale: a term whose e (or alpha) is 0 contributes 0,
+            # not 0 * -inf = NaN.  (e != 0 implies z > -104, so no clamp of z is needed.)
+            t_old = tl.where(same | (d == 0), t,
+                             tl.where(alpha == 0, 0.0, alpha * (t + shift * d)))
+            t = t_old + tl.sum(tl.where(e == 0, 0.0, e * z), axis=1)
         if METHOD == 3:
             ex = tl.where(cols[None, :] == y[:, None], 0.0, e)  # the target is excluded
             dx = dx * alpha + tl.sum(ex, axis=1)
@@ -288,7 +300,9 @@ def _split_merge_kernel(logits_ptr, tgt_ptr, il_ptr, score_ptr, lse_ptr, key_ptr
     keep = (ms == m[:, None]) | (ds == 0)
     alpha = tl.where(keep, 1.0, _exp(shift, IS_F64))
     d = tl.sum(alpha * ds, axis=1)
-    t = tl.sum(tl.where(ds == 0, 0.0, alpha * (ts + tl.where(keep, 0.0, shift) * ds)), axis=1)
+    # alpha == 0 (a partial more than FLT_MAX below the max): contributes 0 (rho::acc_rescale)
+    t = tl.sum(tl.where((ds == 0) | (alpha == 0), 0.0,
+                        alpha * (ts + tl.where(keep, 0.0, shift) * ds)), axis=1)
     dx = tl.sum(alpha * dxs, axis=1)
     s2x = tl.sum(alpha * alpha * s2xs, axis=1)
     y, ignored, oor, ok = _targets(tgt_ptr, rows, rmask, V, ignore_index)
@@ -339,11 +353,13 @@ def _fused_select_kernel(logits_ptr, tgt_ptr, il_ptr, score_ptr, key_ptr, counte
                          METHOD: tl.constexpr, IS_F64: tl.constexpr,
                          BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr, N_P2: tl.constexpr,
                          ONE_PROGRAM: tl.constexpr):
-    """The whole select in one launch (N <= N_P2 <= 4096 rows)."""
+    """The whole select in one launch (N <= N_P2 <= FUSED_MAX_ROWS rows).  Launched with the
+    score kernel's BLOCK_R, BLOCK_V and num_warps, so every row is reduced in the same order
+    and its score is bit-identical to ``score()``'s."""
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
-    for rb in range(pid * BLOCK_R, N, nprog * BLOCK_R):
-        rows = rb + tl.arange(0, BLOCK_R).to(tl.int64)
+    for rb in range(pid, tl.cdiv(N, BLOCK_R), nprog):
+        rows = rb * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)  # N <= FUSED_MAX_ROWS
         score, lse, key, rmask = _score_block(
             logits_ptr, tgt_ptr, il_ptr, rows, N, V, T, stride_b, stride_t, stride_v,
             ignore_index, METHOD, IS_F64, BLOCK_R, BLOCK_V)
@@ -380,11 +396,18 @@ def _block_topk_kernel(key_ptr, cand_ptr, N, kc, CB: tl.constexpr):
 # Private knobs for tests: force a path or small blocks (see _override).
 _OVERRIDES: dict = {}
 
-FUSED_MAX_ROWS = 4096  # the single-launch select sorts all keys of one problem on chip
+# The single-launch select sorts all keys of one problem on chip (tl.sort) in its last program.
+# At 4096 int64 keys that sort dominated the kernel (registers of the whole streaming kernel,
+# serial tail on one SM); at <= 1024 keys it stays cheap.  Larger problems take two stages.
+FUSED_MAX_ROWS = 1024
 ONE_PROGRAM_MAX_ELEMS = 1 << 16  # below this a single program is cheaper than a ticket
 CAND_MAX_K = 256  # per-block candidates pay off only for small k
 CAND_BLOCK = 2048
 MAX_SPLIT = 64
+# The plan uses this notional SM count, never the device's: a row's reduction order (and so
+# its score's last bits) must not depend on which GPU model runs it.
+PLAN_SMS = 132
+COLUMN_MIN_ROWS = 16  # column tiles need at least a sector's worth of rows per column
 
 
 @contextlib.contextmanager
@@ -408,28 +431,45 @@ class _Plan(NamedTuple):
     num_warps: int
 
 
-@functools.lru_cache(maxsize=None)
-def _sm_count(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
+def _sms() -> int:
+    return _OVERRIDES.get("sms", PLAN_SMS)
 
 
-def _sms(device: torch.device) -> int:
-    if "sms" in _OVERRIDES:
-        return _OVERRIDES["sms"]
-    if device.type == "cuda":
-        return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
-    return 4  # interpreter: small grids
+def _rows_contiguous(logits: Tensor) -> bool:
+    """Flat row r starts at element r: the rows are the fast axis (e.g. ``[V, N].t()``)."""
+    if logits.dim() == 2:
+        return logits.stride(0) == 1
+    b, t = logits.shape[0], logits.shape[1]
+    return (t == 1 or logits.stride(1) == 1) and (b == 1 or logits.stride(0) == t)
+
+
+def _column_major(logits: Tensor) -> bool:
+    """Read in tiles of rows x columns with the rows as the fast (coalesced) axis: the V stride
+    is not 1 but consecutive rows are adjacent.  From strides only (no host sync)."""
+    n = logits.numel() // max(logits.shape[-1], 1)
+    return (logits.shape[-1] > 1 and logits.stride(-1) != 1 and n >= COLUMN_MIN_ROWS
+            and _rows_contiguous(logits))
 
 
 def _plan(logits: Tensor, n: int, v: int) -> _Plan:
-    """Block sizes by V (no autotuning: one heuristic table, no slow first calls)."""
+    """Block sizes by V and layout (no autotuning: one heuristic table, no slow first calls).
+    Every launch that scores rows (score, split-V, fused select) uses this plan, so a row's
+    reduction order is the same on every path."""
     esize = logits.element_size()
     v_p2 = _p2(v)
     whole_max = {8: 4096, 4: 8192, 2: 16384}.get(esize, 8192)
     chunk = {8: 2048, 4: 4096, 2: 8192}.get(esize, 4096)
-    if v_p2 <= 1024:  # small V: 2-D tile of rows
+    column = _column_major(logits)
+    if column:  # V-stride != 1, rows adjacent: [rows, V chunk] tiles, rows the fast axis
+        block_r = min(64, _p2(n))
+        block_v = 4096 // block_r
+        warps = 4
+    elif v_p2 <= 1024:  # small V: 2-D tile of rows
+        # Each thread keeps the accumulators of every row it touches: tiles of up to 512
+        # logits keep that <= 8 rows per thread, <= 96 registers at sm_90 (4096-logit tiles
+        # took 164-255 registers and spilled at [64, 64]).
         block_v = v_p2
-        block_r = max(1, min(128, 4096 // v_p2))
+        block_r = min(128, max(4, 512 // v_p2))
         warps = 4
     elif v_p2 <= whole_max:  # medium V: the whole row in one load
         block_v, block_r = v_p2, 1
@@ -440,14 +480,16 @@ def _plan(logits: Tensor, n: int, v: int) -> _Plan:
     block_r = _OVERRIDES.get("block_r", block_r)
     block_v = _OVERRIDES.get("block_v", block_v)
     nchunks = triton.cdiv(v, block_v)
+    row_blocks = triton.cdiv(n, block_r)
     split = 1
-    sms = _sms(logits.device)
-    if block_r == 1 and nchunks >= 4 and n < 2 * sms:  # few rows, large V: split V too
-        if "block_v" not in _OVERRIDES:  # smaller chunks: more programs per row
+    sms = _sms()
+    long_rows = nchunks >= 4 and (not column or v > 8192)
+    if long_rows and row_blocks < 2 * sms:  # few row blocks, long rows: split V too
+        if not column and "block_v" not in _OVERRIDES:  # smaller chunks: more programs per row
             block_v = max(1024, block_v // 4)
             nchunks = triton.cdiv(v, block_v)
             warps = 4
-        split = min(MAX_SPLIT, nchunks, triton.cdiv(4 * sms, max(n, 1)))
+        split = min(MAX_SPLIT, nchunks, triton.cdiv(4 * sms, max(row_blocks, 1)))
     split = min(_OVERRIDES.get("split", split), nchunks)
     split = max(split, 1)
     v_per_split = triton.cdiv(nchunks, split) * block_v
@@ -462,63 +504,56 @@ def _p2(x) -> int:
 
 
 def _geometry(logits: Tensor) -> tuple[int, int, int, int]:
-    """(T, stride_b, stride_t, stride_v) so that row r = (r // T, r % T) of [B, T, V]."""
+    """(T, stride_b, stride_t, stride_v) so that row r = (r // T, r % T) of [B, T, V].  Rows
+    that are adjacent in memory are passed as (1, 1, 0, stride_v): Triton specialises the 1s,
+    so the kernel sees row offset = r and coalesces the loads along the rows."""
+    if _column_major(logits):
+        return 1, 1, 0, logits.stride(-1)
     if logits.dim() == 3:
         return logits.shape[1], logits.stride(0), logits.stride(1), logits.stride(2)
     return 1, logits.stride(0), 0, logits.stride(1)
+
+
+def _launch(kernel, grid, device: torch.device, *args, **kwargs) -> None:
+    """The one place this backend launches a kernel: on ``device``, through wrap_triton."""
+    with _device_guard(device):
+        wrap_triton(kernel)[grid](*args, **kwargs)
 
 
 def _launch_scores(logits: Tensor, targets: Tensor, il: Optional[Tensor], method: int,
                    ignore_index: int, score: Tensor, lse: Tensor, key: Tensor) -> None:
     n = targets.shape[0]
     v = logits.shape[-1]
+    dev = logits.device
     plan = _plan(logits, n, v)
     T, sb, st, sv = _geometry(logits)
     is_f64 = logits.dtype == torch.float64
     il_arg = il if il is not None else score  # never read by methods without IL
     if plan.split == 1 or method == _M_IRREDUCIBLE:
         grid = (triton.cdiv(n, plan.block_r), 1)
-        wrap_triton(_score_kernel)[grid](
-            logits, targets, il_arg, score, lse, key, score,
-            n, v, T, sb, st, sv, ignore_index, 0,
-            METHOD=method, IS_F64=is_f64, BLOCK_R=plan.block_r, BLOCK_V=plan.block_v,
-            SPLIT=1, num_warps=plan.num_warps)
+        _launch(_score_kernel, grid, dev,
+                logits, targets, il_arg, score, lse, key, score,
+                n, v, T, sb, st, sv, ignore_index, 0,
+                METHOD=method, IS_F64=is_f64, BLOCK_R=plan.block_r, BLOCK_V=plan.block_v,
+                SPLIT=1, num_warps=plan.num_warps)
         return
-    ws = torch.empty((n * plan.split * 5,), dtype=lse_dtype(logits.dtype), device=logits.device)
+    ws = torch.empty((n * plan.split * 5,), dtype=lse_dtype(logits.dtype), device=dev)
     grid = (triton.cdiv(n, plan.block_r), plan.split)
-    wrap_triton(_score_kernel)[grid](
-        logits, targets, il_arg, score, lse, key, ws,
-        n, v, T, sb, st, sv, ignore_index, plan.v_per_split,
-        METHOD=method, IS_F64=is_f64, BLOCK_R=plan.block_r, BLOCK_V=plan.block_v,
-        SPLIT=plan.split, num_warps=plan.num_warps)
+    _launch(_score_kernel, grid, dev,
+            logits, targets, il_arg, score, lse, key, ws,
+            n, v, T, sb, st, sv, ignore_index, plan.v_per_split,
+            METHOD=method, IS_F64=is_f64, BLOCK_R=plan.block_r, BLOCK_V=plan.block_v,
+            SPLIT=plan.split, num_warps=plan.num_warps)
     merge_r = 16
-    wrap_triton(_split_merge_kernel)[(triton.cdiv(n, merge_r),)](
-        logits, targets, il_arg, score, lse, key, ws,
-        n, v, T, sb, st, sv, ignore_index,
-        METHOD=method, IS_F64=is_f64, BLOCK_R=merge_r,
-        SPLIT=plan.split, SPLIT_P2=_p2(plan.split), num_warps=4)
+    _launch(_split_merge_kernel, (triton.cdiv(n, merge_r),), dev,
+            logits, targets, il_arg, score, lse, key, ws,
+            n, v, T, sb, st, sv, ignore_index,
+            METHOD=method, IS_F64=is_f64, BLOCK_R=merge_r,
+            SPLIT=plan.split, SPLIT_P2=_p2(plan.split), num_warps=4)
 
 
-# ----------------------------------------------------------------------------------------------
-# Ops.  On GPU: torch.library.triton_op, so torch.compile sees the kernels themselves (through
-# wrap_triton) and Inductor schedules them; kernels launch on the current stream.  Under the
-# interpreter wrap_triton cannot trace interpreted kernels, so the same bodies are registered
-# as opaque custom ops with shape-only fake implementations instead.
-# ----------------------------------------------------------------------------------------------
-
-_INTERPRETED = _interpreter_requested()
-
-
-def _op(name: str):
-    if _INTERPRETED:
-        return torch.library.custom_op(name, mutates_args=())
-    return triton_op(name, mutates_args=())
-
-
-@_op("rho_kernels::triton_score_rows")
-def triton_score_rows(logits: Tensor, targets: Tensor, il: Optional[Tensor], method: int,
-                      ignore_index: int) -> tuple[Tensor, Tensor]:
-    """Per-row score (float32 [N]) and lse ([N], float64 for float64 logits)."""
+def _score_rows_impl(logits: Tensor, targets: Tensor, il: Optional[Tensor], method: int,
+                     ignore_index: int) -> tuple[Tensor, Tensor]:
     n = targets.shape[0]
     score = torch.empty((n,), dtype=torch.float32, device=logits.device)
     lse = torch.empty((n,), dtype=lse_dtype(logits.dtype), device=logits.device)
@@ -535,10 +570,8 @@ def _use_fused(logits: Tensor, n: int) -> bool:
     return n <= FUSED_MAX_ROWS and _plan(logits, n, logits.shape[-1]).split == 1
 
 
-@_op("rho_kernels::triton_select_rows")
-def triton_select_rows(logits: Tensor, targets: Tensor, il: Optional[Tensor], k: int,
-                       method: int, ignore_index: int) -> tuple[Tensor, Tensor, Tensor]:
-    """Top-k rows: (indices int64 [k], scores float32 [k], valid bool [k])."""
+def _select_rows_impl(logits: Tensor, targets: Tensor, il: Optional[Tensor], k: int,
+                      method: int, ignore_index: int) -> tuple[Tensor, Tensor, Tensor]:
     dev = logits.device
     n = targets.shape[0]
     v = logits.shape[-1]
@@ -550,21 +583,21 @@ def triton_select_rows(logits: Tensor, targets: Tensor, il: Optional[Tensor], k:
     key = torch.empty((n,), dtype=torch.int64, device=dev)
     il_arg = il if il is not None else score
     if _use_fused(logits, n):
+        # Same plan (blocks and warps) as score(): the fused scores are bit-identical to it.
         plan = _plan(logits, n, v)
         nblocks = triton.cdiv(n, plan.block_r)
         one = _OVERRIDES.get("one_program", nblocks == 1 or n * v <= ONE_PROGRAM_MAX_ELEMS)
-        nprog = 1 if one else min(nblocks, 8 * _sms(dev))
+        nprog = 1 if one else min(nblocks, 8 * _sms())
         # the ticket counter must start at 0 (a 4-byte memset; not needed with one program)
         counter = torch.zeros((1,), dtype=torch.int32, device=dev) if not one else key
         out_valid8 = torch.empty((k,), dtype=torch.int8, device=dev)
         T, sb, st, sv = _geometry(logits)
-        wrap_triton(_fused_select_kernel)[(nprog,)](
-            logits, targets, il_arg, score, key, counter, out_idx, out_score, out_valid8,
-            n, v, T, sb, st, sv, ignore_index, k,
-            METHOD=method, IS_F64=logits.dtype == torch.float64,
-            BLOCK_R=plan.block_r, BLOCK_V=plan.block_v,
-            N_P2=max(16, _p2(n)), ONE_PROGRAM=one,
-            num_warps=8 if one else plan.num_warps)
+        _launch(_fused_select_kernel, (nprog,), dev,
+                logits, targets, il_arg, score, key, counter, out_idx, out_score, out_valid8,
+                n, v, T, sb, st, sv, ignore_index, k,
+                METHOD=method, IS_F64=logits.dtype == torch.float64,
+                BLOCK_R=plan.block_r, BLOCK_V=plan.block_v,
+                N_P2=max(16, _p2(n)), ONE_PROGRAM=one, num_warps=plan.num_warps)
         return out_idx, out_score, out_valid8.view(torch.bool)
     lse = torch.empty((n,), dtype=lse_dtype(logits.dtype), device=dev)
     _launch_scores(logits, targets, il, method, ignore_index, score, lse, key)
@@ -573,13 +606,43 @@ def triton_select_rows(logits: Tensor, targets: Tensor, il: Optional[Tensor], k:
     if use_cand and k <= cb:
         nb = triton.cdiv(n, cb)
         cand = torch.empty((nb * k,), dtype=torch.int64, device=dev)
-        wrap_triton(_block_topk_kernel)[(nb,)](key, cand, n, k, CB=cb, num_warps=8)
+        _launch(_block_topk_kernel, (nb,), dev, key, cand, n, k, CB=cb, num_warps=8)
         key = cand
     # Keys are unique, so torch.topk (a radix select on int64) gives one deterministic order.
     top = torch.topk(key, k, sorted=True).values
     rows = 4294967295 - (top & 4294967295)
     valid = (top >> 32) != _INT32_MIN
     return rows, score[rows], valid
+
+
+# ----------------------------------------------------------------------------------------------
+# Ops.  On GPU: torch.library.triton_op, so torch.compile sees the kernels themselves (through
+# wrap_triton) and Inductor schedules them; kernels launch on the current stream of the
+# logits' device.  Under the interpreter wrap_triton cannot trace interpreted kernels, so the
+# same bodies are registered as opaque custom ops with shape-only fake implementations instead.
+# ----------------------------------------------------------------------------------------------
+
+_INTERPRETED = _interpreter_requested()
+
+
+def _op(name: str):
+    if _INTERPRETED:
+        return torch.library.custom_op(name, mutates_args=())
+    return triton_op(name, mutates_args=())
+
+
+@_op("rho_kernels::triton_score_rows")
+def triton_score_rows(logits: Tensor, targets: Tensor, il: Optional[Tensor], method: int,
+                      ignore_index: int) -> tuple[Tensor, Tensor]:
+    """Per-row score (float32 [N]) and lse ([N], float64 for float64 logits)."""
+    return _score_rows_impl(logits, targets, il, method, ignore_index)
+
+
+@_op("rho_kernels::triton_select_rows")
+def triton_select_rows(logits: Tensor, targets: Tensor, il: Optional[Tensor], k: int,
+                       method: int, ignore_index: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Top-k rows: (indices int64 [k], scores float32 [k], valid bool [k])."""
+    return _select_rows_impl(logits, targets, il, k, method, ignore_index)
 
 
 if _INTERPRETED:
