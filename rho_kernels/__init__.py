@@ -5,6 +5,8 @@ Public names only; where they live:
 * ``api`` -- row ops: ``score``, ``select``, ``Selection``, ``available_backends``
   (``help(rho_kernels.score)`` lists the methods and their formulas);
 * ``tokens`` -- Rho-1 token ops: ``select_mask``, ``select_sequences``, ``selective_cross_entropy``;
+* ``linear`` -- the same ops from hidden states and the LM head, without materialising the logits:
+  ``linear_score``, ``linear_select``, ``linear_select_sequences``, ``selective_linear_cross_entropy``;
 * ``training`` -- irreducible-loss store, batch selector, distributed selection (built on the
   public op API only).
 
@@ -15,6 +17,7 @@ Below them, the op layer: ``_contract`` (validation), ``reference`` (the definit
 from ._version import __version__
 from .api import BACKENDS, METHODS, Selection, available_backends, score, select
 from .tokens import select_mask, select_sequences, selective_cross_entropy
+from .linear import linear_score, linear_select, linear_select_sequences, selective_linear_cross_entropy
 from .training import (
     IndexedDataset,
     IrreducibleLossStore,
@@ -33,6 +36,7 @@ from .training import (
 __all__ = [
     "BACKENDS", "METHODS", "Selection", "available_backends", "score", "select",
     "select_mask", "select_sequences", "selective_cross_entropy",
+    "linear_score", "linear_select", "linear_select_sequences", "selective_linear_cross_entropy",
     "IndexedDataset", "IrreducibleLossStore", "OnlineBatchSelector", "SelectorStats",
     "TokenLossStore", "token_fingerprint",
     "constant_temperature", "cosine_temperature", "dataset_fingerprint", "exponential_temperature",

@@ -24,7 +24,7 @@ from typing import NamedTuple, Optional
 import torch
 from torch import Tensor
 
-from . import _autograd, _contract, backends
+from . import _autograd, _contract, backends, reference, vocab_parallel
 from ._contract import METHODS
 
 __all__ = ["Selection", "score", "select", "available_backends", "METHODS", "BACKENDS"]
@@ -69,6 +69,8 @@ def score(
     method: str = "reducible",
     ignore_index: int = -100,
     backend: str = "auto",
+    process_group=None,
+    vocab_start_index: int = 0,
 ) -> Tensor:
     """Score every row of ``logits`` in one fused pass.
 
@@ -95,6 +97,9 @@ def score(
         method: one of ``METHODS`` (table above).
         ignore_index: rows whose target equals it score ``-inf``.
         backend: ``"auto"`` or one of :func:`available_backends`.
+        process_group, vocab_start_index: vocabulary parallel: ``logits`` holds the columns
+            ``[vocab_start_index, vocab_start_index + V_local)`` and every rank of the group gets
+            the scores of the full rows (see ``rho_kernels.vocab_parallel``; ``backend`` unused).
 
     Returns:
         float32 tensor of shape ``targets.shape`` (``logits.shape[:-1]``).  Differentiable with
@@ -105,6 +110,10 @@ def score(
         with inputs that need no gradient) nothing is saved.
     """
     targets, ignore_index = label_free_targets(logits, targets, method, ignore_index)
+    vocab_parallel.check_shard(process_group, vocab_start_index)
+    if process_group is not None:  # not differentiable: selection only
+        p = vocab_parallel.prepare(logits, targets, irreducible_loss, method, ignore_index)
+        return vocab_parallel.score_rows(p, vocab_start_index, process_group).score.view(p.lead_shape)
     p = _contract.prepare(logits, targets, irreducible_loss, method, ignore_index)
     impl = backends.resolve(backend, logits.device)
     if _autograd.needs_grad(p):
@@ -122,6 +131,8 @@ def select(
     method: str = "reducible",
     ignore_index: int = -100,
     backend: str = "auto",
+    process_group=None,
+    vocab_start_index: int = 0,
 ) -> Selection:
     """Score every row and return the top ``k`` (score descending, ties to the lower index).
 
@@ -130,7 +141,8 @@ def select(
     reads no irreducible loss, pass ``k`` by keyword: ``select(logits, targets, k=8,
     method="loss")``.  No host synchronisation: usable under ``torch.compile(fullgraph=True)``
     and CUDA graphs.  Rows that are ineligible (ignored target, NaN score) come after every
-    eligible row and are flagged ``valid=False``.
+    eligible row and are flagged ``valid=False``.  ``process_group``/``vocab_start_index``: as
+    for :func:`score`.
 
     ``Selection.scores`` is differentiable like :func:`score` (a gather of the scores); when a
     gradient is needed the rows are scored once more to save the log-sum-exp.
@@ -138,6 +150,13 @@ def select(
     if k is None:
         raise missing_count("select", irreducible_loss, "irreducible_loss", "k")
     targets, ignore_index = label_free_targets(logits, targets, method, ignore_index)
+    vocab_parallel.check_shard(process_group, vocab_start_index)
+    if process_group is not None:
+        p = vocab_parallel.prepare(logits, targets, irreducible_loss, method, ignore_index)
+        k = _contract.check_k(k, p.num_rows)
+        f = vocab_parallel.score_rows(p, vocab_start_index, process_group)
+        idx = reference.order_rows(f.score, f.eligible)[:k]
+        return Selection(idx, f.score[idx], f.eligible[idx])
     p = _contract.prepare(logits, targets, irreducible_loss, method, ignore_index)
     k = _contract.check_k(k, p.num_rows)
     impl = backends.resolve(backend, logits.device)

@@ -25,7 +25,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from . import _contract, backends, reference
+from . import _contract, backends, reference, vocab_parallel
 from ._contract import lse_dtype
 from .api import Selection, label_free_targets, missing_count
 
@@ -135,6 +135,8 @@ def select_mask(
     method: str = "reducible",
     ignore_index: int = -100,
     backend: str = "auto",
+    process_group=None,
+    vocab_start_index: int = 0,
 ) -> Tensor:
     """Keep the best ``ratio`` fraction of the non-ignored tokens of the whole batch.
 
@@ -160,6 +162,11 @@ def select_mask(
     ratio = check_ratio(ratio)
     targets, ignore_index = label_free_targets(logits, targets, method, ignore_index)
     check_reference_loss(targets, reference_loss, method)
+    vocab_parallel.check_shard(process_group, vocab_start_index)
+    if process_group is not None:  # vocabulary-parallel logits (see rk.score)
+        p = vocab_parallel.prepare(logits, targets, reference_loss, method, ignore_index)
+        f = vocab_parallel.score_rows(p, vocab_start_index, process_group)
+        return top_fraction_mask(f.score, f.eligible, _nonignored(p), ratio).view(p.lead_shape)
     p = _prepare_detached(logits, targets, reference_loss, method, ignore_index)
     score, _ = backends.get(resolve_names(backend, p.logits.device)[0]).score_rows(p)
     mask = top_fraction_mask(score, reference.eligible_rows(p, score), _nonignored(p), ratio)
@@ -175,6 +182,8 @@ def select_sequences(
     method: str = "reducible",
     ignore_index: int = -100,
     backend: str = "auto",
+    process_group=None,
+    vocab_start_index: int = 0,
 ) -> Selection:
     """Sequence-level selection: the ``k`` sequences with the highest mean token score.
 
@@ -194,13 +203,23 @@ def select_sequences(
         raise missing_count("select_sequences", reference_loss, "reference_loss", "k")
     targets, ignore_index = label_free_targets(logits, targets, method, ignore_index)
     check_reference_loss(targets, reference_loss, method)
-    p = _prepare_detached(logits, targets, reference_loss, method, ignore_index)
+    vocab_parallel.check_shard(process_group, vocab_start_index)
+    sharded = process_group is not None  # vocabulary-parallel logits (see rk.score)
+    p = (vocab_parallel.prepare if sharded else _prepare_detached)(logits, targets, reference_loss, method,
+                                                                  ignore_index)
     if p.logits.dim() != 3:
         raise ValueError(f"select_sequences needs [B, T, V] logits, got shape {tuple(p.logits.shape)}")
     num_seq, seq_len = p.lead_shape
     k = _contract.check_k(k, num_seq)
+    if sharded:
+        return top_sequences(vocab_parallel.score_rows(p, vocab_start_index, process_group).score,
+                             _nonignored(p), num_seq, seq_len, k)
     score, _ = backends.get(resolve_names(backend, p.logits.device)[0]).score_rows(p)
-    counted = _nonignored(p)
+    return top_sequences(score, _nonignored(p), num_seq, seq_len, k)
+
+
+def top_sequences(score: Tensor, counted: Tensor, num_seq: int, seq_len: int, k: int) -> Selection:
+    """The ``k`` best sequences by the mean of their ``counted`` token scores (flat ``[B*T]``)."""
     # Mean over the non-ignored tokens (float64 sum: the mean is exact to float32 rounding).  A
     # NaN token score (NaN logits / reference loss, target out of range) makes the mean NaN.
     total = torch.where(counted, score.to(torch.float64), 0.0).view(num_seq, seq_len).sum(1)
@@ -266,6 +285,8 @@ def selective_cross_entropy(
     reduction: str = "mean",
     backend: str = "auto",
     inplace_backward: bool = False,
+    process_group=None,
+    vocab_start_index: int = 0,
 ) -> Tensor:
     """Rho-1 selective language-modelling loss: CE over the tokens with the highest excess loss.
 
@@ -301,6 +322,11 @@ def selective_cross_entropy(
         raise TypeError(f"inplace_backward must be a bool, got {inplace_backward!r}")
     ratio = check_ratio(ratio)
     check_reference_loss(targets, reference_loss)
+    vocab_parallel.check_shard(process_group, vocab_start_index)
+    if process_group is not None:  # vocabulary-parallel logits: the gradient of this shard
+        vocab_parallel.prepare(logits, targets, reference_loss, "reducible", ignore_index)
+        return vocab_parallel.SelectiveCE.apply(logits, targets, reference_loss, ratio, ignore_index, reduction,
+                                                vocab_start_index, process_group, top_fraction_mask)
     # Validate now (clear errors before autograd); forward() normalises again, cheaply.
     _contract.prepare(logits, targets, reference_loss, "reducible", ignore_index)
     forward_name, grad_name = resolve_names(backend, logits.device)

@@ -1,0 +1,173 @@
+"""Benchmark: selection and the selective loss from hidden states + LM head, logits never materialised.
+
+Per dtype, on ``hidden [N, D]``, ``weight [V, D]`` (no bias, as LM heads):
+
+selection (k = 10% of N, method "reducible"):
+
+* ``rk.linear_select``                     -- chunked matmul + the fused scorer, default chunk;
+* ``F.linear + rk.select``                 -- materialise the logits, then the fused op;
+* ``F.linear + reference select``          -- materialise, then the eager PyTorch reference;
+
+loss, forward + backward (gradients to hidden and weight; Rho-1 ratio 0.6):
+
+* ``rk.selective_linear_cross_entropy``    -- chunked; the backward recomputes selected rows only;
+* ``F.linear + rk.selective_cross_entropy`` -- materialised logits, the fused loss;
+* ``F.linear + F.cross_entropy``           -- materialised logits, plain CE over every token.
+
+Every variant runs in a fresh process: its peak extra memory is the growth of the process's
+peak resident set (VmHWM, reset before the call) above the resident set after the inputs were
+made, on the first call; then time = median of ``--repeats`` calls.  Numbers are ratios within
+one run on a machine that may be shared.
+
+    python benchmarks/bench_linear.py --json benchmarks/results/linear_cpu.json
+    python benchmarks/bench_linear.py --n 1024 --dtypes float32     # quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+VARIANTS = {
+    "select": ["rk.linear_select", "F.linear + rk.select", "F.linear + reference select"],
+    "loss": ["rk.selective_linear_cross_entropy", "F.linear + rk.selective_cross_entropy",
+             "F.linear + F.cross_entropy"],
+}
+DTYPES = ("float32", "bfloat16")
+
+
+def run_variant(task: str, variant: str, n: int, d: int, v: int, dtype_name: str, repeats: int, ratio: float,
+                k_ratio: float) -> dict:
+    """Runs in the child process."""
+    import torch
+    import torch.nn.functional as F
+
+    import rho_kernels as rk
+    from rho_kernels.benchmark import CpuPeakMemory
+
+    dtype = getattr(torch, dtype_name)
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(n, d, generator=g).to(dtype)
+    weight = (torch.randn(v, d, generator=g) / d ** 0.5).to(dtype)
+    targets = torch.randint(0, v, (n,), generator=g)
+    targets[:16] = -100
+    il = torch.rand(n, generator=g) * 4
+    k = max(1, int(k_ratio * n))
+
+    if task == "select":
+        fns = {
+            "rk.linear_select": lambda: rk.linear_select(hidden, weight, targets, il, k),
+            "F.linear + rk.select": lambda: rk.select(F.linear(hidden, weight), targets, il, k),
+            "F.linear + reference select": lambda: rk.select(F.linear(hidden, weight), targets, il, k,
+                                                             backend="reference"),
+        }
+        fn = fns[variant]
+    else:
+        h = hidden.requires_grad_()
+        w = weight.requires_grad_()
+        losses = {
+            "rk.selective_linear_cross_entropy": lambda: rk.selective_linear_cross_entropy(h, w, targets, il, ratio),
+            "F.linear + rk.selective_cross_entropy": lambda: rk.selective_cross_entropy(F.linear(h, w), targets, il,
+                                                                                        ratio),
+            "F.linear + F.cross_entropy": lambda: F.cross_entropy(F.linear(h, w).float(), targets),
+        }
+        loss_fn = losses[variant]
+
+        def fn():
+            loss = loss_fn()
+            gh, gw = torch.autograd.grad(loss, (h, w))
+            del gh, gw, loss
+
+    with CpuPeakMemory() as mem:
+        t0 = time.perf_counter()
+        fn()
+        first_ms = (time.perf_counter() - t0) * 1e3
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    times.sort()
+    return {"task": task, "variant": variant, "dtype": dtype_name, "n": n, "d": d, "v": v,
+            "ms": times[len(times) // 2] if times else first_ms, "first_ms": first_ms, "all_ms": times,
+            "peak_extra_bytes": mem.peak, "logits_bytes": n * v * torch.empty((), dtype=dtype).element_size()}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--n", type=int, default=8192)
+    ap.add_argument("--d", type=int, default=1024)
+    ap.add_argument("--v", type=int, default=32000)
+    ap.add_argument("--dtypes", nargs="+", default=list(DTYPES))
+    ap.add_argument("--tasks", nargs="+", default=list(VARIANTS))
+    ap.add_argument("--only", nargs="+", default=None, help="run only these variants (ratios need the baseline)")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--ratio", type=float, default=0.6, help="Rho-1 keep ratio of the loss")
+    ap.add_argument("--k-ratio", type=float, default=0.1, help="k / N of the selection")
+    ap.add_argument("--json", default=None)
+    ap.add_argument("--child", nargs=2, default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+
+    if args.child:
+        task, rest = args.child
+        variant, dtype_name = rest.rsplit("|", 1)
+        print(json.dumps(run_variant(task, variant, args.n, args.d, args.v, dtype_name, args.repeats, args.ratio,
+                                     args.k_ratio)))
+        return
+
+    import torch
+
+    from rho_kernels.benchmark import environment
+
+    rows = []
+    for dtype_name in args.dtypes:
+        for task in args.tasks:
+            for variant in VARIANTS[task]:
+                if args.only and variant not in args.only:
+                    continue
+                cmd = [sys.executable, os.path.abspath(__file__), "--n", str(args.n), "--d", str(args.d), "--v",
+                       str(args.v), "--repeats", str(args.repeats), "--ratio", str(args.ratio), "--k-ratio",
+                       str(args.k_ratio), "--child", task, f"{variant}|{dtype_name}"]
+                out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": ROOT})
+                if out.returncode != 0:
+                    print(out.stderr[-2000:], file=sys.stderr)
+                    raise SystemExit(f"variant {variant} ({dtype_name}) failed")
+                row = json.loads(out.stdout.strip().splitlines()[-1])
+                rows.append(row)
+                print(f"{dtype_name:9s} {task:6s} {variant:40s} {row['ms']:9.0f} ms  "
+                      f"peak extra {row['peak_extra_bytes'] / 2**20:8.0f} MiB", flush=True)
+    # Ratios against the materialised path with the fused op (the second variant of each task).
+    for row in rows:
+        base = next((r for r in rows if r["dtype"] == row["dtype"] and r["task"] == row["task"]
+                     and r["variant"] == VARIANTS[row["task"]][1]), None)
+        if base is None:
+            row["time_vs_materialised"] = row["memory_vs_materialised"] = math.nan
+            continue
+        row["time_vs_materialised"] = row["ms"] / base["ms"]
+        row["memory_vs_materialised"] = (row["peak_extra_bytes"] / base["peak_extra_bytes"]
+                                         if base["peak_extra_bytes"] else None)
+    print()
+    print(f"{'dtype':9s} {'task':6s} {'variant':40s} {'time/mat':>9s} {'mem/mat':>8s}")
+    for row in rows:
+        print(f"{row['dtype']:9s} {row['task']:6s} {row['variant']:40s} {row['time_vs_materialised']:9.2f} "
+              f"{row['memory_vs_materialised']:8.3f}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"environment": environment(torch.device("cpu")),
+                       "config": {"n": args.n, "d": args.d, "v": args.v, "ratio": args.ratio,
+                                  "k_ratio": args.k_ratio, "repeats": args.repeats,
+                                  "peak_memory": "VmHWM growth of a fresh process over its first call",
+                                  "baseline_variant": {t: VARIANTS[t][1] for t in VARIANTS}},
+                       "results": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

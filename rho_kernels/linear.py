@@ -1,0 +1,451 @@
+"""Selection straight from hidden states and the LM head: the logits never exist in full.
+
+Public entry points (re-exported as ``rho_kernels.<name>``):
+
+* :func:`linear_score` -- :func:`rho_kernels.score` of ``hidden @ weight.T + bias``;
+* :func:`linear_select` -- :func:`rho_kernels.select` of those logits;
+* :func:`linear_select_sequences` -- :func:`rho_kernels.select_sequences` of those logits;
+* :func:`selective_linear_cross_entropy` -- :func:`rho_kernels.selective_cross_entropy` of those
+  logits, differentiable with respect to ``hidden``, ``weight`` and ``bias``.
+
+The logits these ops stand for are ``F.linear(hidden, weight, bias)``, computed in the inputs'
+dtype (fp32 accumulation, as ``F.linear`` does).  They are produced one chunk of rows at a time:
+per chunk ``F.linear`` then the backend's fused ``score_rows``, so the largest temporary is one
+``[chunk, V]`` block.  The loss saves only the per-row log-sum-exp and the selection; its
+backward recomputes the logits of the selected rows only (a fixed-size superset of them, so the
+backward costs ``ratio`` of a dense one), chunk by chunk, turns them in place into ``row_scale *
+(softmax - onehot)`` with the backend's ``ce_grad_rows`` kernel and multiplies them into the
+gradients of ``hidden`` (rows written once), ``weight`` and ``bias`` (accumulated).  Every
+rule of the logits ops (methods, order, ties, ineligible rows, ratio, reductions) is theirs:
+the selection code is the same functions.
+
+No host synchronisation: the chunk count comes from shapes, ``k`` of the ratio rule stays on the
+device, and the ops trace under ``torch.compile(fullgraph=True)``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from . import _contract, backends, reference, tokens, vocab_parallel
+from ._contract import FLOAT_DTYPES, RowProblem
+from .api import Selection
+
+__all__ = ["linear_score", "linear_select", "linear_select_sequences", "selective_linear_cross_entropy"]
+
+# Bytes of one [chunk, V] logits block when chunk_size is None: large enough that the matmul runs
+# at full speed, small next to the [N, V] logits it replaces.  CPU: above glibc's largest mmap
+# threshold (32 MiB), so that every freed block goes back to the OS; 32 MiB blocks measured a
+# 2-8x higher peak RSS (heap fragmentation, benchmarks/results/linear_cpu_*_budget32.json).
+CHUNK_BUDGET_BYTES: dict[str, int] = {"cpu": 64 << 20, "cuda": 1 << 30}
+DEFAULT_CHUNK_BUDGET_BYTES = 256 << 20
+# Vocabulary rows per update of a float32 weight-gradient accumulator.
+_W_SLICE = 4096
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def _check_linear(hidden: Tensor, weight: Tensor, bias: Optional[Tensor]) -> None:
+    if not isinstance(hidden, Tensor):
+        raise TypeError(f"hidden must be a torch.Tensor, got {type(hidden).__name__}")
+    if not isinstance(weight, Tensor):
+        raise TypeError(f"weight must be a torch.Tensor, got {type(weight).__name__}")
+    if hidden.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"hidden must be float32, bfloat16, float16 or float64, got dtype {hidden.dtype}")
+    if hidden.dim() not in (2, 3):
+        raise ValueError(f"hidden must be [N, D] or [B, T, D], got shape {tuple(hidden.shape)} (rank {hidden.dim()})")
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be [V, D] (as nn.Linear stores it), got shape {tuple(weight.shape)}")
+    if weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(f"weight is [V, D] = {tuple(weight.shape)} but hidden has D = {hidden.shape[-1]} "
+                         f"(shape {tuple(hidden.shape)})")
+    if weight.dtype != hidden.dtype:
+        raise TypeError(f"weight dtype {weight.dtype} differs from hidden dtype {hidden.dtype}")
+    if weight.device != hidden.device:
+        raise ValueError(f"weight is on {weight.device} but hidden on {hidden.device}")
+    if bias is not None:
+        if not isinstance(bias, Tensor):
+            raise TypeError(f"bias must be a torch.Tensor or None, got {type(bias).__name__}")
+        if bias.shape != (weight.shape[0],):
+            raise ValueError(f"bias must be [V] = [{weight.shape[0]}], got shape {tuple(bias.shape)}")
+        if bias.dtype != hidden.dtype:
+            raise TypeError(f"bias dtype {bias.dtype} differs from hidden dtype {hidden.dtype}")
+        if bias.device != hidden.device:
+            raise ValueError(f"bias is on {bias.device} but hidden on {hidden.device}")
+
+
+def _check_lead(name: str, x, hidden: Tensor) -> None:
+    if isinstance(x, Tensor) and x.shape != hidden.shape[:-1]:
+        raise ValueError(f"{name} shape {tuple(x.shape)} does not match the leading dims "
+                         f"{tuple(hidden.shape[:-1])} of hidden {tuple(hidden.shape)}")
+
+
+def chunk_rows(num_rows: int, num_classes: int, dtype: torch.dtype, device: torch.device,
+               chunk_size: Optional[int]) -> int:
+    """Rows per logits block: ``chunk_size``, or as many as fit the device's memory budget."""
+    if chunk_size is None:
+        budget = CHUNK_BUDGET_BYTES.get(device.type, DEFAULT_CHUNK_BUDGET_BYTES)
+        per_row = max(1, num_classes) * torch.empty((), dtype=dtype).element_size()
+        chunk = budget // per_row
+    else:
+        if isinstance(chunk_size, bool) or not isinstance(chunk_size, int):
+            raise TypeError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+        if chunk_size < 1:
+            raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+        chunk = chunk_size
+    return max(1, min(chunk, max(num_rows, 1)))
+
+
+def _prepare(hidden, weight, targets, irreducible_loss, bias, method, ignore_index, il_name="irreducible_loss",
+             sharded=False):
+    """Validate and normalise: a RowProblem whose logits are a zero-storage stand-in of the
+    ``[*lead, V]`` logits (the checks read only their metadata; no chunk is computed yet)."""
+    _check_linear(hidden, weight, bias)
+    _check_lead("targets", targets, hidden)
+    _check_lead(il_name, irreducible_loss, hidden)
+    stand_in = torch.empty((), dtype=hidden.dtype, device=hidden.device).expand(*hidden.shape[:-1], weight.shape[0])
+    return (vocab_parallel.prepare if sharded else _contract.prepare)(stand_in, targets, irreducible_loss, method,
+                                                                      ignore_index)
+
+
+def _ranges(num_rows: int, chunk: int) -> list[tuple[int, int]]:
+    return [(r0, min(num_rows, r0 + chunk)) for r0 in range(0, num_rows, chunk)]
+
+
+def _chunk_problem(p: RowProblem, logits: Tensor, r0: int, r1: int) -> RowProblem:
+    return p._replace(logits=logits, targets=p.targets[r0:r1], il=None if p.il is None else p.il[r0:r1],
+                      lead_shape=torch.Size([r1 - r0]), num_rows=r1 - r0)
+
+
+def _score_chunks(p: RowProblem, hidden: Tensor, weight: Tensor, bias: Optional[Tensor], chunk: int,
+                  backend_name: str) -> tuple[Tensor, Tensor]:
+    """Per-row (score, lse) of the whole problem, one logits block at a time (no autograd)."""
+    impl = backends.get(backend_name)
+    if p.method == _contract.METHOD_IDS["irreducible"]:
+        return impl.score_rows(p)  # reads no logit: score the stand-in, no matmul
+    n = p.num_rows
+    if n == 0:
+        return impl.score_rows(p)
+    h = hidden.detach().reshape(n, hidden.shape[-1])
+    w = weight.detach()
+    b = None if bias is None else bias.detach()
+    scores, lses = [], []
+    for r0, r1 in _ranges(n, chunk):
+        s, lse = impl.score_rows(_chunk_problem(p, F.linear(h[r0:r1], w, b), r0, r1))
+        scores.append(s)
+        lses.append(lse)
+    return torch.cat(scores), torch.cat(lses)
+
+
+def _score_chunks_sharded(p: RowProblem, hidden: Tensor, weight: Tensor, bias: Optional[Tensor], chunk: int,
+                          vocab_start: int, group) -> vocab_parallel.Finalized:
+    """Vocabulary parallel: this shard's partials chunk by chunk, then ONE exchange for all rows."""
+    n, d = p.num_rows, hidden.shape[-1]
+    h = hidden.detach().reshape(n, d)
+    w = weight.detach()
+    b = None if bias is None else bias.detach()
+    parts = [vocab_parallel.local_stats(F.linear(h[r0:r1], w, b), p.targets[r0:r1], vocab_start, p.method,
+                                        p.ignore_index) for r0, r1 in _ranges(n, chunk)]
+    stats = torch.cat(parts) if parts else torch.empty((0, vocab_parallel.NUM_STATS),
+                                                       dtype=_contract.lse_dtype(hidden.dtype), device=h.device)
+    return vocab_parallel.merge_and_finalize(vocab_parallel.exchange(stats, group), p.targets, p.il, p.method,
+                                             p.ignore_index)
+
+
+def _scores(hidden, weight, targets, il, bias, method, ignore_index, chunk_size, backend, process_group,
+            vocab_start_index, il_name="irreducible_loss") -> tuple[RowProblem, Tensor, Tensor]:
+    """(problem, score, eligible) of every row, sharded or not, without autograd."""
+    vocab_parallel.check_shard(process_group, vocab_start_index)
+    sharded = process_group is not None
+    p = _prepare(hidden, weight, targets, il, bias, method, ignore_index, il_name, sharded)
+    chunk = chunk_rows(p.num_rows, p.num_classes, hidden.dtype, hidden.device, chunk_size)
+    with torch.no_grad():
+        if sharded:
+            f = _score_chunks_sharded(p, hidden, weight, bias, chunk, vocab_start_index, process_group)
+            return p, f.score, f.eligible
+        score, _ = _score_chunks(p, hidden, weight, bias, chunk, tokens.resolve_names(backend, hidden.device)[0])
+        return p, score, reference.eligible_rows(p, score)
+
+
+# --------------------------------------------------------------------------- selection
+
+
+def linear_score(
+    hidden: Tensor,
+    weight: Tensor,
+    targets: Tensor,
+    irreducible_loss: Optional[Tensor] = None,
+    *,
+    bias: Optional[Tensor] = None,
+    method: str = "reducible",
+    ignore_index: int = -100,
+    chunk_size: Optional[int] = None,
+    backend: str = "auto",
+    process_group=None,
+    vocab_start_index: int = 0,
+) -> Tensor:
+    """:func:`rho_kernels.score` of the logits ``F.linear(hidden, weight, bias)``, never materialised.
+
+    Args:
+        hidden: ``[N, D]`` or ``[B, T, D]`` float32/bfloat16/float16/float64.
+        weight: ``[V, D]`` in hidden's dtype, as ``nn.Linear`` stores an LM head.
+        targets, irreducible_loss, method, ignore_index, backend: as for :func:`rho_kernels.score`.
+        bias: ``[V]`` or None.
+        chunk_size: rows per logits block; None picks it from a per-device memory budget
+            (``CHUNK_BUDGET_BYTES``).
+        process_group, vocab_start_index: vocabulary parallel (a tensor-parallel LM head):
+            ``weight``/``bias`` hold the rows ``[vocab_start_index, vocab_start_index + V_local)``
+            of the head; every rank of the group gets the scores of the full vocabulary after one
+            exchange (``rho_kernels.vocab_parallel``).  The same two arguments exist on every op
+            of this module; the loss then returns each rank's own gradient of ``weight``/``bias``
+            and this shard's share of ``hidden``'s gradient (the group's sum is the full one).
+
+    Returns:
+        float32 scores of shape ``targets.shape`` (not differentiable).
+    """
+    p, score, _ = _scores(hidden, weight, targets, irreducible_loss, bias, method, ignore_index, chunk_size, backend,
+                          process_group, vocab_start_index)
+    return score.view(p.lead_shape)
+
+
+def linear_select(
+    hidden: Tensor,
+    weight: Tensor,
+    targets: Tensor,
+    irreducible_loss: Optional[Tensor],
+    k: int,
+    *,
+    bias: Optional[Tensor] = None,
+    method: str = "reducible",
+    ignore_index: int = -100,
+    chunk_size: Optional[int] = None,
+    backend: str = "auto",
+    process_group=None,
+    vocab_start_index: int = 0,
+) -> Selection:
+    """:func:`rho_kernels.select` of the logits ``F.linear(hidden, weight, bias)``, never materialised.
+
+    Arguments are those of :func:`linear_score` plus ``k`` (``0 <= k <= N``).  Same order as
+    ``select``: score descending, ties to the lower flat row index, ineligible rows last and
+    flagged ``valid=False``.  No host synchronisation.
+    """
+    if isinstance(targets, Tensor):
+        _contract.check_k(k, targets.numel())  # before any matmul
+    p, score, eligible = _scores(hidden, weight, targets, irreducible_loss, bias, method, ignore_index, chunk_size,
+                                 backend, process_group, vocab_start_index)
+    k = _contract.check_k(k, p.num_rows)
+    with torch.no_grad():
+        # Keys are unique and encode the whole ordering rule: their top k is the selection.
+        idx = torch.topk(tokens.ordering_key(score, eligible), k).indices
+    return Selection(idx, score[idx], eligible[idx])
+
+
+def linear_select_sequences(
+    hidden: Tensor,
+    weight: Tensor,
+    targets: Tensor,
+    reference_loss: Optional[Tensor],
+    k: int,
+    *,
+    bias: Optional[Tensor] = None,
+    method: str = "reducible",
+    ignore_index: int = -100,
+    chunk_size: Optional[int] = None,
+    backend: str = "auto",
+    process_group=None,
+    vocab_start_index: int = 0,
+) -> Selection:
+    """:func:`rho_kernels.select_sequences` of ``F.linear(hidden, weight, bias)``, never materialised.
+
+    ``hidden`` must be ``[B, T, D]``; the ``k`` sequences with the highest mean token score over
+    their non-ignored tokens, in ``select``'s order (sequence-level RHO-LOSS with the default
+    ``method="reducible"`` and the reference model's per-token loss as ``reference_loss``).
+    """
+    tokens.check_reference_loss(targets, reference_loss, method)
+    if isinstance(hidden, Tensor) and hidden.dim() != 3:
+        raise ValueError(f"linear_select_sequences needs [B, T, D] hidden states, got shape {tuple(hidden.shape)}")
+    if isinstance(hidden, Tensor):
+        _contract.check_k(k, hidden.shape[0])  # before any matmul
+    p, score, _ = _scores(hidden, weight, targets, reference_loss, bias, method, ignore_index, chunk_size, backend,
+                          process_group, vocab_start_index, "reference_loss")
+    num_seq, seq_len = p.lead_shape
+    k = _contract.check_k(k, num_seq)
+    with torch.no_grad():
+        return tokens.top_sequences(score, p.targets != p.ignore_index, num_seq, seq_len, k)
+
+
+# --------------------------------------------------------------------------- selective CE
+
+
+def _grad_accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    # Half-precision weight/bias gradients are sums over every chunk: accumulate them in float32
+    # so that the chunking adds no rounding of its own (one rounding at the end, as F.linear).
+    return torch.float32 if dtype in (torch.bfloat16, torch.float16) else dtype
+
+
+class _SelectiveLinearCE(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, reference_loss, ratio, ignore_index, reduction, chunk,
+                forward_name, grad_name, vocab_start, group):
+        p = _prepare(hidden, weight, targets, reference_loss, bias, "reducible", ignore_index,
+                     sharded=group is not None)
+        n, d = p.num_rows, hidden.shape[-1]
+        h = hidden.reshape(n, d)
+        impl = backends.get(forward_name)
+        scores, lses, ces, eligibles = [], [], [], []
+        for r0, r1 in _ranges(n, chunk) if group is None else ():
+            z = F.linear(h[r0:r1], weight, bias)
+            pc = _chunk_problem(p, z, r0, r1)
+            s, lse = impl.score_rows(pc)
+            e = reference.eligible_rows(pc, s)
+            # CE = lse - z_y in the accumulation dtype: the value the kernel subtracted IL from.
+            ces.append(lse - tokens.target_logits(z, pc.targets, e).to(lse.dtype))
+            scores.append(s)
+            lses.append(lse)
+            eligibles.append(e)
+        acc = _contract.lse_dtype(hidden.dtype)
+        if group is not None:  # vocabulary parallel: merged partials of every rank
+            f = _score_chunks_sharded(p, hidden, weight, bias, chunk, vocab_start, group)
+            score, lse, eligible, ce = f.score, f.lse, f.eligible, f.lse - f.target_logit
+        elif n == 0:
+            score = torch.empty((0,), dtype=torch.float32, device=hidden.device)
+            lse = ce = torch.empty((0,), dtype=acc, device=hidden.device)
+            eligible = torch.empty((0,), dtype=torch.bool, device=hidden.device)
+        else:
+            score, lse, ce, eligible = torch.cat(scores), torch.cat(lses), torch.cat(ces), torch.cat(eligibles)
+        mask = tokens.top_fraction_mask(score, eligible, p.targets != ignore_index, ratio)
+        ce = torch.where(mask, ce, torch.zeros_like(ce))
+        n_sel = mask.sum()
+        if reduction == "mean":
+            out = ce.sum() / n_sel.clamp_min(1).to(ce.dtype)
+        elif reduction == "sum":
+            out = ce.sum()
+        else:
+            out = ce.view(p.lead_shape)
+        # The backward needs only the selected rows.  Their number k lives on the device; a fixed
+        # superset of max_selected(n, ratio) rows (the best by the ordering key, so every selected
+        # row is among them) keeps shapes static.  Ascending row order: a deterministic sum.
+        rows = torch.topk(tokens.ordering_key(score, eligible), max_selected(n, ratio)).indices.sort().values
+        ctx.save_for_backward(hidden, weight, bias, p.targets, lse, mask, n_sel, rows)
+        ctx.config = (ignore_index, reduction, chunk, grad_name, vocab_start, group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        hidden, weight, bias, targets, lse, mask, n_sel, rows = ctx.saved_tensors
+        ignore_index, reduction, chunk, grad_name, vocab_start, group = ctx.config
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        n, d = targets.shape[0], hidden.shape[-1]
+        acc = lse.dtype
+        g = grad_out.to(acc)
+        if reduction == "mean":
+            g = g / n_sel.clamp_min(1).to(acc)
+        elif reduction == "none":
+            g = g.reshape(-1)
+        row_scale = torch.where(mask, g, torch.zeros_like(lse))
+        impl = backends.get(grad_name)
+        h = hidden.reshape(n, d)
+        # Gather the candidate rows once: the logits are recomputed for them only.
+        sel_h, sel_t, sel_lse = h[rows], targets[rows], lse[rows]
+        sel_scale, sel_mask = row_scale[rows].contiguous(), mask[rows]
+        # Exact zeros on every unselected row: they are never written.
+        grad_h = torch.zeros_like(h) if need_h else None
+        ranges = _ranges(rows.shape[0], chunk)
+        # One chunk: the weight gradient is one matmul in the weight's dtype, as F.linear's.  More:
+        # a sum over chunks, accumulated in float32 for half-precision weights.
+        w_acc = weight.dtype if len(ranges) <= 1 else _grad_accumulation_dtype(weight.dtype)
+        grad_w = torch.zeros(weight.shape, dtype=w_acc, device=weight.device) if need_w and not ranges else None
+        grad_b = torch.zeros(weight.shape[0], dtype=acc, device=weight.device) if need_b else None
+        # Under torch.compile the compiler owns buffer reuse; in-place only eagerly.
+        inplace = not _contract.is_compiling()
+        for i, (r0, r1) in enumerate(ranges):
+            live = sel_mask[r0:r1, None]
+            z = F.linear(sel_h[r0:r1], weight, bias)
+            if group is None:
+                gz = impl.ce_grad_rows(z, sel_t[r0:r1], sel_lse[r0:r1], sel_scale[r0:r1], ignore_index, inplace)
+            else:  # this shard's columns
+                gz = vocab_parallel.ce_grad_rows(z, sel_t[r0:r1], sel_lse[r0:r1], sel_scale[r0:r1], ignore_index,
+                                                 vocab_start)
+            if need_h:
+                # where(): zeros on candidates outside the selection, even against non-finite weights.
+                grad_h[rows[r0:r1]] = torch.where(live, gz @ weight, 0.0)
+            if need_w:
+                # Unselected candidates add nothing, even a NaN/inf hidden state (0 * NaN would).
+                hc = torch.where(live, sel_h[r0:r1], 0.0)
+                if i == 0:
+                    grad_w = (gz.t() @ hc).to(w_acc)  # no zero fill of a [V, D] buffer
+                elif w_acc == weight.dtype:
+                    grad_w.addmm_(gz.t(), hc)
+                else:
+                    # Half-precision products added to the float32 sum a vocabulary slice at a
+                    # time: no [V, D] temporary.
+                    for v0 in range(0, weight.shape[0], _W_SLICE):
+                        grad_w[v0:v0 + _W_SLICE] += gz[:, v0:v0 + _W_SLICE].t() @ hc
+            if need_b:
+                grad_b += gz.sum(0, dtype=acc)
+        return (
+            None if grad_h is None else grad_h.view(hidden.shape),
+            None if grad_w is None else grad_w.to(weight.dtype),
+            None if grad_b is None else grad_b.to(bias.dtype),
+            None, None, None, None, None, None, None, None, None, None,
+        )
+
+
+def max_selected(num_rows: int, ratio: float) -> int:
+    """A static upper bound of the number of tokens the ratio rule keeps out of ``num_rows``
+    (``k <= ratio * n`` rounded, ``n <= num_rows``; one row of slack for any rounding)."""
+    return min(num_rows, math.ceil(ratio * num_rows) + 1)
+
+
+def selective_linear_cross_entropy(
+    hidden: Tensor,
+    weight: Tensor,
+    targets: Tensor,
+    reference_loss: Tensor,
+    ratio: float,
+    *,
+    bias: Optional[Tensor] = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    chunk_size: Optional[int] = None,
+    backend: str = "auto",
+    process_group=None,
+    vocab_start_index: int = 0,
+) -> Tensor:
+    """:func:`rho_kernels.selective_cross_entropy` of ``F.linear(hidden, weight, bias)``, never
+    materialising the logits or their gradient.
+
+    Keeps ``k`` of the ``n`` non-ignored tokens (the ratio rule of ``selective_cross_entropy``)
+    by excess loss ``CE - reference_loss`` (the order of ``select``) and returns their
+    cross-entropy.  Differentiable
+    in ``hidden``, ``weight`` and ``bias``; unselected tokens get exact zeros in ``hidden``'s
+    gradient and add nothing to ``weight``'s / ``bias``'s.  Peak extra memory: one ``[chunk, V]``
+    block (forward and backward) plus the gradients themselves (a float32 accumulator for
+    half-precision ``weight``/``bias``).
+
+    Args:
+        hidden: ``[N, D]`` or ``[B, T, D]``; weight ``[V, D]``; bias ``[V]`` or None (one dtype).
+        targets, reference_loss, ratio, ignore_index, reduction, backend: as for
+            :func:`rho_kernels.selective_cross_entropy`.
+        chunk_size: rows per logits block; None picks it from the device's memory budget.
+
+    Returns:
+        float32 loss (float64 for float64 inputs): a scalar, or ``targets.shape`` for "none".
+    """
+    if reduction not in tokens.REDUCTIONS:
+        raise ValueError(f"reduction must be one of {list(tokens.REDUCTIONS)}, got {reduction!r}")
+    ratio = tokens.check_ratio(ratio)
+    tokens.check_reference_loss(targets, reference_loss)
+    vocab_parallel.check_shard(process_group, vocab_start_index)
+    p = _prepare(hidden, weight, targets, reference_loss, bias, "reducible", ignore_index, "reference_loss",
+                 sharded=process_group is not None)
+    chunk = chunk_rows(p.num_rows, p.num_classes, hidden.dtype, hidden.device, chunk_size)
+    forward_name, grad_name = tokens.resolve_names(backend, hidden.device)
+    return _SelectiveLinearCE.apply(hidden, weight, bias, targets, reference_loss, ratio, ignore_index, reduction,
+                                    chunk, forward_name, grad_name, vocab_start_index, process_group)
