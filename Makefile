@@ -5,6 +5,8 @@ PY ?= python3
 # Compile the CUDA kernels even on a GPU-less machine, so that CI compiles and links them.
 CUDA_ARCHS ?= 8.0;9.0
 BUILD_LOG ?= build/build.log
+# The GPU machine's torch/triton, for the second half of `make test` (created once, then reused).
+GPU_VERSIONS_ENV ?= build/env-torch2.11
 
 .PHONY: deps build build-cuda bench test
 
@@ -24,6 +26,9 @@ bench: build
 
 # TRITON_INTERPRET=1 runs every Triton kernel on the CPU; RHO_KERNELS_BUILD_LOG lets the
 # suite check that the extension (CUDA part included) really built, without warnings.
+# Then the same CPU kernel tests, Triton interpreter suite and sm_90 compile again under torch
+# 2.11 / triton 3.6 (the GPU machine's versions), in a second environment (.ci/gpu_versions.sh).
 test: build-cuda
 	TRITON_INTERPRET=1 RHO_KERNELS_REQUIRE_EXT=1 RHO_KERNELS_EXPECT_CUDA_BUILD=1 \
 	RHO_KERNELS_BUILD_LOG=$(BUILD_LOG) $(PY) -m pytest -q tests
+	bash .ci/gpu_versions.sh $(PY) $(GPU_VERSIONS_ENV)

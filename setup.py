@@ -57,8 +57,10 @@ def extension_modules():
                 path = os.path.join(site, sub)
                 if os.path.isdir(path):
                     include_dirs.append(path)
+        # -Xptxas=-v: per-kernel registers / spills / shared memory in the build log, read by
+        # tests/test_build.py and benchmarks/triton_aot.py.
         nvcc = ["-O3", "--use_fast_math", "-lineinfo", "-Xcompiler=-Wall",
-                "-Xptxas=-warn-spills", "--expt-relaxed-constexpr"]
+                "-Xptxas=-warn-spills", "-Xptxas=-v", "--expt-relaxed-constexpr"]
         ext = CUDAExtension(
             "rho_kernels._C",
             cpu_sources + cuda_sources,
@@ -91,7 +93,7 @@ setup(
     ext_modules=ext_modules,
     cmdclass=cmdclass,
     python_requires=">=3.9",
-    install_requires=["torch>=2.6", "numpy"],
+    install_requires=["torch>=2.11", "numpy"],
     extras_require={"triton": ["triton>=3.6"], "train": ["tqdm", "safetensors"], "test": ["pytest"]},
     options={"bdist_wheel": {"py_limited_api": "cp310"}} if ext_modules else {},
 )
