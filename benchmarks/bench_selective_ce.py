@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from rho_kernels import _selective, api  # noqa: E402
+from rho_kernels import backends, tokens  # noqa: E402
 from rho_kernels.benchmark import environment, peak_extra_memory  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -147,22 +147,22 @@ def bench_case(shape, dtype, device, backends, ratio, repeats, warmup, compiled:
 
     variants: list[tuple[str, Callable, bool]] = [
         ("reference (autograd)",
-         lambda x: _selective.selective_cross_entropy_autograd(x, targets, ref_loss, ratio), False),
+         lambda x: tokens.selective_cross_entropy_autograd(x, targets, ref_loss, ratio), False),
         ("plain CE (all tokens)", lambda x: F.cross_entropy(x.reshape(-1, v), targets.reshape(-1)), False),
     ]
     if compiled:
         ce_c = torch.compile(lambda x: F.cross_entropy(x.reshape(-1, v), targets.reshape(-1)))
         variants.append(("plain CE compiled", ce_c, False))
     for name in backends:
-        if name != "auto" and api._unavailable_reason(name, device) is not None:
+        if name != "auto" and backends.unavailable_reason(name, device) is not None:
             continue
-        fwd_name, grad_name = _selective.resolve_names(name, device)
+        fwd_name, grad_name = tokens.resolve_names(name, device)
         label = f"rk {name} [{fwd_name} fwd, {grad_name} bwd]"
-        variants.append((label, lambda x, n=name: api.selective_cross_entropy(x, targets, ref_loss, ratio,
+        variants.append((label, lambda x, n=name: tokens.selective_cross_entropy(x, targets, ref_loss, ratio,
                                                                                backend=n), False))
         if name == "auto":
             variants.append((label + " in-place",
-                             lambda x, n=name: api.selective_cross_entropy(x, targets, ref_loss, ratio, backend=n,
+                             lambda x, n=name: tokens.selective_cross_entropy(x, targets, ref_loss, ratio, backend=n,
                                                                            inplace_backward=True), True))
     rows = []
     # The backward kernels alone, from a saved lse (what the fused forward hands them): time and
@@ -170,18 +170,18 @@ def bench_case(shape, dtype, device, backends, ratio, repeats, warmup, compiled:
     acc = torch.float64 if dtype == torch.float64 else torch.float32
     with torch.no_grad():
         lse = torch.logsumexp(logits.reshape(-1, v).to(acc), -1)
-        mask = api.select_mask(logits, targets, ref_loss, ratio, backend="reference").reshape(-1)
+        mask = tokens.select_mask(logits, targets, ref_loss, ratio, backend="reference").reshape(-1)
         row_scale = mask.to(acc) / mask.sum().to(acc)
     flat_t = targets.reshape(-1)
-    for impl in _selective.GRAD_IMPLS:
-        if _selective.grad_unavailable_reason(impl, device) is not None:
+    for impl in backends.GRAD_NAMES:
+        if backends.grad_unavailable_reason(impl, device) is not None:
             continue
         for inplace in (False, True):
             if inplace and impl == "reference":
                 continue  # the torch fallback has no real in-place path (it copies)
 
             def bwd(impl=impl, inplace=inplace):
-                return _selective.run_grad(impl, logits, flat_t, lse, row_scale, -100, inplace)
+                return backends.get(impl).ce_grad_rows(logits, flat_t, lse, row_scale, -100, inplace)
 
             res = measure_op(bwd, logits, device, repeats, warmup, inplace)
             label = f"backward only: ce_grad_rows {impl}" + (" in-place" if inplace else "")

@@ -68,7 +68,7 @@ def steps_for(args: argparse.Namespace, py: str, ncpu: int) -> list[Step]:
     if args.skip_build:
         steps.append(Step("build", None, 0, 0, "--skip-build"))
     elif dry:  # the CPU build takes minutes on CI's 2 cores: check the one that is there instead
-        steps.append(Step("build", [py, "-c", "import rho_kernels, rho_kernels._ext as e; "
+        steps.append(Step("build", [py, "-c", "import rho_kernels, rho_kernels.backends._extension as e; "
                                               "print('extension:', e.LOAD_ERROR or 'loaded')"], 2, 60))
     else:
         steps.append(Step("build", [py, "setup.py", "build_ext", "--inplace"], 60, 240))

@@ -8,7 +8,7 @@ Exit status 1 when a variant fails to compile, spills, needs more shared memory 
 may have, or more registers than one block's threads may hold (registers x threads > 65536).
 
 How the variants are found: the backends' own launch code (``triton_select_rows``,
-``triton_score_rows``, the CE-gradient launcher) runs on ``meta`` tensors over the shape table
+``triton_score_rows``, the CE-gradient launcher in rho_kernels/backends/) runs on ``meta`` tensors over the shape table
 below, with ``wrap_triton`` replaced by a recorder, so every launch it would make on a GPU with
 that many SMs is captured with its exact arguments.  Triton's own argument binder turns each
 launch into what a GPU run would compile (signature, constexprs incl. integer args equal to 1,
@@ -159,8 +159,8 @@ def record_launches(cc: int) -> list[tuple[str, Any, tuple, dict, str]]:
 
     import torch
 
-    from rho_kernels import triton_select as ts
-    from rho_kernels import triton_selective_ce as tce
+    from rho_kernels.backends import triton_ce_grad as tce
+    from rho_kernels.backends import triton_select as ts
 
     rec = _Recorder()
     meta = torch.device("meta")

@@ -1,6 +1,6 @@
 // ops.cpp -- the op schemas (one TORCH_LIBRARY for the whole extension) and the Python module
 // stub.  Device implementations register separately: csrc/cpu/*.cpp for CPU, csrc/cuda/*.cu
-// for CUDA.  Fake (meta) implementations for torch.compile live in rho_kernels/_ext.py.
+// for CUDA.  Fake (meta) implementations for torch.compile live in rho_kernels/backends/_extension.py.
 //
 // Argument contract (checked in Python by rho_kernels/_contract.py, re-checked cheaply in C++):
 //   logits            [N, V] or [B, T, V] (rows = leading dims), float32/bfloat16/float16/float64,

@@ -1,7 +1,7 @@
 // rho_math.h -- the math of the fused score/select op, in one torch-free header.
 //
 // Shared by the CPU kernel (csrc/cpu) and the CUDA kernel (csrc/cuda); the Triton kernel
-// (rho_kernels/triton_select.py) and the PyTorch reference (rho_kernels/reference.py)
+// (rho_kernels/backends/triton_select.py) and the PyTorch reference (rho_kernels/reference.py)
 // implement exactly these rules.  Nothing here includes torch.
 //
 // One row = the logits z[0..V) of one candidate, its target y and its irreducible loss il.
@@ -127,7 +127,9 @@ RHO_HD RowAcc<T> acc_rescale(const RowAcc<T>& a, T m) {
   RowAcc<T> r;
   r.m = m;
   r.d = alpha * a.d;
-  r.t = alpha * (a.t + shift * a.d);
+  // alpha == 0: a's terms vanish (x e^x -> 0).  Not alpha * (...): for finite logits spanning
+  // more than FLT_MAX, shift * d overflows to -inf and 0 * -inf would make the entropy NaN.
+  r.t = alpha == T(0) ? T(0) : alpha * (a.t + shift * a.d);
   r.dx = alpha * a.dx;
   r.s2x = alpha * alpha * a.s2x;
   return r;

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from rho_kernels import api as rk  # noqa: E402  (the checkout's package)
+import rho_kernels as rk  # noqa: E402  (the checkout's package)
 
 
 # --------------------------------------------------------------------------- data

@@ -1,34 +1,31 @@
 """rho_kernels: fused score + top-k for online batch selection (RHO-LOSS, Rho-1).
 
-The op layer (``api``, ``reference`` and the backends) is importable on its own; the training
-layer (``training``: irreducible-loss store, batch selector, distributed selection) builds on
-the public op API only.
+Public names only; where they live:
+
+* ``api`` -- row ops: ``score``, ``select``, ``Selection``, ``available_backends``;
+* ``tokens`` -- Rho-1 token ops: ``select_mask``, ``select_sequences``, ``selective_cross_entropy``;
+* ``training`` -- irreducible-loss store, batch selector, distributed selection (built on the
+  public op API only).
+
+Below them, the op layer: ``_contract`` (validation), ``reference`` (the definition) and
+``backends`` (one module per backend).
 """
 
-from .api import (
-    BACKENDS,
-    METHODS,
-    Selection,
-    available_backends,
-    score,
-    select,
-    select_mask,
-    select_sequences,
-    selective_cross_entropy,
-)
-
-# After the op API: the training modules read rk.METHODS at import.
-from .training import (  # noqa: E402
+from .api import BACKENDS, METHODS, Selection, available_backends, score, select
+from .tokens import select_mask, select_sequences, selective_cross_entropy
+from .training import (
     IndexedDataset,
     IrreducibleLossStore,
     OnlineBatchSelector,
     SelectorStats,
+    TokenLossStore,
     constant_temperature,
     cosine_temperature,
     dataset_fingerprint,
     exponential_temperature,
     linear_temperature,
     split_halves,
+    token_fingerprint,
 )
 
 __version__ = "0.1.0"
@@ -37,6 +34,7 @@ __all__ = [
     "BACKENDS", "METHODS", "Selection", "available_backends", "score", "select",
     "select_mask", "select_sequences", "selective_cross_entropy",
     "IndexedDataset", "IrreducibleLossStore", "OnlineBatchSelector", "SelectorStats",
+    "TokenLossStore", "token_fingerprint",
     "constant_temperature", "cosine_temperature", "dataset_fingerprint", "exponential_temperature",
     "linear_temperature", "split_halves", "__version__",
 ]

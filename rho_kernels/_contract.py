@@ -9,6 +9,7 @@ check (targets outside ``[0, V)``) runs only eagerly on CPU tensors, where it is
 
 from __future__ import annotations
 
+import operator
 from typing import NamedTuple, Optional
 
 import torch
@@ -42,7 +43,7 @@ class RowProblem(NamedTuple):
     num_classes: int
 
 
-def _is_compiling() -> bool:
+def is_compiling() -> bool:
     try:
         return torch.compiler.is_compiling()
     except AttributeError:  # pragma: no cover - very old torch
@@ -117,7 +118,7 @@ def prepare(
         il = irreducible_loss.reshape(-1).to(torch.float32).contiguous()
 
     flat_targets = targets.reshape(-1).to(torch.int64).contiguous()
-    if logits.device.type == "cpu" and not _is_compiling():
+    if logits.device.type == "cpu" and not is_compiling():
         check_targets_in_range(flat_targets, num_classes, ignore_index)
     return RowProblem(logits, flat_targets, il, mid, ignore_index, lead_shape, num_rows, num_classes)
 
@@ -138,12 +139,28 @@ def check_targets_in_range(flat_targets: Tensor, num_classes: int, ignore_index:
         )
 
 
-def check_k(k: int, num_rows: int) -> int:
-    if isinstance(k, bool) or not isinstance(k, int):
-        raise TypeError(f"k must be an int, got {k!r}")
-    if k < 0 or k > num_rows:
-        raise ValueError(f"k = {k} is out of range: need 0 <= k <= N = {num_rows}")
-    return k
+def check_k(k, num_rows: int) -> int:
+    """``k`` as a Python int in ``[0, num_rows]``.
+
+    Any integer-like value is accepted (``int``, NumPy integers, 0-dim integer tensors: whatever
+    ``operator.index`` takes); booleans are refused, as a ``True`` meant as a count is a bug.  The
+    output's size depends on ``k``, so it must be known on the host: a CUDA tensor ``k`` costs a
+    host synchronisation (pass an int on the hot path).
+    """
+    dtype = getattr(k, "dtype", None)
+    is_bool = isinstance(k, bool) or dtype == torch.bool or getattr(dtype, "kind", None) == "b"
+    if isinstance(k, Tensor) and k.dim() != 0:
+        raise TypeError(f"k must be an integer or a 0-dim integer tensor, got a tensor of shape {tuple(k.shape)}")
+    try:
+        value = None if is_bool else operator.index(k)
+    except TypeError:
+        value = None
+    if value is None:
+        kind = f"dtype {dtype}" if dtype is not None else f"type {type(k).__name__}"
+        raise TypeError(f"k must be an int (or integer-like), got {k!r} of {kind}")
+    if value < 0 or value > num_rows:
+        raise ValueError(f"k = {value} is out of range: need 0 <= k <= N = {num_rows}")
+    return value
 
 
 def score_dtype() -> torch.dtype:

@@ -12,13 +12,17 @@ import math
 import torch
 from torch import Tensor
 
-from ._contract import IL_METHODS, METHODS, RowProblem, lse_dtype
+from ._contract import IL_METHODS, METHODS, RowProblem, is_compiling, lse_dtype
 
 NAME = "reference"
 
 
 def unavailable_reason(device: torch.device) -> str | None:
     return None  # runs wherever PyTorch runs
+
+
+def ce_grad_unavailable_reason(device: torch.device) -> str | None:
+    return None
 
 
 def row_logits(p: RowProblem) -> Tensor:
@@ -89,3 +93,31 @@ def select_rows(p: RowProblem, k: int) -> tuple[Tensor, Tensor, Tensor]:
     eligible = eligible_rows(p, score)
     idx = order_rows(score, eligible)[:k]
     return idx, score[idx], eligible[idx]
+
+
+def ce_grad_rows(logits: Tensor, targets: Tensor, lse: Tensor, row_scale: Tensor, ignore_index: int,
+                 inplace: bool = False) -> Tensor:
+    """``row_scale[r] * (softmax(z_r) - onehot(y_r))`` from the saved log-sum-exp, exact zeros on
+    rows whose scale is 0 or whose target is ignored / outside ``[0, V)``.
+
+    Processes row chunks so that eager temporaries stay at a few MiB; under torch.compile one
+    expression (Inductor fuses it into a single pass).  ``inplace`` writes over ``logits``.
+    """
+    n, v = targets.shape[0], logits.shape[-1]
+    acc = lse_dtype(logits.dtype)
+    z = logits.reshape(n, v)
+    out = torch.empty((n, v), dtype=logits.dtype, device=logits.device)
+    live = (targets != ignore_index) & (targets >= 0) & (targets < v) & (row_scale != 0)
+    safe_t = torch.where(live, targets, torch.zeros_like(targets))
+    chunk = n if is_compiling() else max(1, (1 << 20) // max(v, 1))
+    for r0 in range(0, n, chunk):
+        sl = slice(r0, min(n, r0 + chunk))
+        p = torch.exp(z[sl].to(acc) - lse[sl, None])
+        onehot = torch.zeros_like(p).scatter_(1, safe_t[sl, None], 1.0)
+        g = (p - onehot) * row_scale[sl, None]
+        out[sl] = torch.where(live[sl, None], g, torch.zeros_like(g)).to(logits.dtype)
+    grad = out.view(logits.shape)
+    if inplace:
+        logits.copy_(grad)
+        return logits
+    return grad

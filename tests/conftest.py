@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import rho_kernels as rk
-from rho_kernels import api
+from rho_kernels import backends
 
 DEVICE = torch.device(os.environ.get("RHO_KERNELS_TEST_DEVICE", "cpu"))
 INTERPRETED = DEVICE.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -26,7 +26,7 @@ def backend_params():
 @pytest.fixture(params=rk.BACKENDS)
 def backend(request) -> str:
     name = request.param
-    reason = api._unavailable_reason(name, DEVICE)
+    reason = backends.unavailable_reason(name, DEVICE)
     if reason is not None:
         pytest.skip(f"backend {name!r} cannot run on {DEVICE}: {reason}")
     return name

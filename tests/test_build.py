@@ -121,7 +121,7 @@ def test_cuda_sources_compiled(build_log: str) -> None:
 
 
 def _ext():
-    from rho_kernels import _ext
+    from rho_kernels.backends import _extension as _ext
 
     return _ext
 
@@ -191,13 +191,16 @@ def test_spill_parser_catches(monkeypatch: pytest.MonkeyPatch) -> None:
 
 # --------------------------------------------------------------------------- row streaming on the host
 # csrc/cuda/row_scan.cuh (the per-thread part of the CUDA row kernels) is host-callable: compile
-# it with nvcc for the host and run every "thread" of a 32- or 256-thread group serially, merging
-# with rho::acc_merge as the kernels' shuffles do.  This checks the scalar-head / 16-byte-vector /
-# scalar-tail partition, strided rows, the target column and the special values without a GPU.
+# it with nvcc for the host and run every "thread" of a 1..32-lane row group (warp-row kernels) or a
+# 256-thread block serially, merging with rho::acc_merge in the kernels' butterfly order.  This
+# checks the scalar-head / 16-byte-vector / scalar-tail partition, strided rows, the target column
+# (gradnorm's exclusion and CE's target pick), the special values, and rows of finite logits that
+# span more than FLT_MAX (hand-worked values) without a GPU.
 _ROW_SCAN_HARNESS = r"""
 // Host-only check of rho_cuda::scan_row (no GPU needed): random rows (V up to 6000, element
 // offsets 0..8 so every 16-byte misalignment occurs, strides 1 and 3, -inf / NaN / all -inf rows),
-// every thread of the group run serially and merged; lse, gradnorm and entropy against double.
+// every thread of the group run serially and merged in the device's butterfly order; lse,
+// gradnorm and entropy against double; the CE target pick against the target logit.
 #include <cuda_fp16.h>
 #include <cuda_bf16.h>
 #include <cstdio>
@@ -205,15 +208,52 @@ _ROW_SCAN_HARNESS = r"""
 #include <cmath>
 #include <vector>
 #include <random>
+#include <algorithm>
 #include "cuda/row_scan.cuh"
 using namespace rho_cuda;
 std::mt19937 rng(1);
+// The merge order of the kernels: a butterfly (xor offsets G/2..1) inside each group of
+// G = min(nt, 32) lanes; for a 256-thread block, then a butterfly over the 8 warps' results
+// padded with empty accumulators to 32 lanes.
+template <typename A>
+rho::RowAcc<A> device_merge(std::vector<rho::RowAcc<A>> acc) {
+  auto butterfly = [](std::vector<rho::RowAcc<A>>& v, int G) {
+    for (int off = G / 2; off > 0; off >>= 1) {
+      std::vector<rho::RowAcc<A>> prev = v;
+      for (size_t l = 0; l < v.size(); ++l) v[l] = rho::acc_merge(prev[l], prev[l ^ (size_t)off]);
+    }
+  };
+  const int nt = (int)acc.size();
+  butterfly(acc, nt < 32 ? nt : 32);
+  if (nt <= 32) return acc[0];
+  std::vector<rho::RowAcc<A>> w(32, rho::acc_empty<A>());
+  for (int i = 0; i < nt / 32; ++i) w[i] = acc[32 * i];
+  butterfly(w, 32);
+  return w[0];
+}
+// Streams one row with nt threads; checks the CE target pick (exactly one thread reads column y
+// when 0 <= y < V, with the row's value there; none otherwise).  Returns false on a bad pick.
+template <typename S, typename A, int kM>
+bool stream(const S* base, int V, int sv, int64_t y, int nt, rho::RowAcc<A>& out) {
+  std::vector<rho::RowAcc<A>> acc;
+  int found = 0; bool same = true;
+  for (int t = 0; t < nt; ++t) {
+    TargetPick<A> pick{A(0), false};
+    acc.push_back(scan_row<S, A, kM>(base, V, sv, y, t, nt, &pick));
+    if (pick.found) { ++found; A want = static_cast<A>(base[y * sv]); same = same && (pick.z == want || (pick.z != pick.z && want != want)); }
+  }
+  out = device_merge(acc);
+  const bool ok = (y >= 0 && y < V) ? (found == 1 && same) : found == 0;
+  if (!ok) printf("target pick: V=%d nt=%d sv=%d y=%ld found=%d same=%d\n", V, nt, sv, (long)y, found, (int)same);
+  return ok;
+}
+const int kGroups[] = {1, 2, 4, 8, 16, 32, 256};
 template <typename S, typename A, int kM>
 int run(int iters) {
   int bad = 0;
   for (int it = 0; it < iters; ++it) {
-    int V = (rng() % 4 == 0) ? 1000 + rng() % 5000 : 1 + rng() % 300; int nt = (rng() % 2) ? 32 : 256; int off = rng() % 9; int sv = (rng() % 4 == 0) ? 3 : 1;
-    int64_t y = (int64_t)(rng() % (V + 1)) - 1;
+    int V = (rng() % 4 == 0) ? 1000 + rng() % 5000 : 1 + rng() % 300; int nt = kGroups[rng() % 7]; int off = rng() % 9; int sv = (rng() % 4 == 0) ? 3 : 1;
+    int64_t y = (rng() % 8 == 0) ? V + (int64_t)(rng() % 3) : (int64_t)(rng() % (V + 1)) - 1;
     std::vector<S> buf((size_t)V * sv + 64);
     S* base = (S*)(((uintptr_t)buf.data() + 15) & ~(uintptr_t)15) + off;
     std::vector<double> z(V);
@@ -225,8 +265,8 @@ int run(int iters) {
     }
     if (special == 2) { int j = rng() % V; base[(int64_t)j*sv] = S(NAN); z[j] = NAN; }
     if (special == 3) { for (int j=0;j<V;++j){ base[(int64_t)j*sv] = S(-INFINITY); z[j] = -INFINITY;} }
-    rho::RowAcc<A> acc = rho::acc_empty<A>();
-    for (int t = 0; t < nt; ++t) acc = rho::acc_merge(acc, scan_row<S, A, kM>(base, V, sv, y, t, nt));
+    rho::RowAcc<A> acc;
+    if (!stream<S, A, kM>(base, V, sv, y, nt, acc)) { ++bad; continue; }
     A lse = rho::finalize_lse(acc);
     // reference in double
     double m = -INFINITY; bool nan = false;
@@ -234,7 +274,7 @@ int run(int iters) {
     double rl;
     if (nan) rl = NAN; else if (std::isinf(m)) rl = m; else { double d = 0; for (double v : z) d += std::exp(v - m); rl = m + std::log(d); }
     bool ok = (std::isnan(rl) && std::isnan((double)lse)) || (rl == (double)lse) || std::fabs(rl - (double)lse) < 1e-5 * (1 + std::fabs(rl));
-    if (ok && kM != rho::kLoss && std::isfinite(rl) && y >= 0) {
+    if (ok && kM != rho::kLoss && std::isfinite(rl) && y >= 0 && y < V) {
       double g2 = 0, h = 0; 
       for (int j = 0; j < V; ++j) { double p = std::exp(z[j] - rl); double q = p - (j == y ? 1 : 0); g2 += q * q; if (p > 0) h -= p * (z[j] - rl); }
       A s = rho::finalize_score<A>(kM, acc, lse, A(0), A(0), rho::kTargetOk);
@@ -246,8 +286,102 @@ int run(int iters) {
   }
   return bad;
 }
+// Column-major tiles (rho_cols_* kernels): rows are the contiguous axis of a [V, N] buffer
+// (column stride sv = N + pad), each row merged over kTileSlices slices and then over the splits
+// of V in the kernels' order; lse / gradnorm / entropy against double.  V spans 1..3 splits.
+template <typename S, typename A, int kM>
+int run_tiles(int iters) {
+  int bad = 0;
+  for (int it = 0; it < iters; ++it) {
+    const int V = (rng() % 3 == 0) ? 1 + rng() % 40 : 1 + rng() % (int)(2 * kTileChunk + 300);
+    const int N = 1 + rng() % 5; const int sv = N + (int)(rng() % 3);
+    std::vector<S> buf((size_t)V * sv + 8);
+    const int special = rng() % 6;
+    std::vector<double> z((size_t)V * N);
+    for (int j = 0; j < V; ++j) for (int r = 0; r < N; ++r) {
+      float v = std::uniform_real_distribution<float>(-8, 8)(rng);
+      if (special == 1 && rng() % 5 == 0) v = -INFINITY;
+      if (special == 3) v = -INFINITY;
+      buf[(size_t)j * sv + r] = S(v); z[(size_t)r * V + j] = (double)(A)buf[(size_t)j * sv + r];
+    }
+    if (special == 2) { int j = rng() % V; buf[(size_t)j * sv] = S(NAN); z[j] = NAN; }
+    for (int r = 0; r < N; ++r) {
+      const int64_t y = (int64_t)(rng() % (V + 1)) - 1;
+      rho::RowAcc<A> acc = rho::acc_empty<A>();
+      for (int64_t sp = 0; sp < tile_splits(V); ++sp) {
+        rho::RowAcc<A> a = tile_slice_acc<S, A, kM>(buf.data() + r, V, sv, y, sp, 0);
+        for (int q = 1; q < kTileSlices; ++q) a = rho::acc_merge(a, tile_slice_acc<S, A, kM>(buf.data() + r, V, sv, y, sp, q));
+        acc = sp == 0 ? a : rho::acc_merge(acc, a);
+      }
+      const A lse = rho::finalize_lse(acc);
+      const double* zr = &z[(size_t)r * V];
+      double m = -INFINITY; bool nan = false;
+      for (int j = 0; j < V; ++j) { if (zr[j] != zr[j]) nan = true; else if (zr[j] > m) m = zr[j]; }
+      double rl;
+      if (nan) rl = NAN; else if (std::isinf(m)) rl = m; else { double d = 0; for (int j = 0; j < V; ++j) d += std::exp(zr[j] - m); rl = m + std::log(d); }
+      bool ok = (std::isnan(rl) && std::isnan((double)lse)) || rl == (double)lse || std::fabs(rl - (double)lse) < 1e-5 * (1 + std::fabs(rl));
+      if (ok && kM != rho::kLoss && std::isfinite(rl) && y >= 0) {
+        double g2 = 0, h = 0;
+        for (int j = 0; j < V; ++j) { double p = std::exp(zr[j] - rl); double q = p - (j == y ? 1 : 0); g2 += q * q; if (p > 0) h -= p * (zr[j] - rl); }
+        const A sc = rho::finalize_score<A>(kM, acc, lse, A(0), A(0), rho::kTargetOk);
+        const double want = kM == rho::kGradNorm ? std::sqrt(g2) : h;
+        ok = std::fabs((double)sc - want) < 2e-5 * (1 + std::fabs(want));
+      }
+      if (!ok) printf("tile mismatch kM=%d V=%d N=%d sv=%d r=%d y=%ld special=%d: lse %g vs %g\n", kM, V, N, sv, r, (long)y, special, (double)lse, rl);
+      bad += !ok;
+    }
+  }
+  return bad;
+}
+// Finite logits spanning more than FLT_MAX, worked by hand relative to the row max (-inf
+// elsewhere in the row changes nothing): every placement of the four values in a row of
+// V = 4..40 columns, every group size, offset and stride 1 / 3.
+struct Extreme { float z[4]; int y; double lse_rel; double entropy; double gradnorm; };
+template <typename S, typename A>
+int run_extreme(const Extreme& e) {
+  int bad = 0;
+  for (int it = 0; it < 200; ++it) {
+    const int V = 4 + rng() % 37; const int nt = kGroups[rng() % 7]; const int off = rng() % 9; const int sv = (rng() % 3 == 0) ? 3 : 1;
+    std::vector<S> buf((size_t)V * sv + 64);
+    S* base = (S*)(((uintptr_t)buf.data() + 15) & ~(uintptr_t)15) + off;
+    for (int j = 0; j < V; ++j) base[(int64_t)j * sv] = S(-INFINITY);
+    std::vector<int> cols(V); for (int j = 0; j < V; ++j) cols[j] = j;
+    std::shuffle(cols.begin(), cols.end(), rng);
+    for (int c = 0; c < 4; ++c) base[(int64_t)cols[c] * sv] = S(e.z[c]);
+    const int64_t y = cols[e.y];
+    double mx = -INFINITY; for (int c = 0; c < 4; ++c) mx = std::fmax(mx, (double)(A)base[(int64_t)cols[c] * sv]);
+    rho::RowAcc<A> ag, ae, al;
+    bool ok = stream<S, A, rho::kGradNorm>(base, V, sv, y, nt, ag) && stream<S, A, rho::kEntropy>(base, V, sv, y, nt, ae) &&
+              stream<S, A, rho::kLoss>(base, V, sv, y, nt, al);
+    const A lse = rho::finalize_lse(ae);
+    const A g = rho::finalize_score<A>(rho::kGradNorm, ag, rho::finalize_lse(ag), A(0), A(0), rho::kTargetOk);
+    const A h = rho::finalize_score<A>(rho::kEntropy, ae, lse, A(0), A(0), rho::kTargetOk);
+    ok = ok && std::isfinite((double)lse) && std::fabs((double)lse - (mx + e.lse_rel)) <= 1e-6 * std::fabs(mx) + 1e-6 &&
+         (double)rho::finalize_lse(al) == (double)lse &&
+         std::fabs((double)g - e.gradnorm) < 1e-6 && std::fabs((double)h - e.entropy) < 1e-6;
+    if (!ok) printf("extreme row [%g %g %g %g] y=%d V=%d nt=%d off=%d sv=%d: lse=%g gradnorm=%.9g (want %.9g) entropy=%.9g (want %.9g)\n",
+                    e.z[0], e.z[1], e.z[2], e.z[3], e.y, V, nt, off, sv, (double)lse, (double)g, e.gradnorm, (double)h, e.entropy);
+    bad += !ok;
+  }
+  return bad;
+}
 int main() {
   int bad = 0;
+  const double ln2 = std::log(2.0), ln4 = std::log(4.0);
+  // p = (1, 0, 0, 0); (0.5, 0.5, 0, 0); (1/4, 1/4, 1/4, 1/4).
+  const Extreme ext[] = {
+      {{3e38f, -3e38f, 0.f, 1.f}, 0, 0.0, 0.0, 0.0},          {{3e38f, -3e38f, 0.f, 1.f}, 3, 0.0, 0.0, std::sqrt(2.0)},
+      {{3.4e38f, 3.4e38f, -3.4e38f, 0.f}, 3, ln2, ln2, std::sqrt(1.5)}, {{3.4e38f, 3.4e38f, -3.4e38f, 0.f}, 0, ln2, ln2, std::sqrt(0.5)},
+      {{-3e38f, -3e38f, -3e38f, -3e38f}, 1, ln4, ln4, std::sqrt(0.75)},
+  };
+  for (const Extreme& e : ext) { bad += run_extreme<float, float>(e); bad += run_extreme<double, double>(e); }
+  // bf16 tops out at ~3.39e38: the same shapes with values it holds.
+  const Extreme ext_bf16[] = {
+      {{3e38f, -3e38f, 0.f, 1.f}, 3, 0.0, 0.0, std::sqrt(2.0)}, {{3.38e38f, 3.38e38f, -3.38e38f, 0.f}, 3, ln2, ln2, std::sqrt(1.5)},
+  };
+  for (const Extreme& e : ext_bf16) bad += run_extreme<__nv_bfloat16, float>(e);
+  bad += run_tiles<float, float, rho::kLoss>(60); bad += run_tiles<float, float, rho::kGradNorm>(60); bad += run_tiles<float, float, rho::kEntropy>(60);
+  bad += run_tiles<double, double, rho::kEntropy>(40); bad += run_tiles<__nv_bfloat16, float, rho::kGradNorm>(40);
   bad += run<float, float, rho::kLoss>(300); bad += run<float, float, rho::kGradNorm>(300); bad += run<float, float, rho::kEntropy>(300);
   bad += run<double, double, rho::kGradNorm>(300); bad += run<double, double, rho::kEntropy>(300);
   bad += run<__half, float, rho::kGradNorm>(300); bad += run<__nv_bfloat16, float, rho::kEntropy>(300); bad += run<__nv_bfloat16, float, rho::kLoss>(300);

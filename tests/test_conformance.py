@@ -15,12 +15,13 @@ import functools
 import math
 import os
 
+import numpy as np
 import pytest
 import torch
 
 import rho_kernels as rk
 from rho_kernels import _contract, reference
-from rho_kernels.api import resolve_backend
+from rho_kernels import backends
 
 from conftest import DEVICE, INTERPRETED, is_slow_backend
 
@@ -361,6 +362,11 @@ def _bad_calls():
         ("k negative", lambda: rk.select(x, t, il, -1), ValueError, "k = -1"),
         ("k too large", lambda: rk.select(x, t, il, 5), ValueError, "k = 5"),
         ("k float", lambda: rk.select(x, t, il, 2.0), TypeError, "2.0"),
+        ("k bool", lambda: rk.select(x, t, il, True), TypeError, "True"),
+        ("k bool tensor", lambda: rk.select(x, t, il, torch.tensor(True)), TypeError, "bool"),
+        ("k float tensor", lambda: rk.select(x, t, il, torch.tensor(2.0)), TypeError, "2."),
+        ("k 1-dim tensor", lambda: rk.select(x, t, il, torch.tensor([2])), TypeError, "(1,)"),
+        ("k numpy too large", lambda: rk.select(x, t, il, np.int64(5)), ValueError, "k = 5"),
         ("unknown method", lambda: rk.score(x, t, il, method="rho"), ValueError, "'rho'"),
         ("unknown backend", lambda: rk.score(x, t, il, backend="tpu"), ValueError, "'tpu'"),
         ("IL missing", lambda: rk.score(x, t, None), ValueError, "irreducible_loss"),
@@ -370,6 +376,28 @@ def _bad_calls():
         ("not a tensor", lambda: rk.score(x.tolist(), t, il), TypeError, "list"),
         ("ignore_index float", lambda: rk.score(x, t, il, ignore_index=1.5), TypeError, "1.5"),
     ]
+
+
+def test_k_accepts_integer_like_values(backend):
+    logits, targets, il = make_inputs(12, 9, torch.float32)
+    want = rk.select(logits, targets, il, 4, backend=backend)
+    for k in (np.int64(4), np.int32(4), np.uint8(4), torch.tensor(4), torch.tensor(4, dtype=torch.int32)):
+        got = rk.select(logits, targets, il, k, backend=backend)
+        assert torch.equal(got.indices, want.indices), type(k)
+
+
+@pytest.mark.parametrize("method", rk.METHODS)
+def test_meta_tensors_give_shapes(method):
+    """Shape inference on the meta device: every op returns the right shapes and dtypes."""
+    x = torch.empty(2, 5, 7, device="meta")
+    y = torch.empty(2, 5, dtype=torch.long, device="meta")
+    il = torch.empty(2, 5, device="meta")
+    assert rk.score(x, y, il, method=method).shape == (2, 5)
+    sel = rk.select(x, y, il, 3, method=method)
+    assert [t.shape for t in sel] == [(3,)] * 3 and sel.indices.dtype == torch.int64 and sel.valid.dtype == torch.bool
+    assert rk.select_mask(x, y, il, 0.5, method=method).shape == (2, 5)
+    assert rk.select_sequences(x, y, il, 1, method=method).indices.shape == (1,)
+    assert rk.selective_cross_entropy(x, y, il, 0.5).shape == ()
 
 
 @pytest.mark.parametrize("case", range(len(_bad_calls())))
@@ -403,9 +431,9 @@ def test_target_out_of_range_without_check_is_nan_not_oob(backend):
     t = t.clone()
     t[1], t[4] = 5, -7
     p = _contract.RowProblem(x, t, il, 0, -100, t.shape, 6, 5)
-    score, _ = resolve_backend(backend, x.device).score_rows(p)
+    score, _ = backends.resolve(backend, x.device).score_rows(p)
     assert torch.isnan(score.cpu()[[1, 4]]).all() and torch.isfinite(score.cpu()[[0, 2, 3, 5]]).all()
-    idx, _, valid = resolve_backend(backend, x.device).select_rows(p, 6)
+    idx, _, valid = backends.resolve(backend, x.device).select_rows(p, 6)
     assert idx.cpu().tolist()[-2:] == [1, 4] and valid.cpu().tolist()[-2:] == [False, False]
 
 

@@ -141,7 +141,7 @@ def test_save_load_roundtrip_and_fingerprint(tmp_path, suffix):
         IrreducibleLossStore.load(path, fingerprint="n=50;labels_sha256=0")
 
 
-@pytest.mark.parametrize("suffix", [".npy", ".pt"])
+@pytest.mark.parametrize("suffix", [".npy", ".pt", ".safetensors"])
 def test_memory_mapped_load(tmp_path, suffix):
     store, _, _, y = _store()
     path = tmp_path / f"il{suffix}"
@@ -155,13 +155,58 @@ def test_memory_mapped_load(tmp_path, suffix):
         assert isinstance(arr, np.memmap) and arr.dtype == np.float32
 
 
-def test_load_rejects_unknown_format_and_safetensors_mmap(tmp_path):
+def test_load_rejects_unknown_format(tmp_path):
     store, *_ = _store()
     with pytest.raises(ValueError, match="cannot infer"):
         store.save(tmp_path / "il.bin")
+    with pytest.raises(ValueError, match="unknown format"):
+        store.save(tmp_path / "il.npy", format="zip")
+
+
+def test_safetensors_mmap_maps_the_file_without_reading_it(tmp_path):
+    # the README's example: save .safetensors, load it memory-mapped
+    store, _, _, y = _store()
     store.save(tmp_path / "il.safetensors")
-    with pytest.raises(ValueError, match="mmap"):
-        IrreducibleLossStore.load(tmp_path / "il.safetensors", mmap=True)
+    mm = IrreducibleLossStore.load(tmp_path / "il.safetensors", mmap=True, labels=y)
+    assert torch.equal(mm.losses, store.losses)
+    assert mm.losses.untyped_storage().data_ptr() != store.losses.untyped_storage().data_ptr()
+    mm.losses[0] = 5.0  # copy-on-write: the file keeps its table
+    assert torch.equal(IrreducibleLossStore.load(tmp_path / "il.safetensors").losses, store.losses)
+
+
+def test_ignored_labels_are_never_selectable_nan_and_counted():
+    x, y = _data()
+    y[[0, 9, 10]] = -100
+    m = _model()
+    store = IrreducibleLossStore.build(m, IndexedDataset(TensorDataset(x, y)), batch_size=16, progress=False)
+    assert torch.isnan(store.losses[[0, 9, 10]]).all() and not torch.isnan(store.losses[1:9]).any()
+    assert store.num_ignored == 3 and store.fingerprint == dataset_fingerprint(y)
+    assert store.validate() == {"num_examples": 50, "num_ignored": 3, "num_unscored": 0}
+    assert store.validate(y) == {"num_examples": 50, "num_ignored": 3, "num_unscored": 0}
+    store.gather(torch.tensor([0, 1]))  # checked gather: an ignored example is not an error
+    il = store.gather(torch.tensor([0, 1, 2, 9]))
+    sel = rk.select(torch.zeros(4, 3), y[[0, 1, 2, 9]], il, 4, method="reducible")
+    assert sel.valid.tolist() == [True, True, False, False]  # the ignored rows come last, invalid
+    assert sorted(sel.indices[2:].tolist()) == [0, 3]
+    # another NaN that is not an ignored example is still an unscored one
+    store.losses[5] = math.nan
+    with pytest.raises(ValueError, match="1 of 50 examples were never scored .* besides the 3 ignored"):
+        store.validate()
+    with pytest.raises(ValueError, match=r"never scored .*e\.g\. indices \[5\]"):
+        store.validate(y)
+    assert store.validate(allow_missing=True)["num_unscored"] == 1
+
+
+def test_indexed_dataset_passes_extra_fields():
+    x, y = _data()
+    w = torch.rand(50)
+    ds = IndexedDataset(TensorDataset(x, y, w))
+    i, xi, yi, wi = ds[7]
+    assert i == 7 and torch.equal(xi, x[7]) and yi == y[7] and wi == w[7]
+    m = _model()
+    store = IrreducibleLossStore.build(m, ds, batch_size=16, progress=False)  # extras ignored
+    ref = IrreducibleLossStore.build(m, IndexedDataset(TensorDataset(x, y)), batch_size=16, progress=False)
+    assert torch.equal(store.losses, ref.losses)
 
 
 def test_fingerprint_sensitivity():
@@ -192,14 +237,16 @@ def test_no_holdout_variant_each_half_scored_by_the_other_model():
 def test_bad_inputs():
     with pytest.raises(TypeError):
         IndexedDataset(5)
-    with pytest.raises(ValueError, match="pair"):
-        IndexedDataset([(1, 2, 3)])[0]
+    with pytest.raises(ValueError, match=r"\(x, y, \*extra\), got a tuple of length 1"):
+        IndexedDataset([(1,)])[0]
+    with pytest.raises(ValueError, match="got int"):
+        IndexedDataset([5])[0]
     with pytest.raises(ValueError, match="1-D"):
         IrreducibleLossStore(torch.zeros(2, 2))
     with pytest.raises(TypeError, match="float"):
         IrreducibleLossStore(torch.zeros(2, dtype=torch.int64))
     x, y = _data()
-    with pytest.raises(ValueError, match=r"\(index, x, y\)"):
+    with pytest.raises(ValueError, match=r"\(index, x, y, \*extra\)"):
         IrreducibleLossStore.build(_model(), TensorDataset(x, y), progress=False)
     with pytest.raises(ValueError, match="out of range"):
         IrreducibleLossStore.build(_model(), IndexedDataset(TensorDataset(x, y)), num_examples=10, progress=False)

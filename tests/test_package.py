@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -30,7 +31,8 @@ class Hide(importlib.abc.MetaPathFinder):
             raise ImportError("hidden for the test")
 sys.meta_path.insert(0, Hide())
 import torch, rho_kernels as rk
-assert rk._ext.LOAD_ERROR is not None
+from rho_kernels.backends import _extension
+assert _extension.LOAD_ERROR is not None
 backends = rk.available_backends("cpu")
 assert "cpu" not in backends and "reference" in backends, backends
 x = torch.randn(10, 4); t = torch.arange(10) % 4; il = torch.zeros(10)
@@ -62,6 +64,20 @@ def test_bench_command_writes_json(tmp_path):
         assert "error" not in r, r
         assert r["ms"] > 0 and r["gbps"] > 0 and r["N"] in (64, 3)
     assert {(r["N"], r["dtype"]) for r in rows} == {(64, "float32"), (64, "bfloat16"), (3, "float32"), (3, "bfloat16")}
+
+
+def test_bench_prints_no_tooling_warnings():
+    """torch.compile of the reference must not leak build-tool log lines into the bench output."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "rho_kernels", "bench", "--device", "cpu", "--shapes", "3x7", "--dtypes", "float32",
+         "--backends", "compiled", "--repeats", "1"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300, env=dict(os.environ, CUDA_HOME="/usr/local"),
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "compiled" in proc.stdout
+    noisy = [line for line in proc.stderr.splitlines() if "CUDA runtime" in line or "Warning" in line
+             or re.match(r"^[WE]\d{4} ", line)]
+    assert not noisy, noisy
 
 
 def test_cli_rejects_unknown_command():

@@ -1,4 +1,4 @@
-"""Rho-1 token selection and the selective cross-entropy (issue 5).
+"""Rho-1 token selection and the selective cross-entropy.
 
 * select_mask / select_sequences follow rk.select's order exactly (checked against rk.select
   and against a brute-force Python sort of the same scores), keep k = max(1, int(ratio * n));
@@ -22,7 +22,7 @@ import pytest
 import torch
 
 import rho_kernels as rk
-from rho_kernels import _selective, api, reference
+from rho_kernels import backends, reference, tokens
 
 from conftest import DEVICE, INTERPRETED, is_slow_backend
 
@@ -39,13 +39,13 @@ def grad_tol(want: torch.Tensor, dtype: torch.dtype) -> float:
 
 
 def _grad_impl_or_skip(name: str) -> str:
-    reason = _selective.grad_unavailable_reason(name, DEVICE)
+    reason = backends.grad_unavailable_reason(name, DEVICE)
     if reason is not None:
         pytest.skip(f"backward kernel {name!r} cannot run on {DEVICE}: {reason}")
     return name
 
 
-@pytest.fixture(params=_selective.GRAD_IMPLS)
+@pytest.fixture(params=backends.GRAD_NAMES)
 def grad_impl(request) -> str:
     return _grad_impl_or_skip(request.param)
 
@@ -78,7 +78,7 @@ def test_ordering_key_matches_the_rule():
     scores[[5, 40]] = math.nan
     eligible = ~torch.isnan(scores)
     eligible[[2, 17, 100]] = False
-    key = _selective.ordering_key(scores, eligible)
+    key = tokens.ordering_key(scores, eligible)
     got = torch.sort(key, descending=True).indices.tolist()
     assert got == rule_order(scores, eligible)
     assert got == reference.order_rows(scores, eligible).tolist()
@@ -95,7 +95,7 @@ def _backend_scores(logits, targets, ref_loss, method, backend):
 @pytest.mark.parametrize("method", ["reducible", "loss", "entropy"])
 def test_select_mask_follows_select(backend, method, ratio):
     logits, targets, ref_loss = make_lm_batch(3, 23, 41, n_ignored=7)
-    mask = api.select_mask(logits, targets, ref_loss, ratio, method=method, backend=backend)
+    mask = tokens.select_mask(logits, targets, ref_loss, ratio, method=method, backend=backend)
     assert mask.dtype == torch.bool and mask.shape == targets.shape and mask.device == logits.device
     n = int((targets != -100).sum())
     k = max(1, int(ratio * n))
@@ -120,13 +120,13 @@ def test_select_mask_ties_nan_and_too_few_eligible():
     ref_loss = torch.zeros(2, 6, device=DEVICE)
     ref_loss[0, 3] = math.nan  # NaN score: ineligible, but still counted in n
     ref_loss[1, 5] = -1.0  # the single best row
-    mask = api.select_mask(logits, targets, ref_loss, 0.4, backend="reference")  # n = 11 -> k = 4
+    mask = tokens.select_mask(logits, targets, ref_loss, 0.4, backend="reference")  # n = 11 -> k = 4
     assert mask.reshape(-1).nonzero().view(-1).tolist() == [1, 2, 4, 11]
     # All tokens ignored: nothing selected (k = 1, but no row is eligible).
-    none = api.select_mask(logits, torch.full_like(targets, -100), ref_loss, 0.5, backend="reference")
+    none = tokens.select_mask(logits, torch.full_like(targets, -100), ref_loss, 0.5, backend="reference")
     assert not bool(none.any())
     # Keep everything: all eligible rows.
-    full = api.select_mask(logits, targets, ref_loss, 1.0, backend="reference")
+    full = tokens.select_mask(logits, targets, ref_loss, 1.0, backend="reference")
     assert int(full.sum()) == 10 and not bool(full[0, 0]) and not bool(full[0, 3])
 
 
@@ -136,7 +136,7 @@ def test_select_mask_two_dimensional_and_custom_ignore_index():
     targets = torch.randint(0, 9, (50,), generator=g).to(DEVICE)
     targets[:10] = 0  # ignore_index=0 hides these 10 rows (and the random other zeros)
     ref_loss = torch.rand(50, generator=g).to(DEVICE)
-    mask = api.select_mask(logits, targets, ref_loss, 0.25, ignore_index=0, backend="reference")
+    mask = tokens.select_mask(logits, targets, ref_loss, 0.25, ignore_index=0, backend="reference")
     n = int((targets != 0).sum())
     assert mask.shape == (50,) and int(mask.sum()) == max(1, int(0.25 * n))
     assert not bool(mask[targets == 0].any())
@@ -150,7 +150,7 @@ def test_select_sequences_brute_force(backend):
     targets[4] = -100  # an all-ignored sequence: ineligible
     ref_loss[6, 2] = math.nan  # a NaN token: the whole sequence is ineligible
     for k in (0, 1, 4, 9):
-        sel = api.select_sequences(logits, targets, ref_loss, k, backend=backend)
+        sel = tokens.select_sequences(logits, targets, ref_loss, k, backend=backend)
         assert sel.indices.shape == (k,) and sel.indices.dtype == torch.int64
         assert sel.scores.dtype == torch.float32 and sel.valid.dtype == torch.bool
         scores = rk.score(logits, targets, ref_loss, backend=backend).double().cpu()
@@ -168,7 +168,7 @@ def test_select_sequences_brute_force(backend):
         for j, i in enumerate(want):
             if elig[i]:
                 assert abs(got_means[j].item() - means[i]) <= 1e-6 * max(1.0, abs(means[i]))
-    assert 4 not in api.select_sequences(logits, targets, ref_loss, 7, backend=backend).indices.tolist()
+    assert 4 not in tokens.select_sequences(logits, targets, ref_loss, 7, backend=backend).indices.tolist()
 
 
 # --------------------------------------------------------------------------- bad input
@@ -178,43 +178,43 @@ def test_bad_input():
     logits, targets, ref_loss = make_lm_batch(2, 5, 7)
     for bad in (0, 0.0, -0.5, 1.5, math.nan):
         with pytest.raises(ValueError, match="ratio"):
-            api.select_mask(logits, targets, ref_loss, bad)
+            tokens.select_mask(logits, targets, ref_loss, bad)
         with pytest.raises(ValueError, match="ratio"):
-            api.selective_cross_entropy(logits, targets, ref_loss, bad)
+            tokens.selective_cross_entropy(logits, targets, ref_loss, bad)
     for bad in (True, "0.5", torch.tensor(0.5), None):
         with pytest.raises(TypeError, match="ratio"):
-            api.select_mask(logits, targets, ref_loss, bad)
+            tokens.select_mask(logits, targets, ref_loss, bad)
     with pytest.raises(ValueError, match="reduction"):
-        api.selective_cross_entropy(logits, targets, ref_loss, 0.5, reduction="avg")
+        tokens.selective_cross_entropy(logits, targets, ref_loss, 0.5, reduction="avg")
     with pytest.raises(ValueError, match="needs reference_loss"):
-        api.selective_cross_entropy(logits, targets, None, 0.5)
+        tokens.selective_cross_entropy(logits, targets, None, 0.5)
     with pytest.raises(ValueError, match="needs reference_loss"):
-        api.select_mask(logits, targets, None, 0.5)
+        tokens.select_mask(logits, targets, None, 0.5)
     with pytest.raises(ValueError, match="needs reference_loss"):
-        api.select_sequences(logits, targets, None, 1)
-    assert api.select_mask(logits, targets, None, 0.5, method="loss").shape == targets.shape  # not needed there
+        tokens.select_sequences(logits, targets, None, 1)
+    assert tokens.select_mask(logits, targets, None, 0.5, method="loss").shape == targets.shape  # not needed there
     with pytest.raises(TypeError, match="logits must be a torch.Tensor"):
-        api.select_mask(logits.tolist(), targets, ref_loss, 0.5)
+        tokens.select_mask(logits.tolist(), targets, ref_loss, 0.5)
     with pytest.raises(TypeError, match="logits must be a torch.Tensor"):
-        api.selective_cross_entropy(logits.tolist(), targets, ref_loss, 0.5)
+        tokens.selective_cross_entropy(logits.tolist(), targets, ref_loss, 0.5)
     with pytest.raises(ValueError, match="reference_loss shape"):
-        api.selective_cross_entropy(logits, targets, ref_loss[:, :3], 0.5)
+        tokens.selective_cross_entropy(logits, targets, ref_loss[:, :3], 0.5)
     with pytest.raises(ValueError, match=r"\[B, T, V\]"):
-        api.select_sequences(logits.reshape(10, 7), targets.reshape(10), ref_loss.reshape(10), 1)
+        tokens.select_sequences(logits.reshape(10, 7), targets.reshape(10), ref_loss.reshape(10), 1)
     with pytest.raises(ValueError, match="k = 3"):
-        api.select_sequences(logits, targets, ref_loss, 3)
+        tokens.select_sequences(logits, targets, ref_loss, 3)
     with pytest.raises(ValueError, match="unknown backend"):
-        api.selective_cross_entropy(logits, targets, ref_loss, 0.5, backend="fast")
+        tokens.selective_cross_entropy(logits, targets, ref_loss, 0.5, backend="fast")
     with pytest.raises(TypeError, match="inplace_backward"):
-        api.selective_cross_entropy(logits, targets, ref_loss, 0.5, inplace_backward=1)
+        tokens.selective_cross_entropy(logits, targets, ref_loss, 0.5, inplace_backward=1)
     leaf = logits.clone().requires_grad_()
     with pytest.raises(ValueError, match="leaf"):
-        api.selective_cross_entropy(leaf, targets, ref_loss, 0.5, inplace_backward=True)
+        tokens.selective_cross_entropy(leaf, targets, ref_loss, 0.5, inplace_backward=True)
     if DEVICE.type == "cpu":
         bad_t = targets.clone()
         bad_t[0, 0] = 7
         with pytest.raises(ValueError, match="target 7"):
-            api.selective_cross_entropy(logits, bad_t, ref_loss, 0.5)
+            tokens.selective_cross_entropy(logits, bad_t, ref_loss, 0.5)
 
 
 # --------------------------------------------------------------------------- selective CE
@@ -222,7 +222,7 @@ def test_bad_input():
 
 def run_selective(logits, targets, ref_loss, ratio, grad_name, reduction="mean", inplace=False):
     """selective_cross_entropy with the reference forward and a chosen backward kernel."""
-    return _selective._SelectiveCE.apply(logits, targets, ref_loss, _selective.check_ratio(ratio), -100, reduction,
+    return tokens._SelectiveCE.apply(logits, targets, ref_loss, tokens.check_ratio(ratio), -100, reduction,
                                          "reference", grad_name, inplace)
 
 
@@ -236,7 +236,7 @@ def _compare(loss_fn, logits, targets, ref_loss, ratio, reduction, what):
     x = logits.detach().clone().requires_grad_()
     got = loss_fn(x)
     want_x = logits.detach().clone().requires_grad_()
-    want = _selective.selective_cross_entropy_autograd(want_x, targets, ref_loss, ratio, reduction=reduction)
+    want = tokens.selective_cross_entropy_autograd(want_x, targets, ref_loss, ratio, reduction=reduction)
     assert got.dtype == want.dtype and got.shape == want.shape, what
     assert torch.allclose(got, want, rtol=1e-6, atol=1e-6), f"{what}: loss {got} != {want}"
     w = _upstream_weights(got.shape, got.dtype) if reduction == "none" else torch.ones((), dtype=got.dtype,
@@ -259,7 +259,7 @@ def test_gradients_match_reference(grad_impl, dtype, reduction):
         gx = _compare(lambda x: run_selective(x, targets, ref_loss, ratio, grad_impl, reduction), logits, targets,
                       ref_loss, ratio, reduction, what)
         # Exact zeros on every row outside the selection.
-        mask = api.select_mask(logits, targets, ref_loss, ratio, backend="reference")
+        mask = tokens.select_mask(logits, targets, ref_loss, ratio, backend="reference")
         assert bool((gx[~mask] == 0).all()), what
         assert bool((gx[mask] != 0).any(dim=-1).all()), what
 
@@ -300,7 +300,7 @@ def test_public_api_matches_reference(backend):
     for dtype in (torch.float32, torch.bfloat16):
         logits, targets, ref_loss = make_lm_batch(2, 31, v, dtype)
         for reduction in ("mean", "none"):
-            _compare(lambda x: api.selective_cross_entropy(x, targets, ref_loss, 0.25, reduction=reduction,
+            _compare(lambda x: tokens.selective_cross_entropy(x, targets, ref_loss, 0.25, reduction=reduction,
                                                           backend=backend),
                      logits, targets, ref_loss, 0.25, reduction, f"{backend}/{dtype}/{reduction}")
 
@@ -308,7 +308,7 @@ def test_public_api_matches_reference(backend):
 def test_loss_is_mean_ce_of_selected_tokens():
     logits, targets, ref_loss = make_lm_batch(2, 17, 19, torch.float64)
     ratio = 0.3
-    mask = api.select_mask(logits, targets, ref_loss, ratio, backend="reference")
+    mask = tokens.select_mask(logits, targets, ref_loss, ratio, backend="reference")
     ce = torch.nn.functional.cross_entropy(logits.reshape(-1, 19), targets.reshape(-1), reduction="none",
                                            ignore_index=-100).view(2, 17)
     excess = ce - ref_loss.double()
@@ -316,12 +316,12 @@ def test_loss_is_mean_ce_of_selected_tokens():
     k = int(mask.sum())
     assert k == max(1, int(ratio * int((targets != -100).sum())))
     assert excess[mask].min() >= excess[~mask & (targets != -100)].max()
-    loss = api.selective_cross_entropy(logits, targets, ref_loss, ratio)
+    loss = tokens.selective_cross_entropy(logits, targets, ref_loss, ratio)
     assert torch.allclose(loss, ce[mask].mean(), rtol=1e-12, atol=0)
-    total = api.selective_cross_entropy(logits, targets, ref_loss, ratio, reduction="sum")
+    total = tokens.selective_cross_entropy(logits, targets, ref_loss, ratio, reduction="sum")
     assert torch.allclose(total, ce[mask].sum(), rtol=1e-12, atol=0)
     # ratio = 1 is plain cross-entropy.
-    plain = api.selective_cross_entropy(logits, targets, ref_loss, 1.0)
+    plain = tokens.selective_cross_entropy(logits, targets, ref_loss, 1.0)
     assert torch.allclose(plain, ce[targets != -100].mean(), rtol=1e-12, atol=0)
 
 
@@ -359,7 +359,7 @@ def test_gradcheck_float64(grad_impl):
                                         (x,), eps=1e-6, atol=1e-7)
     x = logits.clone().requires_grad_()
     assert torch.autograd.gradcheck(
-        lambda z: api.selective_cross_entropy(z, targets, ref_loss, 0.4, backend="auto"), (x,), eps=1e-6, atol=1e-7)
+        lambda z: tokens.selective_cross_entropy(z, targets, ref_loss, 0.4, backend="auto"), (x,), eps=1e-6, atol=1e-7)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
@@ -407,7 +407,7 @@ def test_ce_grad_rows_op(grad_impl, dtype):
     scale[5] = 0.0
     z[5] = math.nan  # scale 0: zeros without reading the row
     z[6, 7] = -math.inf
-    got = _selective.run_grad(grad_impl, z, t, lse, scale, -100, inplace=False)
+    got = backends.get(grad_impl).ce_grad_rows(z, t, lse, scale, -100, inplace=False)
     acc = lse.dtype
     p = torch.exp(z.to(acc) - lse[:, None])
     live = (t >= 0) & (t < v) & (scale != 0)
@@ -422,7 +422,7 @@ def test_ce_grad_rows_op(grad_impl, dtype):
 
 
 def test_ce_grad_rows_opcheck():
-    if _selective.grad_unavailable_reason("cpu", torch.device("cpu")) is not None:
+    if backends.grad_unavailable_reason("cpu", torch.device("cpu")) is not None:
         pytest.skip("the extension's CPU ce_grad_rows kernel is not built")
     for dtype in DTYPES:
         z, t, lse, scale = (x.cpu() for x in _op_inputs(9, 70, dtype))
@@ -442,9 +442,9 @@ def test_torch_compile_fullgraph(backend):
     logits, targets, ref_loss = make_lm_batch(2, 16, 40)
 
     def fn(logits, targets, ref_loss):
-        mask = api.select_mask(logits, targets, ref_loss, 0.3, backend=backend)
-        seq = api.select_sequences(logits, targets, ref_loss, 1, backend=backend)
-        loss = api.selective_cross_entropy(logits, targets, ref_loss, 0.3, backend=backend)
+        mask = tokens.select_mask(logits, targets, ref_loss, 0.3, backend=backend)
+        seq = tokens.select_sequences(logits, targets, ref_loss, 1, backend=backend)
+        loss = tokens.selective_cross_entropy(logits, targets, ref_loss, 0.3, backend=backend)
         return mask, seq.indices, loss
 
     compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
@@ -465,7 +465,7 @@ def test_torch_compile_inductor_training_step():
 
     def step(h, w):
         out = h @ w
-        return api.selective_cross_entropy(out, targets, ref_loss, 0.3)
+        return tokens.selective_cross_entropy(out, targets, ref_loss, 0.3)
 
     h = logits.clone().requires_grad_()
     w1 = w.clone().requires_grad_()
@@ -515,13 +515,14 @@ class Hide(importlib.abc.MetaPathFinder):
             raise ImportError("hidden for the test")
 sys.meta_path.insert(0, Hide())
 import torch
-from rho_kernels import api, _selective, _ext
+from rho_kernels import tokens
+from rho_kernels.backends import _extension as _ext
 assert _ext.LOAD_ERROR is not None
-assert _selective.resolve_names("auto", torch.device("cpu")) == ("reference", "reference")
+assert tokens.resolve_names("auto", torch.device("cpu")) == ("reference", "reference")
 x = torch.randn(2, 5, 7, dtype=torch.float64, requires_grad=True)
 t = torch.randint(0, 7, (2, 5)); il = torch.rand(2, 5)
-assert torch.autograd.gradcheck(lambda z: api.selective_cross_entropy(z, t, il, 0.5), (x,))
-assert int(api.select_mask(x, t, il, 0.5).sum()) == 5
+assert torch.autograd.gradcheck(lambda z: tokens.selective_cross_entropy(z, t, il, 0.5), (x,))
+assert int(tokens.select_mask(x, t, il, 0.5).sum()) == 5
 print("ok")
 """
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300,
@@ -535,9 +536,9 @@ def test_no_host_sync_on_gpu(backend):
     x = logits.requires_grad_()
 
     def step():
-        api.select_mask(logits, targets, ref_loss, 0.3, backend=backend)
-        api.select_sequences(logits, targets, ref_loss, 2, backend=backend)
-        loss = api.selective_cross_entropy(x, targets, ref_loss, 0.3, backend=backend)
+        tokens.select_mask(logits, targets, ref_loss, 0.3, backend=backend)
+        tokens.select_sequences(logits, targets, ref_loss, 2, backend=backend)
+        loss = tokens.selective_cross_entropy(x, targets, ref_loss, 0.3, backend=backend)
         torch.autograd.grad(loss, x)
 
     step()  # warm up (compiles / autotunes)

@@ -1,6 +1,6 @@
 // selective_ce_cpu.cpp -- backward of the selective cross-entropy (Rho-1): per-row CE gradient
 // from a saved log-sum-exp, scaled per row.  Schemas live here (a TORCH_LIBRARY_FRAGMENT), so the
-// op exists wherever the extension is built; fake implementations: rho_kernels/_selective.py.
+// op exists wherever the extension is built; fake implementations: rho_kernels/backends/_extension.py.
 //
 //   ce_grad_rows(logits, targets, lse, row_scale, ignore_index) -> grad
 //       grad[r, j] = row_scale[r] * (exp(z[r, j] - lse[r]) - [j == targets[r]])

@@ -33,10 +33,29 @@ RHO_CUDA_HD uint4 stream_load(const uint4* p) {
 #endif
 }
 
+// The target logit as one thread of a row group streamed it (CE reads it from the row's own
+// loads instead of a second, dependent load after the row).
+template <typename acc_t>
+struct TargetPick {
+  acc_t z;
+  bool found;
+};
+
 // Fold E values (already in acc_t) into the accumulator: one max/rescale per chunk.
 // tpos = index of the target column inside the chunk, or -1 (gradnorm sums exclude it).
+// pick (may be nullptr) receives the target column's value when it lies in this chunk.
 template <typename acc_t, int kM, int E>
-RHO_CUDA_HD void acc_chunk(rho::RowAcc<acc_t>& a, const acc_t (&z)[E], int tpos) {
+RHO_CUDA_HD void acc_chunk(rho::RowAcc<acc_t>& a, const acc_t (&z)[E], int tpos, TargetPick<acc_t>* pick) {
+  if (pick != nullptr) {
+    // Unrolled compare, not z[tpos]: a dynamic index would put z in local memory.
+RHO_UNROLL
+    for (int i = 0; i < E; ++i) {
+      if (i == tpos) {
+        pick->z = z[i];
+        pick->found = true;
+      }
+    }
+  }
   acc_t cm = z[0];
 RHO_UNROLL
   for (int i = 1; i < E; ++i) cm = rho::nan_max(cm, z[i]);
@@ -50,16 +69,37 @@ RHO_UNROLL
 }
 
 template <typename scalar_t, typename acc_t, int kM>
-RHO_CUDA_HD void acc_one(rho::RowAcc<acc_t>& a, const scalar_t* p, bool is_target) {
+RHO_CUDA_HD void acc_one(rho::RowAcc<acc_t>& a, const scalar_t* p, bool is_target, TargetPick<acc_t>* pick) {
   const acc_t z[1] = {static_cast<acc_t>(*p)};
-  acc_chunk<acc_t, kM, 1>(a, z, is_target ? 0 : -1);
+  acc_chunk<acc_t, kM, 1>(a, z, is_target ? 0 : -1, pick);
+}
+
+// Fold columns j0 + tid, j0 + tid + nt, ... (< j1) of a row with column stride sv into a,
+// U strided loads in flight per step.
+template <typename scalar_t, typename acc_t, int kM, int U>
+RHO_CUDA_HD void scan_cols(rho::RowAcc<acc_t>& a, const scalar_t* __restrict__ row, int64_t j0, int64_t j1, int64_t sv,
+                           int64_t y, int tid, int nt, TargetPick<acc_t>* pick) {
+  int64_t j = j0 + tid;
+  for (; j + static_cast<int64_t>(U - 1) * nt < j1; j += static_cast<int64_t>(U) * nt) {
+    acc_t z[U];
+    int tpos = -1;
+RHO_UNROLL
+    for (int u = 0; u < U; ++u) {
+      const int64_t c = j + static_cast<int64_t>(u) * nt;
+      z[u] = static_cast<acc_t>(row[c * sv]);
+      if (c == y) tpos = u;
+    }
+    acc_chunk<acc_t, kM, U>(a, z, tpos, pick);
+  }
+  for (; j < j1; j += nt) acc_one<scalar_t, acc_t, kM>(a, row + j * sv, j == y, pick);
 }
 
 // This thread's partial accumulator over columns tid, tid+nt, ... (in vector units when the
-// row is contiguous).  y = target column, or -1 when no column is the target.
+// row is contiguous).  y = target column, or any value outside [0, V) when no column is the
+// target.  pick (may be nullptr) receives the target column's value if this thread reads it.
 template <typename scalar_t, typename acc_t, int kM>
-RHO_CUDA_HD rho::RowAcc<acc_t> scan_row(const scalar_t* __restrict__ row, int64_t V,
-                                                       int64_t sv, int64_t y, int tid, int nt) {
+RHO_CUDA_HD rho::RowAcc<acc_t> scan_row(const scalar_t* __restrict__ row, int64_t V, int64_t sv, int64_t y,
+                                        int tid, int nt, TargetPick<acc_t>* pick = nullptr) {
   rho::RowAcc<acc_t> a = rho::acc_empty<acc_t>();
   if (sv == 1) {
     constexpr int VEC = 16 / static_cast<int>(sizeof(scalar_t));
@@ -68,7 +108,7 @@ RHO_CUDA_HD rho::RowAcc<acc_t> scan_row(const scalar_t* __restrict__ row, int64_
     int64_t head = static_cast<int64_t>(((16u - (addr & 15u)) & 15u) / sizeof(scalar_t));
     if (addr % sizeof(scalar_t) != 0) head = V;  // not element-aligned: all scalar (never for torch)
     if (head > V) head = V;
-    for (int64_t j = tid; j < head; j += nt) acc_one<scalar_t, acc_t, kM>(a, row + j, j == y);
+    for (int64_t j = tid; j < head; j += nt) acc_one<scalar_t, acc_t, kM>(a, row + j, j == y, pick);
     const int64_t nvec = (V - head) / VEC;
     const uint4* __restrict__ vp = reinterpret_cast<const uint4*>(row + head);
     int64_t i = tid;
@@ -86,7 +126,7 @@ RHO_UNROLL
         const int64_t c0 = head + (i + static_cast<int64_t>(u) * nt) * VEC;
         if (y >= c0 && y < c0 + VEC) tpos = u * VEC + static_cast<int>(y - c0);
       }
-      acc_chunk<acc_t, kM, U * VEC>(a, z, tpos);
+      acc_chunk<acc_t, kM, U * VEC>(a, z, tpos, pick);
     }
     for (; i < nvec; i += nt) {
       const uint4 raw = stream_load(vp + i);
@@ -96,25 +136,35 @@ RHO_UNROLL
       for (int e = 0; e < VEC; ++e) z[e] = static_cast<acc_t>(s[e]);
       const int64_t c0 = head + i * VEC;
       const int tpos = (y >= c0 && y < c0 + VEC) ? static_cast<int>(y - c0) : -1;
-      acc_chunk<acc_t, kM, VEC>(a, z, tpos);
+      acc_chunk<acc_t, kM, VEC>(a, z, tpos, pick);
     }
-    for (int64_t j = head + nvec * VEC + tid; j < V; j += nt) acc_one<scalar_t, acc_t, kM>(a, row + j, j == y);
+    for (int64_t j = head + nvec * VEC + tid; j < V; j += nt) acc_one<scalar_t, acc_t, kM>(a, row + j, j == y, pick);
   } else {
-    constexpr int U = 4;  // independent strided loads in flight
-    int64_t j = tid;
-    for (; j + static_cast<int64_t>(U - 1) * nt < V; j += static_cast<int64_t>(U) * nt) {
-      acc_t z[U];
-      int tpos = -1;
-RHO_UNROLL
-      for (int u = 0; u < U; ++u) {
-        const int64_t c = j + static_cast<int64_t>(u) * nt;
-        z[u] = static_cast<acc_t>(row[c * sv]);
-        if (c == y) tpos = u;
-      }
-      acc_chunk<acc_t, kM, U>(a, z, tpos);
-    }
-    for (; j < V; j += nt) acc_one<scalar_t, acc_t, kM>(a, row + j * sv, j == y);
+    scan_cols<scalar_t, acc_t, kM, 4>(a, row, 0, V, sv, y, tid, nt, pick);
   }
+  return a;
+}
+
+// Column-major logits (rows are the contiguous axis, V-stride != 1), select_cuda.cu's
+// rho_cols_* kernels: a block takes kTileRows consecutive rows (one per lane, so that a warp
+// load is kTileRows adjacent logits of one column) x one split of kTileChunk columns; warp
+// `slice` of kTileSlices streams the split's columns slice, slice + kTileSlices, ...  The row's
+// accumulator is then merged over slices 0..kTileSlices-1 and over splits 0..n-1, in order.
+constexpr int kTileRows = 32;
+constexpr int kTileSlices = 8;
+constexpr int64_t kTileChunk = 2048;  // columns per split: the split of V depends on V only
+constexpr int kTileLoads = 8;         // strided loads in flight per thread
+
+RHO_CUDA_HD int64_t tile_splits(int64_t V) { return (V + kTileChunk - 1) / kTileChunk; }
+
+// One thread's part of a tile: row (column 0 of the row) over split `split`, slice `slice`.
+template <typename scalar_t, typename acc_t, int kM>
+RHO_CUDA_HD rho::RowAcc<acc_t> tile_slice_acc(const scalar_t* __restrict__ row, int64_t V, int64_t sv, int64_t y,
+                                              int64_t split, int slice) {
+  rho::RowAcc<acc_t> a = rho::acc_empty<acc_t>();
+  const int64_t j0 = split * kTileChunk;
+  const int64_t j1 = j0 + kTileChunk < V ? j0 + kTileChunk : V;
+  scan_cols<scalar_t, acc_t, kM, kTileLoads>(a, row, j0, j1, sv, y, slice, kTileSlices, nullptr);
   return a;
 }
 

@@ -4,8 +4,12 @@
 // target_state, select_key), so this file only decides *how* rows are streamed and merged.
 //
 // Row geometry (chosen by V on the host, data-independent, so CUDA-graph safe):
-//   * V <= kWarpRowMaxV : one warp per row (8 rows per 256-thread block, grid-stride);
-//   * larger V          : one 256-thread block per row (grid-stride), warp shuffles + smem merge.
+//   * V <= kWarpRowMaxV : a group of G lanes per row, G = lanes_per_row(V, dtype) in 1..32 (about
+//                         two 16-byte vectors per lane: short rows pack 32/G rows into a warp),
+//                         segmented butterfly merges; rows are read whatever their target;
+//   * larger V          : one 256-thread block per row (grid-stride), warp shuffles + smem merge;
+//   * column-major logits (rows the contiguous axis, V-stride != 1), any V: tiles of 32 rows x
+//     2048 columns with a lane per row, so that loads coalesce (rho_cols_*; row_scan.cuh).
 // Each thread streams its share of the row with 16-byte vector loads when the row is contiguous
 // (scalar head up to the first 16-byte boundary, vector body, scalar tail), otherwise strided
 // scalar loads; it keeps one online RowAcc in fp32 (fp64 for fp64 logits) and rescales it once
@@ -18,12 +22,13 @@
 //     compacts the k winners and bitonic-sorts only those;
 //   * N <= kFusedMaxRows with long rows: ONE kernel (after a 4-byte memset) -- the row kernel
 //     runs on every SM, writes keys + scores to a workspace, and the last block to finish (an
-//     atomic ticket after a threadfence) loads the n keys from L2 into shared memory and does
-//     the same on-chip select/sort;
-//   * larger N: the row kernel writes keys + scores to a workspace, 8 multi-block histogram
-//     passes find the k-th largest key (each block re-derives the prefix from the previous
-//     histograms, so no host round trip), a gather kernel compacts the k winners, and they are
-//     sorted on chip (k <= kSortOnChipMax) or by cub radix sort (only k keys).
+//     atomic ticket after a threadfence) radix-selects over the n keys in L2 and sorts the
+//     winners in shared memory (the only dynamic shared memory every block reserves);
+//   * larger N, and column-major logits: the row kernel writes keys + scores to a workspace,
+//     8 multi-block histogram passes find the k-th largest key (each block re-derives the
+//     prefix from the previous histograms, so no host round trip), a gather kernel compacts the
+//     k winners, and they are sorted on chip (k <= kSortOnChipMax) or by cub radix sort (only
+//     k keys).
 // No host synchronisation anywhere: sizes depend on N, V, k only (known on the host).
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
@@ -87,7 +92,7 @@ struct RowOut {
   float* score;    // [N] or nullptr
   void* lse;       // [N] acc_t or nullptr
   uint64_t* key;   // [N] or nullptr
-  bool skip_ineligible;  // select: rows with a bad/ignored target are not read
+  bool skip_ineligible;  // select: rows with a bad/ignored target are not read (block-per-row only)
   // Top-k in the same launch (N <= kFusedMaxRows): the last block to finish selects.
   uint32_t* ticket;  // zeroed before the launch; nullptr = no selection tail
   uint32_t k;
@@ -120,7 +125,30 @@ __device__ __forceinline__ rho::RowAcc<acc_t> warp_merge(rho::RowAcc<acc_t> a) {
   return a;
 }
 
-// Score one row with a group of nt threads (a warp, or the whole block when kBlock).  Must be
+// Butterfly over aligned groups of G lanes (G a power of two <= 32): xor offsets below G never
+// leave the group, so each group ends with its own row's accumulator in every lane.  For G = 32
+// this is warp_merge's exact sequence of merges.
+template <typename acc_t, int kM>
+__device__ __forceinline__ rho::RowAcc<acc_t> group_merge(rho::RowAcc<acc_t> a, int G) {
+  for (int off = G / 2; off > 0; off >>= 1) a = rho::acc_merge(a, shfl_acc<acc_t, kM>(a, off));
+  return a;
+}
+
+// Lanes that stream one row in the warp-row kernels: a power of two 1..32, from V and the
+// element size only (never the data or the GPU), so that score_rows and every select path
+// reduce a row in the same order.  About two 16-byte vectors per lane: short rows are packed
+// several to a warp, so a warp has many independent loads in flight instead of a serial chain
+// of one row's load, shuffles and exps.  Irreducible reads no logits: one lane per row.
+template <typename scalar_t, int kKind>
+__host__ __device__ __forceinline__ int lanes_per_row(int64_t V) {
+  if (kKind == kKindNone) return 1;
+  constexpr int64_t kPerLane = 2 * (16 / static_cast<int64_t>(sizeof(scalar_t)));
+  int g = 1;
+  while (g < kWarp && static_cast<int64_t>(g) * kPerLane < V) g <<= 1;
+  return g;
+}
+
+// Score one row with a group of nt threads (the whole block: kBlock; see group_row_result).  Must be
 // reached by every thread of the group; the result is valid in tid 0.
 template <typename scalar_t, int kKind, bool kBlock>
 __device__ __forceinline__ RowResult<typename rho::AccOf<scalar_t>::type> row_result(
@@ -160,6 +188,55 @@ __device__ __forceinline__ RowResult<typename rho::AccOf<scalar_t>::type> row_re
   return RowResult<acc_t>{static_cast<float>(s), lse, ts};
 }
 
+// Score row `row` with the G-lane group holding lane `lane` of the warp (warp-row kernels).
+// Every lane of the warp must call it (the shuffles span the warp); a group past the last row
+// passes active = false and reads nothing.  The row is read whatever its target: nothing
+// waits on the target load, which is in flight together with the row's loads, and CE takes
+// the target logit from the row's own loads (no dependent load after the row).  The result is
+// valid in the group's first lane.
+template <typename scalar_t, int kKind>
+__device__ __forceinline__ RowResult<typename rho::AccOf<scalar_t>::type> group_row_result(const RowParams& p,
+                                                                                          int64_t row, bool active,
+                                                                                          int lane, int G) {
+  using acc_t = typename rho::AccOf<scalar_t>::type;
+  constexpr int kM = kind_method(kKind);
+  int64_t y = -1;
+  acc_t il = acc_t(0);
+  if (active) {
+    y = p.targets[row];
+    if (p.il != nullptr) il = static_cast<acc_t>(p.il[row]);
+  }
+  rho::RowAcc<acc_t> a = rho::acc_empty<acc_t>();
+  acc_t lse = rho::quiet_nan<acc_t>();
+  acc_t zy = acc_t(0);
+  if (kKind != kKindNone) {
+    TargetPick<acc_t> pick{acc_t(0), false};
+    if (active) {
+      const int64_t b = row / p.T;
+      const int64_t t = row - b * p.T;
+      const scalar_t* rp = static_cast<const scalar_t*>(p.logits) + b * p.sb + t * p.st;
+      // The raw target, not "y if in range else -1": deciding that first would make the row's
+      // loads wait for y.  An ignored target column inside [0, V) then counts as the target for
+      // the gradnorm sums, which do not matter: an ignored row scores -inf whatever they are.
+      a = scan_row<scalar_t, acc_t, kM>(rp, p.V, p.sv, y, lane & (G - 1), G,
+                                        kKind == kKindCE ? &pick : nullptr);
+    }
+    a = group_merge<acc_t, kM>(a, G);
+    if (kKind == kKindCE) {
+      // Exactly one lane of the group read column y when 0 <= y < V; zy is not used otherwise.
+      const unsigned found = __ballot_sync(kFull, pick.found);
+      const int first = lane & ~(G - 1);
+      const unsigned group_mask = G == kWarp ? kFull : (((1u << G) - 1u) << first);
+      const unsigned mine = found & group_mask;
+      zy = __shfl_sync(kFull, pick.z, mine != 0 ? __ffs(mine) - 1 : lane);
+    }
+    if (active) lse = rho::finalize_lse(a);
+  }
+  const int ts = active ? rho::target_state(y, p.V, p.ignore_index) : rho::kTargetOutOfRange;
+  const acc_t s = rho::finalize_score<acc_t>(p.method, a, lse, zy, il, ts);
+  return RowResult<acc_t>{static_cast<float>(s), lse, ts};
+}
+
 template <typename acc_t>
 __device__ __forceinline__ uint64_t result_key(const RowResult<acc_t>& r, int64_t row) {
   return rho::select_key(r.score, rho::is_eligible(r.score, r.tstate), static_cast<uint32_t>(row));
@@ -187,12 +264,15 @@ __device__ __forceinline__ uint64_t load_key(const uint64_t* keys, int i) {
 
 template <bool kGlobal>
 __device__ uint64_t block_kth_largest(const uint64_t* keys, int n, uint32_t k, uint32_t* hist, uint32_t* bcast);
+template <bool kGlobal>
+__device__ void block_gather(const uint64_t* keys, int n, uint64_t kth, uint64_t* win, uint32_t* count);
 __device__ void block_bitonic_desc(uint64_t* s, int P);
 __device__ void write_pick(const SelOut& o, int64_t i, uint64_t key, const float* scores, bool scores_global);
 
 // After a row kernel: the last block to finish (ticket) selects the top k of all n keys and
 // writes the outputs, so small problems need one launch however long their rows are.
-// Dynamic shared memory: keys[n] | winners[next_pow2(k)].
+// Dynamic shared memory: winners[next_pow2(k)] only (<= 32 KiB), because every block of the
+// launch reserves it; the last block reads the keys from L2 in each radix pass.
 __device__ void select_tail(const RowOut& o, int64_t n) {
   extern __shared__ uint64_t tail_smem[];
   __shared__ uint32_t hist[256];
@@ -210,32 +290,32 @@ __device__ void select_tail(const RowOut& o, int64_t n) {
   __threadfence();
   const int ni = static_cast<int>(n);
   const int P = static_cast<int>(next_pow2(o.k));
-  uint64_t* keys = tail_smem;
-  uint64_t* win = tail_smem + ni;
-  // One pass of independent L2 loads, then 8 radix passes over shared memory.
-  for (int i = threadIdx.x; i < ni; i += blockDim.x) keys[i] = load_key<true>(o.key, i);
-  __syncthreads();
-  const uint64_t kth = block_kth_largest<false>(keys, ni, o.k, hist, bcast);
-  for (int i = threadIdx.x; i < ni; i += blockDim.x) {
-    const uint64_t key = keys[i];
-    if (key >= kth) win[atomicAdd(&count, 1u)] = key;
-  }
+  uint64_t* win = tail_smem;
+  const uint64_t kth = block_kth_largest<true>(o.key, ni, o.k, hist, bcast);
+  block_gather<true>(o.key, ni, kth, win, &count);
   for (int i = static_cast<int>(o.k) + threadIdx.x; i < P; i += blockDim.x) win[i] = 0;
   __syncthreads();
   block_bitonic_desc(win, P);
   for (int i = threadIdx.x; i < static_cast<int>(o.k); i += blockDim.x) write_pick(o.sel, i, win[i], o.score, true);
 }
 
+// Rows of lanes_per_row lanes: each warp takes kWarp / G consecutive rows per step.
 template <typename scalar_t, int kKind>
 __global__ void __launch_bounds__(kRowThreads, 4) rho_rows_warp_kernel(RowParams p, RowOut o) {
   using acc_t = typename rho::AccOf<scalar_t>::type;
-  constexpr int kRowsPerBlock = kRowThreads / kWarp;
+  const int G = lanes_per_row<scalar_t, kKind>(p.V);
+  const int rows_per_warp = kWarp / G;
+  const int64_t rows_per_block = static_cast<int64_t>(kRowThreads / kWarp) * rows_per_warp;
   const int lane = threadIdx.x % kWarp;
-  const int64_t step = static_cast<int64_t>(gridDim.x) * kRowsPerBlock;
-  for (int64_t row = static_cast<int64_t>(blockIdx.x) * kRowsPerBlock + threadIdx.x / kWarp; row < p.n_rows;
-       row += step) {
-    const RowResult<acc_t> r = row_result<scalar_t, kKind, false>(p, row, o.skip_ineligible, lane, kWarp, nullptr);
-    if (lane == 0) write_row(o, row, r);
+  const int64_t step = static_cast<int64_t>(gridDim.x) * rows_per_block;
+  // The loop bound is uniform over the warp (base), so every lane reaches the shuffles.
+  for (int64_t base = static_cast<int64_t>(blockIdx.x) * rows_per_block +
+                      static_cast<int64_t>(threadIdx.x / kWarp) * rows_per_warp;
+       base < p.n_rows; base += step) {
+    const int64_t row = base + lane / G;
+    const bool active = row < p.n_rows;
+    const RowResult<acc_t> r = group_row_result<scalar_t, kKind>(p, row, active, lane, G);
+    if (active && (lane & (G - 1)) == 0) write_row(o, row, r);
   }
   if (o.ticket != nullptr) select_tail(o, p.n_rows);
 }
@@ -250,6 +330,78 @@ __global__ void __launch_bounds__(kRowThreads, 4) rho_rows_block_kernel(RowParam
     if (threadIdx.x == 0) write_row(o, row, r);
   }
   if (o.ticket != nullptr) select_tail(o, p.n_rows);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Column-major logits: tiles of kTileRows rows x kTileChunk columns (see row_scan.cuh), rows as
+// the fast axis so that loads coalesce.  Several splits of V: partial accumulators part[split][row]
+// merged by rho_cols_final_kernel; one split: the tile kernel finishes its rows itself.  No
+// selection tail here: select_rows takes its multi-kernel path for column-major logits.
+
+template <typename scalar_t>
+__device__ __forceinline__ const scalar_t* row_ptr(const RowParams& p, int64_t row) {
+  const int64_t b = row / p.T;
+  const int64_t t = row - b * p.T;
+  return static_cast<const scalar_t*>(p.logits) + b * p.sb + t * p.st;
+}
+
+template <typename scalar_t, int kKind>
+__device__ __forceinline__ void finish_row(const RowParams& p, const RowOut& o, int64_t row,
+                                           const rho::RowAcc<typename rho::AccOf<scalar_t>::type>& a) {
+  using acc_t = typename rho::AccOf<scalar_t>::type;
+  const int64_t y = p.targets[row];
+  const int ts = rho::target_state(y, p.V, p.ignore_index);
+  const acc_t il = p.il != nullptr ? static_cast<acc_t>(p.il[row]) : acc_t(0);
+  const acc_t lse = rho::finalize_lse(a);
+  acc_t zy = acc_t(0);
+  if (kKind == kKindCE && ts == rho::kTargetOk) zy = static_cast<acc_t>(row_ptr<scalar_t>(p, row)[y * p.sv]);
+  const acc_t s = rho::finalize_score<acc_t>(p.method, a, lse, zy, il, ts);
+  write_row(o, row, RowResult<acc_t>{static_cast<float>(s), lse, ts});
+}
+
+template <typename scalar_t, int kKind>
+__global__ void __launch_bounds__(kRowThreads) rho_cols_tile_kernel(
+    RowParams p, RowOut o, rho::RowAcc<typename rho::AccOf<scalar_t>::type>* part, int64_t n_splits) {
+  using acc_t = typename rho::AccOf<scalar_t>::type;
+  constexpr int kM = kind_method(kKind);
+  static_assert(kTileRows == kWarp && kTileRows * kTileSlices == kRowThreads, "one warp per slice of a tile");
+  __shared__ rho::RowAcc<acc_t> red[kTileSlices][kTileRows];
+  const int r = threadIdx.x % kTileRows;
+  const int slice = threadIdx.x / kTileRows;
+  const int64_t n_tiles = (p.n_rows + kTileRows - 1) / kTileRows;
+  for (int64_t w = blockIdx.x; w < n_tiles * n_splits; w += gridDim.x) {  // uniform over the block
+    const int64_t tile = w % n_tiles;
+    const int64_t split = w / n_tiles;
+    const int64_t row = tile * kTileRows + r;
+    rho::RowAcc<acc_t> a = rho::acc_empty<acc_t>();
+    // The raw target (see group_row_result): an ignored row's gradnorm sums do not matter.
+    if (row < p.n_rows)
+      a = tile_slice_acc<scalar_t, acc_t, kM>(row_ptr<scalar_t>(p, row), p.V, p.sv, p.targets[row], split, slice);
+    red[slice][r] = a;
+    __syncthreads();
+    if (slice == 0 && row < p.n_rows) {
+#pragma unroll
+      for (int q = 1; q < kTileSlices; ++q) a = rho::acc_merge(a, red[q][r]);
+      if (n_splits == 1)
+        finish_row<scalar_t, kKind>(p, o, row, a);
+      else
+        part[split * p.n_rows + row] = a;
+    }
+    __syncthreads();  // red[] is reused by the next tile
+  }
+}
+
+template <typename scalar_t, int kKind>
+__global__ void __launch_bounds__(kRowThreads) rho_cols_final_kernel(
+    RowParams p, RowOut o, const rho::RowAcc<typename rho::AccOf<scalar_t>::type>* __restrict__ part,
+    int64_t n_splits) {
+  using acc_t = typename rho::AccOf<scalar_t>::type;
+  for (int64_t row = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; row < p.n_rows;
+       row += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    rho::RowAcc<acc_t> a = part[row];
+    for (int64_t s = 1; s < n_splits; ++s) a = rho::acc_merge(a, part[s * p.n_rows + row]);
+    finish_row<scalar_t, kKind>(p, o, row, a);
+  }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -297,6 +449,31 @@ __device__ __forceinline__ void warp_find_digit(const uint32_t* h, uint32_t krem
 
 __device__ __forceinline__ int radix_shift(int pass) { return 56 - 8 * pass; }
 
+// hist[digit] += 1 for each lane with take, one shared atomic per distinct digit per warp: the
+// eligible keys share their top bytes, so in the first passes most of a warp's keys hit one to
+// three bins and plain atomics would serialise on them.  All 32 lanes must call it.
+__device__ __forceinline__ void warp_count_digit(uint32_t* hist, bool take, uint32_t digit) {
+  const unsigned peers = __match_any_sync(kFull, take ? digit : 0xffffffffu);
+  if (take && static_cast<int>(threadIdx.x % kWarp) == __ffs(peers) - 1) atomicAdd(&hist[digit], __popc(peers));
+}
+
+// Append every key >= kth to win[] (exactly k of them: keys are unique), one atomic per warp.
+template <bool kGlobal>
+__device__ void block_gather(const uint64_t* keys, int n, uint64_t kth, uint64_t* win, uint32_t* count) {
+  const int lane = threadIdx.x % kWarp;
+  for (int base = threadIdx.x - lane; base < n; base += blockDim.x) {  // uniform over the warp
+    const int i = base + lane;
+    const uint64_t key = i < n ? load_key<kGlobal>(keys, i) : 0;
+    const bool take = i < n && key >= kth;
+    const unsigned ballot = __ballot_sync(kFull, take);
+    if (ballot == 0) continue;
+    uint32_t pos = 0;
+    if (lane == 0) pos = atomicAdd(count, static_cast<uint32_t>(__popc(ballot)));
+    pos = __shfl_sync(kFull, pos, 0) + __popc(ballot & ((1u << lane) - 1u));
+    if (take) win[pos] = key;
+  }
+}
+
 // k-th largest of n unique keys (shared memory, or global when kGlobal), by one block (1 <= k <= n).
 template <bool kGlobal>
 __device__ uint64_t block_kth_largest(const uint64_t* keys, int n, uint32_t k, uint32_t* hist,
@@ -308,9 +485,10 @@ __device__ uint64_t block_kth_largest(const uint64_t* keys, int n, uint32_t k, u
     const int shift = radix_shift(pass);
     for (int i = threadIdx.x; i < 256; i += blockDim.x) hist[i] = 0;
     __syncthreads();
-    for (int i = threadIdx.x; i < n; i += blockDim.x) {
-      const uint64_t key = load_key<kGlobal>(keys, i);
-      if ((key & mask) == prefix) atomicAdd(&hist[(key >> shift) & 255u], 1u);
+    for (int base = threadIdx.x - threadIdx.x % kWarp; base < n; base += blockDim.x) {
+      const int i = base + threadIdx.x % kWarp;
+      const uint64_t key = i < n ? load_key<kGlobal>(keys, i) : 0;
+      warp_count_digit(hist, i < n && (key & mask) == prefix, static_cast<uint32_t>(key >> shift) & 255u);
     }
     __syncthreads();
     if (threadIdx.x < kWarp) {
@@ -374,20 +552,22 @@ __global__ void __launch_bounds__(kFusedThreads) rho_fused_select_kernel(RowPara
   float* scores = reinterpret_cast<float*>(win + P);
   const int lane = threadIdx.x % kWarp;
   constexpr int kWarps = kFusedThreads / kWarp;
+  // Same row groups as rho_rows_warp_kernel, so the scores are bit-identical to score_rows'.
+  const int G = lanes_per_row<scalar_t, kKind>(p.V);
+  const int rows_per_warp = kWarp / G;
   if (threadIdx.x == 0) count = 0;
-  for (int row = threadIdx.x / kWarp; row < n; row += kWarps) {
-    const RowResult<acc_t> r = row_result<scalar_t, kKind, false>(p, row, true, lane, kWarp, nullptr);
-    if (lane == 0) {
+  for (int base = static_cast<int>(threadIdx.x / kWarp) * rows_per_warp; base < n; base += kWarps * rows_per_warp) {
+    const int row = base + lane / G;
+    const bool active = row < n;
+    const RowResult<acc_t> r = group_row_result<scalar_t, kKind>(p, row, active, lane, G);
+    if (active && (lane & (G - 1)) == 0) {
       keys[row] = result_key(r, row);
       scores[row] = r.score;
     }
   }
   __syncthreads();
   const uint64_t kth = block_kth_largest<false>(keys, n, k, hist, bcast);
-  for (int i = threadIdx.x; i < n; i += blockDim.x) {
-    const uint64_t key = keys[i];
-    if (key >= kth) win[atomicAdd(&count, 1u)] = key;  // exactly k keys (unique keys)
-  }
+  block_gather<false>(keys, n, kth, win, &count);
   // Padding with 0 (below every real key: the row part of a key is never 0) sorts last.
   for (int i = static_cast<int>(k) + threadIdx.x; i < P; i += blockDim.x) win[i] = 0;
   __syncthreads();
@@ -429,10 +609,12 @@ __global__ void __launch_bounds__(kRowThreads) rho_radix_hist_kernel(const uint6
   const uint64_t prefix = s_prefix;
   const uint64_t mask = s_mask;
   const int shift = radix_shift(pass);
-  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
-       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const uint64_t key = keys[i];
-    if ((key & mask) == prefix) atomicAdd(&sh[(key >> shift) & 255u], 1u);
+  // The loop bound is uniform over the warp (base), as warp_count_digit needs.
+  for (int64_t base = static_cast<int64_t>(blockIdx.x) * blockDim.x + (threadIdx.x - threadIdx.x % kWarp); base < n;
+       base += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t i = base + threadIdx.x % kWarp;
+    const uint64_t key = i < n ? keys[i] : 0;
+    warp_count_digit(sh, i < n && (key & mask) == prefix, static_cast<uint32_t>(key >> shift) & 255u);
   }
   __syncthreads();
   for (int i = threadIdx.x; i < 256; i += blockDim.x) {
@@ -611,20 +793,56 @@ void allow_smem(Kernel kernel, size_t bytes, std::atomic<uint64_t>& done_mask) {
   done_mask.fetch_or(bit);
 }
 
-// smem: dynamic shared memory for the selection tail (0 without one).
+// Column-major logits (rows the contiguous axis, V-stride != 1) take the tile kernels.
+bool use_col_tiles(const RowParams& p) {
+  if (p.method == rho::kIrreducible || p.sv == 1) return false;
+  const int64_t row_stride = p.T > 1 ? p.st : p.sb;
+  return row_stride == 1;
+}
+
+// Column-major tiles (never with a selection tail).
 template <typename scalar_t, int kKind>
-void launch_rows(const RowParams& p, const RowOut& o, size_t smem, cudaStream_t stream) {
+void launch_tiles(const RowParams& p, const RowOut& o, cudaStream_t stream, const at::Tensor& like, int64_t cap) {
+  using acc_t = typename rho::AccOf<scalar_t>::type;
+  const int64_t n_tiles = (p.n_rows + kTileRows - 1) / kTileRows;
+  const int64_t n_splits = tile_splits(p.V);
+  at::Tensor ws;  // freed stream-ordered by the caching allocator, after the kernels
+  rho::RowAcc<acc_t>* part = nullptr;
+  if (n_splits > 1) {
+    ws = at::empty({p.n_rows * n_splits * static_cast<int64_t>(sizeof(rho::RowAcc<acc_t>))},
+                   like.options().dtype(at::kByte));
+    part = reinterpret_cast<rho::RowAcc<acc_t>*>(ws.data_ptr());
+  }
+  rho_cols_tile_kernel<scalar_t, kKind>
+      <<<grid_for(n_tiles * n_splits, 1, cap), kRowThreads, 0, stream>>>(p, o, part, n_splits);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  if (n_splits > 1) {
+    rho_cols_final_kernel<scalar_t, kKind>
+        <<<grid_for(p.n_rows, kRowThreads, cap), kRowThreads, 0, stream>>>(p, o, part, n_splits);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+}
+
+// smem: dynamic shared memory for the selection tail (0 without one); `like` gives the device
+// for the tile path's workspace.
+template <typename scalar_t, int kKind>
+void launch_rows(const RowParams& p, const RowOut& o, size_t smem, cudaStream_t stream, const at::Tensor& like) {
   const int64_t cap = static_cast<int64_t>(sm_count()) * 64;
-  constexpr size_t kTailMaxSmem = 2 * kFusedMaxRows * sizeof(uint64_t);
+  // The selection tail's winners: at most 32 KiB, under the 48 KiB needing no opt-in.
+  static_assert(kFusedMaxRows * sizeof(uint64_t) <= 48 * 1024, "select_tail smem needs an opt-in");
+  TORCH_CHECK(smem <= kFusedMaxRows * sizeof(uint64_t), "rho_kernels(cuda): selection tail smem ", smem);
+  if constexpr (kKind != kKindNone) {  // irreducible reads no logits: never tiles
+    if (use_col_tiles(p)) {
+      TORCH_CHECK(o.ticket == nullptr, "rho_kernels(cuda): column-major tiles take no selection tail");
+      return launch_tiles<scalar_t, kKind>(p, o, stream, like, cap);
+    }
+  }
   if (kKind == kKindNone || p.V <= kWarpRowMaxV) {
-    const unsigned grid = grid_for(p.n_rows, kRowThreads / kWarp, cap);
-    static std::atomic<uint64_t> done{0};
-    if (smem > 48 * 1024) allow_smem(rho_rows_warp_kernel<scalar_t, kKind>, kTailMaxSmem, done);
+    const int64_t rows_per_block = static_cast<int64_t>(kRowThreads / kWarp) * (kWarp / lanes_per_row<scalar_t, kKind>(p.V));
+    const unsigned grid = grid_for(p.n_rows, rows_per_block, cap);
     rho_rows_warp_kernel<scalar_t, kKind><<<grid, kRowThreads, smem, stream>>>(p, o);
   } else {
     const unsigned grid = grid_for(p.n_rows, 1, cap);
-    static std::atomic<uint64_t> done{0};
-    if (smem > 48 * 1024) allow_smem(rho_rows_block_kernel<scalar_t, kKind>, kTailMaxSmem, done);
     rho_rows_block_kernel<scalar_t, kKind><<<grid, kRowThreads, smem, stream>>>(p, o);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -645,7 +863,7 @@ std::tuple<at::Tensor, at::Tensor> score_rows_cuda(const at::Tensor& logits, con
   const RowOut o{score.data_ptr<float>(), lse.data_ptr(), nullptr, false, nullptr, 0, SelOut{}};
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   dispatch(logits.scalar_type(), static_cast<int>(method), [&](auto tag, auto kind) {
-    launch_rows<typename decltype(tag)::type, decltype(kind)::value>(p, o, 0, stream);
+    launch_rows<typename decltype(tag)::type, decltype(kind)::value>(p, o, 0, stream, logits);
   });
   return {score, lse};
 }
@@ -671,7 +889,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> select_rows_cuda(const at::Tensor
   // The one-block kernel streams rows a warp each, exactly like rho_rows_warp_kernel, so its
   // scores are bit-identical to score_rows'; rows long enough for the block-per-row kernel go
   // through the ticket path below instead (same kernel as score_rows).
-  const bool warp_rows = method == rho::kIrreducible || logits.size(-1) <= kWarpRowMaxV;
+  // Column-major logits take launch_rows' tile kernels, on the multi-kernel path below.
+  const bool warp_rows = (method == rho::kIrreducible || logits.size(-1) <= kWarpRowMaxV) && !use_col_tiles(p);
   if (n <= kFusedMaxRows && logit_bytes <= kFusedMaxBytes && warp_rows) {
     // Tiny problem: one block does everything, no workspace.
     const size_t smem = static_cast<size_t>(n) * (sizeof(uint64_t) + sizeof(float)) +
@@ -686,7 +905,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> select_rows_cuda(const at::Tensor
     });
     return {idx, out_score, valid};
   }
-  if (n <= kFusedMaxRows) {
+  if (n <= kFusedMaxRows && !use_col_tiles(p)) {
     // Few rows, long rows: every SM streams rows; the last block to finish selects on chip.
     // Workspace: keys[n] | scores[n] | ticket (zeroed by a memset node, not a kernel).
     at::Tensor ws = at::empty({n * 12 + 16}, logits.options().dtype(at::kByte));
@@ -696,9 +915,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> select_rows_cuda(const at::Tensor
     uint32_t* ticket = reinterpret_cast<uint32_t*>(base + n * 12);
     C10_CUDA_CHECK(cudaMemsetAsync(ticket, 0, sizeof(uint32_t), stream));
     const RowOut o{scores_p, nullptr, keys_p, true, ticket, k32, so};
-    const size_t smem = static_cast<size_t>(n + next_pow2(k)) * sizeof(uint64_t);  // <= 64 KiB
+    const size_t smem = static_cast<size_t>(next_pow2(k)) * sizeof(uint64_t);  // winners only, <= 32 KiB
     dispatch(logits.scalar_type(), static_cast<int>(method), [&](auto tag, auto kind) {
-      launch_rows<typename decltype(tag)::type, decltype(kind)::value>(p, o, smem, stream);
+      launch_rows<typename decltype(tag)::type, decltype(kind)::value>(p, o, smem, stream, logits);
     });
     return {idx, out_score, valid};
   }
@@ -715,7 +934,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> select_rows_cuda(const at::Tensor
 
   const RowOut o{scores_p, nullptr, keys_p, true, nullptr, 0, SelOut{}};
   dispatch(logits.scalar_type(), static_cast<int>(method), [&](auto tag, auto kind) {
-    launch_rows<typename decltype(tag)::type, decltype(kind)::value>(p, o, 0, stream);
+    launch_rows<typename decltype(tag)::type, decltype(kind)::value>(p, o, 0, stream, logits);
   });
   const unsigned sel_grid = grid_for(n, kRowThreads * 8, static_cast<int64_t>(sm_count()) * 4);
   for (int pass = 0; pass < kRadixPasses; ++pass) {

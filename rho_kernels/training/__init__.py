@@ -4,6 +4,9 @@ Built on the public op API only (:func:`rho_kernels.score`, :func:`rho_kernels.s
 
 * :class:`IrreducibleLossStore` -- per-example irreducible loss, computed once, gathered by
   dataset index on the training device; save/load with a dataset fingerprint; memory-mapped.
+* :class:`TokenLossStore` -- per-token reference loss of an LM corpus (Rho-1), same machinery.
+* :mod:`.il_build` (the scoring pass: sharded over ranks, resumable) and :mod:`.il_format`
+  (atomic, checksummed files) behind both stores.
 * :class:`OnlineBatchSelector` -- ``select(batch) -> sub-batch`` each step (RHO-LOSS, the
   op's other methods, uniform, Boltzmann sampling without replacement), with statistics.
 * :mod:`.distributed` -- ``"local"`` and exact, balanced ``"global"`` selection across ranks.
@@ -11,6 +14,7 @@ Built on the public op API only (:func:`rho_kernels.score`, :func:`rho_kernels.s
 
 from .distributed import GlobalPick, global_select, topk_by_key
 from .il_store import IndexedDataset, IrreducibleLossStore, dataset_fingerprint, split_halves
+from .token_store import TokenLossStore, token_fingerprint
 from .selector import (
     SELECTOR_METHODS,
     OnlineBatchSelector,
@@ -28,6 +32,8 @@ __all__ = [
     "IrreducibleLossStore",
     "dataset_fingerprint",
     "split_halves",
+    "TokenLossStore",
+    "token_fingerprint",
     "OnlineBatchSelector",
     "PickInfo",
     "SelectorStats",

@@ -43,7 +43,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-import rho_kernels as rk
+from .. import api as rk  # the public op API only (the package imports this layer)
 
 __all__ = ["GlobalPick", "global_select", "topk_by_key", "world_info"]
 

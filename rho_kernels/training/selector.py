@@ -32,7 +32,7 @@ from typing import Any, Callable, Iterator, NamedTuple, Optional, Union
 import torch
 from torch import Tensor, nn
 
-import rho_kernels as rk
+from .. import api as rk  # the public op API only (the package imports this layer)
 
 from .distributed import global_select, topk_by_key, world_info
 from .il_store import IrreducibleLossStore

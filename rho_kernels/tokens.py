@@ -1,13 +1,14 @@
-"""Token-level selection (Rho-1) and the selective cross-entropy with a fused backward.
+"""Rho-1 token ops: token and sequence selection, and the selective cross-entropy with a fused
+backward.
 
-Public entry points (re-exported through :mod:`rho_kernels.api`):
+Public entry points (re-exported as ``rho_kernels.<name>``):
 
 * :func:`select_mask` -- bool mask of the top ``ratio`` fraction of the non-ignored tokens of the
   batch, ranked across the whole batch by the order of ``rk.select``;
 * :func:`select_sequences` -- top-k sequences by the mean score of their non-ignored tokens;
 * :func:`selective_cross_entropy` -- mean CE over the tokens with the highest excess loss
   (CE - reference loss), differentiable, with the backward computed from the saved per-row
-  log-sum-exp by the ``ce_grad_rows`` op (CPU kernel, Triton kernel, or the torch fallback here).
+  log-sum-exp by the backend's ``ce_grad_rows`` kernel (CPU, Triton, or the reference's torch code).
 
 Everything runs on the tensors' device without host synchronisation: the number of kept tokens
 ``k = max(1, int(ratio * n))`` is a device tensor, and the top-k becomes a comparison of 64-bit
@@ -22,13 +23,13 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from . import _contract, _ext, reference
-from . import api as _api
+from . import _contract, backends, reference
 from ._contract import lse_dtype
+from .api import Selection
+
+__all__ = ["select_mask", "select_sequences", "selective_cross_entropy"]
 
 REDUCTIONS = ("mean", "sum", "none")
-# Backends whose backward is a real kernel; anything else falls back to the torch implementation.
-GRAD_IMPLS = ("reference", "cpu", "triton")
 
 
 # --------------------------------------------------------------------------- selection
@@ -64,8 +65,8 @@ def check_reference_loss(targets: Tensor, reference_loss: Optional[Tensor], meth
 def _resolved_names(backend: str, device: str) -> str:
     """``"<forward backend>|<backward kernel>"`` for a backend argument on a device."""
     dev = torch.device(device)
-    forward_name = _api.resolve_backend(backend, dev).NAME
-    return forward_name + "|" + grad_impl_for(backend, forward_name, dev)
+    forward_name = backends.resolve(backend, dev).NAME
+    return forward_name + "|" + backends.grad_backend_for(backend, forward_name, dev)
 
 
 def resolve_names(backend: str, device: torch.device) -> tuple[str, str]:
@@ -124,10 +125,26 @@ def select_mask(
     ignore_index: int = -100,
     backend: str = "auto",
 ) -> Tensor:
+    """Keep the best ``ratio`` fraction of the non-ignored tokens of the whole batch.
+
+    Scores every row like :func:`score` (``reference_loss`` plays the irreducible loss) and keeps
+    ``k = max(1, int(ratio * n))`` rows, ``n`` = number of targets != ``ignore_index``, ranked
+    across the batch exactly as :func:`select` ranks them (score descending, ties to the lower
+    flat index).  Ineligible rows (ignored target, NaN score) are never kept, so fewer than ``k``
+    are kept when fewer are eligible.  ``k`` stays on the device: no host synchronisation, and the
+    function traces under ``torch.compile(fullgraph=True)``.
+
+    Args:
+        ratio: a Python float in ``(0, 1]``.
+        (others as in :func:`score`.)
+
+    Returns:
+        bool tensor of shape ``targets.shape``, True on the kept tokens.
+    """
     ratio = check_ratio(ratio)
     check_reference_loss(targets, reference_loss, method)
     p = _prepare_detached(logits, targets, reference_loss, method, ignore_index)
-    score, _ = _api._backend_module(resolve_names(backend, p.logits.device)[0]).score_rows(p)
+    score, _ = backends.get(resolve_names(backend, p.logits.device)[0]).score_rows(p)
     mask = top_fraction_mask(score, reference.eligible_rows(p, score), _nonignored(p), ratio)
     return mask.view(p.lead_shape)
 
@@ -141,14 +158,26 @@ def select_sequences(
     method: str = "reducible",
     ignore_index: int = -100,
     backend: str = "auto",
-) -> "_api.Selection":
+) -> Selection:
+    """Sequence-level selection: the ``k`` sequences with the highest mean token score.
+
+    ``logits`` must be ``[B, T, V]``.  A sequence's score is the mean of the token scores (as
+    :func:`score` computes them) over its non-ignored tokens; a sequence with no non-ignored
+    token, or whose mean is NaN (a NaN token score, a target outside ``[0, V)``), is ineligible.
+    Order as in :func:`select`: mean descending, ties to the lower sequence index, ineligible last.
+
+    Returns:
+        :class:`Selection` over sequences: ``indices`` int64 ``[k]`` (index the batch with them),
+        ``scores`` float32 ``[k]`` (mean scores), ``valid`` bool ``[k]``.  Fixed size ``k``, no
+        host synchronisation.
+    """
     check_reference_loss(targets, reference_loss, method)
     p = _prepare_detached(logits, targets, reference_loss, method, ignore_index)
     if p.logits.dim() != 3:
         raise ValueError(f"select_sequences needs [B, T, V] logits, got shape {tuple(p.logits.shape)}")
     num_seq, seq_len = p.lead_shape
     k = _contract.check_k(k, num_seq)
-    score, _ = _api._backend_module(resolve_names(backend, p.logits.device)[0]).score_rows(p)
+    score, _ = backends.get(resolve_names(backend, p.logits.device)[0]).score_rows(p)
     counted = _nonignored(p)
     # Mean over the non-ignored tokens (float64 sum: the mean is exact to float32 rounding).  A
     # NaN token score (NaN logits / reference loss, target out of range) makes the mean NaN.
@@ -157,115 +186,7 @@ def select_sequences(
     mean = (total / count).to(torch.float32)
     eligible = (count > 0) & ~torch.isnan(mean)
     order = torch.topk(ordering_key(mean, eligible), k).indices
-    return _api.Selection(order, mean[order], eligible[order])
-
-
-# --------------------------------------------------------------------------- backward kernels
-
-
-def ce_grad_rows_torch(logits: Tensor, targets: Tensor, lse: Tensor, row_scale: Tensor, ignore_index: int) -> Tensor:
-    """Pure-torch ``ce_grad_rows`` (the reference backend's backward and the no-extension fallback).
-
-    Processes row chunks so that eager temporaries stay at a few MiB; under torch.compile one
-    expression (Inductor fuses it into a single pass).
-    """
-    n, v = targets.shape[0], logits.shape[-1]
-    acc = lse_dtype(logits.dtype)
-    z = logits.reshape(n, v)
-    out = torch.empty((n, v), dtype=logits.dtype, device=logits.device)
-    live = (targets != ignore_index) & (targets >= 0) & (targets < v) & (row_scale != 0)
-    safe_t = torch.where(live, targets, torch.zeros_like(targets))
-    chunk = n if _contract._is_compiling() else max(1, (1 << 20) // max(v, 1))
-    for r0 in range(0, n, chunk):
-        sl = slice(r0, min(n, r0 + chunk))
-        p = torch.exp(z[sl].to(acc) - lse[sl, None])
-        onehot = torch.zeros_like(p).scatter_(1, safe_t[sl, None], 1.0)
-        g = (p - onehot) * row_scale[sl, None]
-        out[sl] = torch.where(live[sl, None], g, torch.zeros_like(g)).to(logits.dtype)
-    return out.view(logits.shape)
-
-
-def _ext_has_grad(dispatch_key: str) -> bool:
-    return _ext.LOAD_ERROR is None and _ext.has_kernel(dispatch_key, "ce_grad_rows")
-
-
-def _triton_grad_module():
-    from . import triton_selective_ce
-
-    return triton_selective_ce
-
-
-def grad_unavailable_reason(name: str, device: torch.device) -> Optional[str]:
-    """Why the backward kernel ``name`` (one of GRAD_IMPLS) cannot run on ``device``."""
-    if name == "reference":
-        return None
-    if name == "cpu":
-        if device.type != "cpu":
-            return f"it runs on cpu tensors, got tensors on {device}"
-        if not _ext_has_grad("CPU"):
-            return f"the extension has no CPU ce_grad_rows kernel ({_ext.LOAD_ERROR or 'not built'})"
-        return None
-    if name == "triton":
-        try:
-            return _triton_grad_module().unavailable_reason(device)
-        except ImportError as exc:
-            return f"triton could not be imported ({exc})"
-    raise ValueError(f"unknown backward implementation {name!r}; expected one of {list(GRAD_IMPLS)}")
-
-
-def grad_impl_for(backend: str, forward_name: str, device: torch.device) -> str:
-    """The backward kernel to pair with a forward backend.
-
-    An explicit backend gets its own kernel ("reference" the torch implementation; "cuda" has no
-    ce_grad_rows kernel and uses Triton); "auto" takes the fastest one available on the device,
-    independently of which forward kernel "auto" found.
-    """
-    if backend == "auto" or forward_name == "cuda":
-        order = ("cpu",) if device.type == "cpu" else ("triton",)
-    else:
-        order = (forward_name,) if forward_name in GRAD_IMPLS else ()
-    for name in order:
-        if grad_unavailable_reason(name, device) is None:
-            return name
-    if backend != "auto" and forward_name != "cuda" and order:
-        raise ValueError(f"backend {forward_name!r} cannot run the backward here: "
-                         f"{grad_unavailable_reason(forward_name, device)}")
-    return "reference"
-
-
-def run_grad(name: str, logits: Tensor, targets: Tensor, lse: Tensor, row_scale: Tensor, ignore_index: int,
-             inplace: bool) -> Tensor:
-    if name == "cpu":
-        if inplace:
-            torch.ops.rho_kernels.ce_grad_rows_(logits, targets, lse, row_scale, ignore_index)
-            # The C++ op's (a!) annotation does not bump the version counter by itself; bumping it
-            # makes autograd reject a graph that saved these logits elsewhere instead of using
-            # gradient values as logits.
-            torch.autograd.graph.increment_version(logits)
-            return logits
-        return torch.ops.rho_kernels.ce_grad_rows(logits, targets, lse, row_scale, ignore_index)
-    if name == "triton":
-        mod = _triton_grad_module()
-        if inplace:
-            mod.ce_grad_rows_(logits, targets, lse, row_scale, ignore_index)
-            return logits
-        return mod.ce_grad_rows(logits, targets, lse, row_scale, ignore_index)
-    grad = ce_grad_rows_torch(logits, targets, lse, row_scale, ignore_index)
-    if inplace:
-        logits.copy_(grad)
-        return logits
-    return grad
-
-
-if _ext.LOAD_ERROR is None and hasattr(torch.ops.rho_kernels, "ce_grad_rows"):
-
-    @torch.library.register_fake("rho_kernels::ce_grad_rows")
-    def _ce_grad_rows_fake(logits, targets, lse, row_scale, ignore_index):
-        return torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
-
-    @torch.library.register_fake("rho_kernels::ce_grad_rows_")
-    def _ce_grad_rows_inplace_fake(logits, targets, lse, row_scale, ignore_index):
-        return None
+    return Selection(order, mean[order], eligible[order])
 
 
 # --------------------------------------------------------------------------- selective CE
@@ -282,7 +203,7 @@ class _SelectiveCE(torch.autograd.Function):
     def forward(ctx, logits, targets, reference_loss, ratio, ignore_index, reduction, forward_name, grad_name,
                 inplace):
         p = _contract.prepare(logits, targets, reference_loss, "reducible", ignore_index)
-        score, lse = _api._backend_module(forward_name).score_rows(p)
+        score, lse = backends.get(forward_name).score_rows(p)
         eligible = reference.eligible_rows(p, score)
         mask = top_fraction_mask(score, eligible, _nonignored(p), ratio)
         # CE = lse - z_y in the accumulation dtype: the same value the kernel subtracted IL from.
@@ -309,7 +230,7 @@ class _SelectiveCE(torch.autograd.Function):
         elif reduction == "none":
             g = g.reshape(-1)
         row_scale = torch.where(mask, g, torch.zeros_like(lse)).contiguous()
-        grad = run_grad(grad_name, logits, targets, lse, row_scale, ignore_index, inplace)
+        grad = backends.get(grad_name).ce_grad_rows(logits, targets, lse, row_scale, ignore_index, inplace)
         return grad, None, None, None, None, None, None, None, None
 
 
@@ -324,6 +245,33 @@ def selective_cross_entropy(
     backend: str = "auto",
     inplace_backward: bool = False,
 ) -> Tensor:
+    """Rho-1 selective language-modelling loss: CE over the tokens with the highest excess loss.
+
+    Keeps ``k = max(1, int(ratio * n))`` of the ``n`` non-ignored tokens of the batch, ranked by
+    excess loss ``CE - reference_loss`` exactly as ``select_mask(..., method="reducible")`` does,
+    and returns their cross-entropy.  Forward: one fused pass (the backend's ``score_rows``)
+    gives CE and the per-row log-sum-exp, which is saved.  Backward: ``(softmax - onehot) *
+    grad / n_selected`` on the kept rows and exact zeros elsewhere, computed from the saved
+    log-sum-exp by the ``ce_grad_rows`` kernel; the only ``N x V`` buffer is the gradient itself.
+
+    Args:
+        logits: ``[N, V]`` or ``[B, T, V]``, float32/bfloat16/float16/float64, any strides.
+        targets: integer tensor with the leading shape of ``logits``.
+        reference_loss: float tensor with the leading shape: the reference model's per-token CE.
+        ratio: Python float in ``(0, 1]``; ``ratio=1`` is plain cross-entropy (mean over tokens).
+        ignore_index: targets equal to it are never selected and not counted in ``n``.
+        reduction: ``"mean"`` (over the selected tokens; 0 when none is selected), ``"sum"``, or
+            ``"none"`` (per-token CE of shape ``targets.shape``, 0 on unselected tokens).
+        backend: forward backend, as for :func:`score`.  The backward uses the matching kernel
+            ("reference": torch; "cpu": the extension's kernel; "triton"/"cuda": Triton); with
+            ``"auto"`` the fastest backward kernel on the device.
+        inplace_backward: write the gradient over the logits' storage instead of allocating it
+            (saves one ``N x V`` buffer).  Opt-in: the logits must be a non-leaf tensor that
+            nothing else reads after this loss's backward (e.g. straight out of the LM head).
+
+    Returns:
+        float32 loss (float64 for float64 logits): a scalar, or ``targets.shape`` for "none".
+    """
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {list(REDUCTIONS)}, got {reduction!r}")
     if not isinstance(inplace_backward, bool):
@@ -369,12 +317,3 @@ def selective_cross_entropy_autograd(
         return ce.sum()
     return ce.view(targets.shape)
 
-
-__all__ = [
-    "select_mask",
-    "select_sequences",
-    "selective_cross_entropy",
-    "selective_cross_entropy_autograd",
-    "ordering_key",
-    "ce_grad_rows_torch",
-]

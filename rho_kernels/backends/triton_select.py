@@ -38,7 +38,8 @@ import triton.language as tl
 from torch import Tensor
 from ._triton_compat import triton_op, wrap_triton
 
-from ._contract import RowProblem, lse_dtype
+from .._contract import RowProblem, lse_dtype
+from . import triton_ce_grad
 
 NAME = "triton"
 
@@ -597,7 +598,7 @@ if _INTERPRETED:
 
 
 # ----------------------------------------------------------------------------------------------
-# Backend interface (rho_kernels.api)
+# Backend interface (rho_kernels.backends)
 # ----------------------------------------------------------------------------------------------
 
 
@@ -611,3 +612,18 @@ def select_rows(p: RowProblem, k: int) -> tuple[Tensor, Tensor, Tensor]:
     """Top ``k`` rows in the contract's order: (indices int64, scores float32, valid bool)."""
     return torch.ops.rho_kernels.triton_select_rows(p.logits, p.targets, p.il, k, p.method,
                                                     p.ignore_index)
+
+
+def ce_grad_unavailable_reason(device: torch.device) -> Optional[str]:
+    """None where the Triton ``ce_grad_rows`` kernel can run on ``device``, else why not."""
+    return triton_ce_grad.unavailable_reason(device)
+
+
+def ce_grad_rows(logits: Tensor, targets: Tensor, lse: Tensor, row_scale: Tensor, ignore_index: int,
+                 inplace: bool = False) -> Tensor:
+    """``row_scale * (softmax - onehot)`` per row (see ``triton_ce_grad``); in place over the logits
+    when ``inplace``."""
+    if inplace:
+        triton_ce_grad.ce_grad_rows_(logits, targets, lse, row_scale, ignore_index)
+        return logits
+    return triton_ce_grad.ce_grad_rows(logits, targets, lse, row_scale, ignore_index)
