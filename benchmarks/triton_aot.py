@@ -378,10 +378,23 @@ def compile_all(jobs: list[dict], n_procs: int) -> list[dict]:
     import multiprocessing as mp
 
     jobs = sorted(jobs, key=lambda j: -_cost_guess(j))
+    out = []
+    t0 = time.perf_counter()
+
+    def progress(rec: dict) -> None:
+        out.append(rec)
+        print(f"[{len(out)}/{len(jobs)} {time.perf_counter() - t0:6.0f} s] {rec['compile_s']:6.2f} s "
+              f"regs {rec.get('registers', '-')} {rec['kernel']} [{rec['variant']}] sm_{rec['cc']}"
+              f"{' ERROR' if rec.get('error') else ''}", flush=True)
+
     if n_procs <= 1:
-        return [compile_job(j) for j in jobs]
+        for j in jobs:
+            progress(compile_job(j))
+        return out
     with mp.get_context("spawn").Pool(n_procs, initializer=_worker_init) as pool:
-        return pool.map(compile_job, jobs, chunksize=1)
+        for rec in pool.imap_unordered(compile_job, jobs, chunksize=1):
+            progress(rec)
+    return out
 
 
 def _cost_guess(job: dict) -> int:
