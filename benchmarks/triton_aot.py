@@ -372,7 +372,7 @@ def _worker_init() -> None:
     os.environ.pop("TRITON_INTERPRET", None)
 
 
-def compile_all(jobs: list[dict], n_procs: int) -> list[dict]:
+def compile_all(jobs: list[dict], n_procs: int, time_limit: Optional[float] = None) -> list[dict]:
     """Compile the jobs, longest-first, in ``n_procs`` spawned processes (fresh interpreters:
     MLIR contexts and the interpreter switch are per process)."""
     import multiprocessing as mp
@@ -392,8 +392,19 @@ def compile_all(jobs: list[dict], n_procs: int) -> list[dict]:
             progress(compile_job(j))
         return out
     with mp.get_context("spawn").Pool(n_procs, initializer=_worker_init) as pool:
-        for rec in pool.imap_unordered(compile_job, jobs, chunksize=1):
-            progress(rec)
+        it = pool.imap_unordered(compile_job, jobs, chunksize=1)
+        for _ in jobs:
+            left = None if time_limit is None else time_limit - (time.perf_counter() - t0)
+            try:
+                progress(it.next(timeout=left) if left is None or left > 0 else it.next(timeout=0))
+            except mp.TimeoutError:
+                pool.terminate()
+                break
+    done = {(r["kernel"], r["variant"], r["cc"]) for r in out}
+    for j in jobs:  # cut by --time-limit: listed, never counted as compiled
+        if (j["kernel"], j["variant"], j["cc"]) not in done:
+            out.append({"kernel": j["kernel"], "variant": j["variant"], "cc": j["cc"], "not_compiled": "time limit",
+                        "example": j["cases"][0], "cases": len(j["cases"]), "compile_s": None})
     return out
 
 
@@ -435,15 +446,18 @@ def _demangle(name: str) -> str:
 # ----------------------------------------------------------------------------------------------
 
 
-def run(ccs: list[int], n_procs: int, build_log: Optional[str], level: str = "ci") -> dict:
+def run(ccs: list[int], n_procs: int, build_log: Optional[str], level: str = "ci",
+        time_limit: Optional[float] = None) -> dict:
     import torch
     import triton
 
     t0 = time.perf_counter()
     jobs, counts = plan_variants(ccs, level)
     plan_s = time.perf_counter() - t0
-    records = compile_all(jobs, n_procs)
+    records = compile_all(jobs, n_procs, time_limit)
     wall = time.perf_counter() - t0
+    skipped = [r for r in records if r.get("not_compiled")]
+    records = [r for r in records if not r.get("not_compiled")]
     for r in records:
         r["problems"] = problems(r)
     ok = [r for r in records if not r.get("error")]
@@ -458,6 +472,7 @@ def run(ccs: list[int], n_procs: int, build_log: Optional[str], level: str = "ci
         "worst_registers": sorted(ok, key=lambda r: -r["registers"])[:5],
         "worst_compile_s": sorted(records, key=lambda r: -r["compile_s"])[:5],
         "triton_kernels": records,
+        "not_compiled": skipped,
     }
     if build_log:
         cuda = cuda_records(build_log)
@@ -476,6 +491,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="compile processes")
     ap.add_argument("--level", choices=("ci", "full"), default="ci",
                     help="how far variants are folded together (see plan_variants)")
+    ap.add_argument("--time-limit", type=float, help="stop compiling after this many seconds (partial report: "
+                    "the rest is listed under not_compiled; the exit status says nothing about them)")
     ap.add_argument("--cuda-build-log", help="nvcc build log with -Xptxas=-v output to add")
     args = ap.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
@@ -485,7 +502,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                                env=env)
     if ROOT not in sys.path:
         sys.path.insert(0, ROOT)
-    report = run([int(c) for c in args.cc.split(",")], args.jobs, args.cuda_build_log, args.level)
+    report = run([int(c) for c in args.cc.split(",")], args.jobs, args.cuda_build_log, args.level, args.time_limit)
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as f:
@@ -499,6 +516,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"  {r['compile_s']:6.2f} s  {r['kernel']} [{r['variant']}] sm_{r['cc']}")
     for line in report["failed"]:
         print("FAIL", line)
+    if report["not_compiled"]:
+        print(f"NOT COMPILED (time limit): {len(report['not_compiled'])} variants")
     return 1 if report["failed"] else 0
 
 
