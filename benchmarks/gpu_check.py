@@ -186,12 +186,16 @@ def main(argv: Optional[list[str]] = None) -> int:
             json.dump(summary, f, indent=2)
         os.replace(tmp, os.path.join(args.out, "gpu_check.json"))
 
-    probe = subprocess.run(
-        [py, "-c", "import json, torch, triton; print(json.dumps({'torch': torch.__version__, "
-         "'triton': triton.__version__, 'cuda': torch.version.cuda, "
-         "'gpu': torch.cuda.get_device_name() if torch.cuda.is_available() else None}))"],
-        capture_output=True, text=True, cwd=ROOT, env=env, timeout=120)
-    summary["environment"] = json.loads(probe.stdout) if probe.returncode == 0 else {"error": probe.stderr[-2000:]}
+    try:  # versions and GPU name; part of the budget, so bounded by it
+        probe = subprocess.run(
+            [py, "-c", "import json, torch, triton; print(json.dumps({'torch': torch.__version__, "
+             "'triton': triton.__version__, 'cuda': torch.version.cuda, "
+             "'gpu': torch.cuda.get_device_name() if torch.cuda.is_available() else None}))"],
+            capture_output=True, text=True, cwd=ROOT, env=env, timeout=max(1.0, min(60.0, deadline - time.time())))
+        summary["environment"] = (json.loads(probe.stdout) if probe.returncode == 0
+                                  else {"error": probe.stderr[-2000:]})
+    except subprocess.TimeoutExpired:
+        summary["environment"] = {"error": "version probe timed out"}
     save()
 
     for step in steps_for(args, py, ncpu):
