@@ -205,6 +205,9 @@ def _variant_label(signature: dict, constexprs: dict, kernel, options: dict) -> 
     return " ".join(parts + [f"num_warps={options['num_warps']}"] + ptr_types)
 
 
+_ARG_NAMES: dict[str, tuple] = {}
+
+
 def _declared_constexprs(kern) -> set[int]:
     return {i for i, p in enumerate(kern.params) if p.is_constexpr}
 
@@ -280,6 +283,7 @@ def plan_variants(ccs: Iterable[int], level: str = "ci") -> tuple[list[dict], di
             job = jobs.get(key)
             # coverage: (kernel, method, dtypes) -> its smallest launch
             cov = (cc, name, _method_of(kern, constexprs), tuple(sorted(key_sig.items())))
+            _ARG_NAMES[name] = tuple(kern.arg_names)
             new = {"cc": cc, "module": kern.__module__, "kernel": name, "signature": signature, "cov": cov,
                    "constexprs": constexprs, "attrs": attrs, "options": options, "generality": generality,
                    "variant": _variant_label(signature, constexprs, kern, options)}
@@ -409,9 +413,11 @@ def compile_all(jobs: list[dict], n_procs: int, time_limit: Optional[float] = No
 
 
 def _cost_guess(job: dict) -> int:
-    # On-chip sorts dominate compile time: schedule the widest first.
-    c = job["constexprs"]
-    return max([v for v in c.values() if isinstance(v, int) and not isinstance(v, bool)] + [0])
+    # On-chip sorts dominate compile time (then wide tiles): schedule those first.
+    kern = job["kernel"]
+    c = {name: job["constexprs"].get((i,)) for i, name in enumerate(_ARG_NAMES.get(kern, ()))}
+    sort = (c.get("N_P2") or 0) + (c.get("CB") or 0)
+    return 64 * sort + (c.get("BLOCK_R") or 1) * (c.get("BLOCK_V") or c.get("BLOCK") or 1)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -447,14 +453,25 @@ def _demangle(name: str) -> str:
 
 
 def run(ccs: list[int], n_procs: int, build_log: Optional[str], level: str = "ci",
-        time_limit: Optional[float] = None) -> dict:
+        time_limit: Optional[float] = None, only: Optional[str] = None, reuse: Optional[str] = None) -> dict:
     import torch
     import triton
 
     t0 = time.perf_counter()
     jobs, counts = plan_variants(ccs, level)
+    if only:
+        jobs = [j for j in jobs if re.search(only, f"{j['kernel']} {j['variant']}")]
+    reused = []
+    if reuse:  # records measured by an earlier run of the same code (e.g. cut by --time-limit)
+        with open(reuse) as f:
+            prev = {(r["kernel"], r["variant"], r["cc"]): r for r in json.load(f)["triton_kernels"]}
+        keep = []
+        for j in jobs:
+            r = prev.get((j["kernel"], j["variant"], j["cc"]))
+            (reused if r is not None else keep).append(r if r is not None else j)
+        jobs = keep
     plan_s = time.perf_counter() - t0
-    records = compile_all(jobs, n_procs, time_limit)
+    records = reused + compile_all(jobs, n_procs, time_limit)
     wall = time.perf_counter() - t0
     skipped = [r for r in records if r.get("not_compiled")]
     records = [r for r in records if not r.get("not_compiled")]
@@ -463,7 +480,7 @@ def run(ccs: list[int], n_procs: int, build_log: Optional[str], level: str = "ci
     ok = [r for r in records if not r.get("error")]
     report = {
         "torch": torch.__version__, "triton_version": triton.__version__, "targets": [f"sm_{c}" for c in ccs],
-        "processes": n_procs, "level": level, "variants": len(records),
+        "processes": n_procs, "level": level, "variants": len(records), "reused_from_earlier_run": len(reused),
         "launches": counts["launches"], "runtime_variants": counts["runtime_variants"],
         "plan_seconds": round(plan_s, 1), "wall_seconds": round(wall, 1),
         "compile_seconds_total": round(sum(r["compile_s"] for r in records), 1),
@@ -493,6 +510,8 @@ def main(argv: Optional[list[str]] = None) -> int:
                     help="how far variants are folded together (see plan_variants)")
     ap.add_argument("--time-limit", type=float, help="stop compiling after this many seconds (partial report: "
                     "the rest is listed under not_compiled; the exit status says nothing about them)")
+    ap.add_argument("--only", help="compile only variants whose 'kernel variant' label matches this regex")
+    ap.add_argument("--reuse", help="take the records of this earlier report instead of compiling those variants")
     ap.add_argument("--cuda-build-log", help="nvcc build log with -Xptxas=-v output to add")
     args = ap.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
@@ -502,7 +521,8 @@ def main(argv: Optional[list[str]] = None) -> int:
                                env=env)
     if ROOT not in sys.path:
         sys.path.insert(0, ROOT)
-    report = run([int(c) for c in args.cc.split(",")], args.jobs, args.cuda_build_log, args.level, args.time_limit)
+    report = run([int(c) for c in args.cc.split(",")], args.jobs, args.cuda_build_log, args.level, args.time_limit,
+                 args.only, args.reuse)
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as f:
