@@ -34,3 +34,11 @@ test: build-cuda
 	TRITON_INTERPRET=1 RHO_KERNELS_REQUIRE_EXT=1 RHO_KERNELS_EXPECT_CUDA_BUILD=1 RHO_KERNELS_AOT_CC=80 \
 	RHO_KERNELS_BUILD_LOG=$(BUILD_LOG) $(PY) -m pytest -q tests
 	bash .ci/gpu_versions.sh $(PY) $(GPU_VERSIONS_ENV)
+	$(MAKE) --no-print-directory smoke-sdist PY="$(PY)"
+
+# The user's install path: build the sdist, install it into a fresh virtual environment (which
+# sees the installed torch), and use it from outside the source tree.  A few minutes: one
+# CPU-only compile of the extension.  See tests/smoke_install.sh.
+.PHONY: smoke-sdist
+smoke-sdist: deps
+	PY="$(PY)" bash tests/smoke_install.sh

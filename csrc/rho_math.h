@@ -49,6 +49,12 @@
 #endif
 
 namespace rho {
+// Sources compiled once per instruction set (csrc/cpu/isa/) define RHO_ISA_NAMESPACE, so that
+// each copy of these inline functions gets its own symbol: otherwise the linker may keep the
+// AVX-512 copy of, say, acc_merge for the baseline kernel too (ATen's CPU_CAPABILITY trick).
+#if defined(RHO_ISA_NAMESPACE)
+inline namespace RHO_ISA_NAMESPACE {
+#endif
 
 enum Method : int {
   kReducible = 0,
@@ -158,19 +164,28 @@ RHO_HD void acc_add(RowAcc<T>& a, T z, bool is_target) {
   }
 }
 
+// lse from the accumulator and log_d = log(a.d) (read only when a.m is finite): kernels that
+// take logarithms a vector at a time pass their own; finalize_lse takes it here.
 template <typename T>
-RHO_HD T finalize_lse(const RowAcc<T>& a) {
+RHO_HD T finalize_lse_from_log(const RowAcc<T>& a, T log_d) {
   if (a.m != a.m) return quiet_nan<T>();
   if (a.m == pos_inf<T>() || a.m == -pos_inf<T>()) return a.m;
-  return a.m + std::log(a.d);
+  return a.m + log_d;
+}
+
+template <typename T>
+RHO_HD T finalize_lse(const RowAcc<T>& a) {
+  const bool finite_max = a.m == a.m && a.m != pos_inf<T>() && a.m != -pos_inf<T>();
+  return finalize_lse_from_log(a, finite_max ? std::log(a.d) : T(0));
 }
 
 RHO_HD bool is_finite_value(double x) { return x == x && x != pos_inf<double>() && x != -pos_inf<double>(); }
 
 // The score of one row.  `lse` comes from finalize_lse, `z_y` is the target logit (in the
-// accumulation type), `il` the irreducible loss (ignored by methods that do not use it).
+// accumulation type), `il` the irreducible loss (ignored by methods that do not use it), log_d =
+// log(a.d) (read by the entropy only, when lse is finite).
 template <typename T>
-RHO_HD T finalize_score(int method, const RowAcc<T>& a, T lse, T z_y, T il, int tstate) {
+RHO_HD T finalize_score_from_log(int method, const RowAcc<T>& a, T lse, T z_y, T il, int tstate, T log_d) {
   if (tstate == kTargetIgnored) return -pos_inf<T>();
   if (tstate == kTargetOutOfRange) return quiet_nan<T>();
   switch (method) {
@@ -188,10 +203,16 @@ RHO_HD T finalize_score(int method, const RowAcc<T>& a, T lse, T z_y, T il, int 
     }
     case kEntropy:
       if (!is_finite_value(static_cast<double>(lse))) return quiet_nan<T>();
-      return std::log(a.d) - a.t / a.d;
+      return log_d - a.t / a.d;
     default:
       return quiet_nan<T>();
   }
+}
+
+template <typename T>
+RHO_HD T finalize_score(int method, const RowAcc<T>& a, T lse, T z_y, T il, int tstate) {
+  const bool need_log = method == kEntropy && tstate == kTargetOk && is_finite_value(static_cast<double>(lse));
+  return finalize_score_from_log(method, a, lse, z_y, il, tstate, need_log ? std::log(a.d) : T(0));
 }
 
 RHO_HD bool is_eligible(float score, int tstate) { return tstate == kTargetOk && score == score; }
@@ -220,4 +241,7 @@ RHO_HD uint64_t select_key(float score, bool eligible, uint32_t row) {
 RHO_HD uint32_t key_row(uint64_t key) { return 0xFFFFFFFFu - static_cast<uint32_t>(key & 0xFFFFFFFFu); }
 RHO_HD bool key_valid(uint64_t key) { return (key >> 32) != 0; }
 
+#if defined(RHO_ISA_NAMESPACE)
+}  // inline namespace RHO_ISA_NAMESPACE
+#endif
 }  // namespace rho

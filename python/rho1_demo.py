@@ -148,7 +148,7 @@ def train(cfg, mode: str, text: MarkovText, reference: TinyLM, batches, eval_x, 
                 picked_noisy += int((mask & noisy).sum())
                 picked_total += int(mask.sum())
         elif mode == "random_subset":
-            k = max(1, int(cfg.ratio * targets.numel()))
+            k = rk.tokens.kept_count(targets.numel(), cfg.ratio)  # the rounding rule of select_mask
             keep = torch.zeros(targets.numel(), dtype=torch.bool)
             keep[torch.randperm(targets.numel(), generator=g)[:k]] = True
             ce = F.cross_entropy(logits.reshape(-1, text.vocab), targets.reshape(-1), reduction="none")

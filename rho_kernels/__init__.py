@@ -2,7 +2,8 @@
 
 Public names only; where they live:
 
-* ``api`` -- row ops: ``score``, ``select``, ``Selection``, ``available_backends``;
+* ``api`` -- row ops: ``score``, ``select``, ``Selection``, ``available_backends``
+  (``help(rho_kernels.score)`` lists the methods and their formulas);
 * ``tokens`` -- Rho-1 token ops: ``select_mask``, ``select_sequences``, ``selective_cross_entropy``;
 * ``training`` -- irreducible-loss store, batch selector, distributed selection (built on the
   public op API only).
@@ -11,6 +12,7 @@ Below them, the op layer: ``_contract`` (validation), ``reference`` (the definit
 ``backends`` (one module per backend).
 """
 
+from ._version import __version__
 from .api import BACKENDS, METHODS, Selection, available_backends, score, select
 from .tokens import select_mask, select_sequences, selective_cross_entropy
 from .training import (
@@ -27,8 +29,6 @@ from .training import (
     split_halves,
     token_fingerprint,
 )
-
-__version__ = "0.1.0"
 
 __all__ = [
     "BACKENDS", "METHODS", "Selection", "available_backends", "score", "select",

@@ -1,18 +1,27 @@
-"""Command line: ``python -m rho_kernels bench [options]`` (see ``--help``)."""
+"""Command line: ``python -m rho_kernels {bench,info} [options]`` (see ``--help``)."""
 
 import sys
+
+USAGE = """usage: python -m rho_kernels {bench,info} [--help] [options]
+
+commands:
+  bench   microbenchmark of the fused select op vs the reference
+  info    versions, the compiled extension, and which backends run on each device (and why not)"""
 
 
 def main() -> int:
     if len(sys.argv) < 2 or sys.argv[1] in ("-h", "--help"):
-        print("usage: python -m rho_kernels bench [--help] [options]\n\n"
-              "commands:\n  bench   microbenchmark of the fused select op vs the reference")
+        print(USAGE)
         return 0 if len(sys.argv) >= 2 else 2
     if sys.argv[1] == "bench":
         from .benchmark import main as bench_main
 
         return bench_main(sys.argv[2:])
-    print(f"unknown command {sys.argv[1]!r}; try: python -m rho_kernels bench --help", file=sys.stderr)
+    if sys.argv[1] == "info":
+        from .info import main as info_main
+
+        return info_main(sys.argv[2:])
+    print(f"unknown command {sys.argv[1]!r}; try: python -m rho_kernels --help", file=sys.stderr)
     return 2
 
 

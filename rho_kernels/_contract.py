@@ -130,6 +130,11 @@ def check_targets_in_range(flat_targets: Tensor, num_classes: int, ignore_index:
     eager).  Elsewhere an out-of-range target gives that row a NaN score (ineligible); no
     backend ever reads outside the row.
     """
+    if flat_targets.numel() == 0:
+        return
+    lo, hi = torch.aminmax(flat_targets)  # one pass settles the common case (all targets in range)
+    if int(lo) >= 0 and int(hi) < num_classes:
+        return
     bad = (flat_targets != ignore_index) & ((flat_targets < 0) | (flat_targets >= num_classes))
     if bool(bad.any()):
         where = int(bad.nonzero()[0, 0])

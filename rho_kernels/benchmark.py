@@ -5,6 +5,11 @@ For every shape x dtype it times ``rk.select`` on each backend, the eager refere
 a memory-bound op.  It reports ms, GB/s from the bytes the op must move (logits once, plus
 targets, IL and the outputs), the fraction of the measured read bandwidth, speedups over the
 eager and compiled reference (ratios measured in the same run), and peak extra memory.
+
+``--op score`` times the score op alone (no top-k).  ``--grid`` sweeps the vocabulary size V at a
+fixed logits size (``--grid-mb``, N = bytes / (V * element size)) and plots GB/s against V for
+the fused kernel, the eager and compiled reference and the read floor: a roofline-style picture
+of where the op stops being memory-bound.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from typing import Callable, Optional
 import torch
 
 import rho_kernels as rk
+from rho_kernels import info
 
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -32,6 +38,7 @@ DEFAULT_SHAPES = {
     "cuda": "16384x128256,4096x32000,320x10,3200x1000",
 }
 DEFAULT_DTYPES = {"cpu": "float32,bfloat16", "cuda": "bfloat16,float32"}
+GRID_VOCABS = (2, 10, 100, 1000, 10_000, 32_000, 128_256)
 
 
 def parse_shapes(text: str) -> list[tuple[int, int]]:
@@ -48,6 +55,11 @@ def parse_shapes(text: str) -> list[tuple[int, int]]:
 def reference_select(logits, targets, il, k: int, method: str):
     """The eager reference end to end (validation + reference score + full sort)."""
     return rk.select(logits, targets, il, k, method=method, backend="reference")
+
+
+def reference_score(logits, targets, il, method: str):
+    """The eager reference score op (validation + reference score)."""
+    return rk.score(logits, targets, il, method=method, backend="reference")
 
 
 def _sync(device: torch.device) -> None:
@@ -143,13 +155,16 @@ def liger_peer(method: str) -> Optional[Callable]:
 
 
 def bench_case(n: int, v: int, dtype: torch.dtype, device: torch.device, backends: list[str],
-               method: str, k_ratio: float, repeats: int, warmup: int) -> list[dict]:
+               method: str, k_ratio: float, repeats: int, warmup: int, op: str = "select") -> list[dict]:
     g = torch.Generator(device="cpu").manual_seed(0)
     logits = (torch.randn(n, v, generator=g, dtype=torch.float32) * 3).to(dtype).to(device)
     targets = torch.randint(0, v, (n,), generator=g).to(device)
     il = (torch.rand(n, generator=g) * 2).to(device)
     k = max(1, int(k_ratio * n))
-    moved = logits.numel() * logits.element_size() + n * (8 + 4) + k * (8 + 4 + 1)
+    if op == "score":
+        moved = logits.numel() * logits.element_size() + n * (8 + 4) + n * (4 + 4)
+    else:
+        moved = logits.numel() * logits.element_size() + n * (8 + 4) + k * (8 + 4 + 1)
 
     rows = []
     floor = measure(lambda: logits.sum(), device, repeats, warmup)
@@ -159,7 +174,15 @@ def bench_case(n: int, v: int, dtype: torch.dtype, device: torch.device, backend
     compiled = None
     fns: dict[str, Callable[[], object]] = {}
     for name in backends:
-        if name == "reference":
+        if op == "score":
+            if name == "reference":
+                fns[name] = lambda: reference_score(logits, targets, il, method)
+            elif name == "compiled":
+                compiled = torch.compile(reference_score, dynamic=False)
+                fns[name] = lambda: compiled(logits, targets, il, method)
+            else:
+                fns[name] = (lambda b: lambda: rk.score(logits, targets, il, method=method, backend=b))(name)
+        elif name == "reference":
             fns[name] = lambda: reference_select(logits, targets, il, k, method)
         elif name == "compiled":
             compiled = torch.compile(reference_select, dynamic=False)
@@ -191,7 +214,7 @@ def bench_case(n: int, v: int, dtype: torch.dtype, device: torch.device, backend
             r["speedup_vs_compiled"] = results["compiled"]["ms"] / r["ms"]
         rows.append({"backend": name, **r})
     for row in rows:
-        row.update({"N": n, "V": v, "dtype": str(dtype).replace("torch.", ""), "k": k, "method": method,
+        row.update({"N": n, "V": v, "dtype": str(dtype).replace("torch.", ""), "k": k, "method": method, "op": op,
                     "logits_bytes": logits.numel() * logits.element_size()})
     return rows
 
@@ -229,6 +252,7 @@ def environment(device: torch.device) -> dict:
         "cpu_threads": torch.get_num_threads(),
         "cpu_capability": getattr(torch.backends.cpu, "get_cpu_capability", lambda: None)(),
         "available_backends": rk.available_backends(device),
+        "cpu_isa": _cpu_isa(),
         "machine": platform.machine(),
     }
     try:
@@ -239,6 +263,7 @@ def environment(device: torch.device) -> dict:
         env["triton"] = None
     if device.type == "cuda":
         env["gpu"] = torch.cuda.get_device_name(device)
+    env["info"] = info.collect()  # the `python -m rho_kernels info` report: build, ISA, backends
     try:
         env["git_commit"] = subprocess.run(
             ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
@@ -247,6 +272,40 @@ def environment(device: torch.device) -> dict:
     except (OSError, subprocess.CalledProcessError):
         env["git_commit"] = None
     return env
+
+
+def _cpu_isa() -> Optional[str]:
+    """The instruction set the CPU kernel runs with (None without the extension)."""
+    try:
+        return torch.ops.rho_kernels.cpu_isa()
+    except (AttributeError, RuntimeError):
+        return None
+
+
+def plot_grid(rows: list[dict], path: str) -> None:
+    """GB/s (logits bytes / time) against V, one line per backend and dtype."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for dtype in dict.fromkeys(r["dtype"] for r in rows):
+        for name in dict.fromkeys(r["backend"] for r in rows):
+            pts = sorted((r["V"], r["logits_bytes"] / (r["ms"] * 1e6)) for r in rows
+                         if r["dtype"] == dtype and r["backend"] == name and "ms" in r)
+            if pts:
+                style = "--" if name.startswith("read floor") else "-"
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], style, marker="o", label=f"{name} ({dtype})")
+    ax.set_xscale("log")
+    ax.set_xlabel("V (classes per row); N = logits bytes / (V * element size)")
+    ax.set_ylabel("GB/s (logits bytes / time)")
+    op = rows[0].get("op", "select") if rows else "select"
+    ax.set_title(f"rho_kernels {op} at {rows[0]['logits_bytes'] / 2**20:.0f} MiB of logits" if rows else "")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
 
 
 def plot(rows: list[dict], path: str) -> None:
@@ -288,6 +347,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--k-ratio", type=float, default=0.1, help="k = ratio * N (default 0.1)")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--op", default=None, choices=("select", "score"),
+                    help="time the fused select or the score op alone (default: select; score with --grid)")
+    ap.add_argument("--grid", action="store_true",
+                    help=f"sweep V over {list(GRID_VOCABS)} at a fixed logits size (--grid-mb); "
+                         "plots GB/s against V; default op: score")
+    ap.add_argument("--grid-mb", type=float, default=256.0, help="logits size of each grid point in MiB")
     ap.add_argument("--json", default=None, help="write results (and the environment) to this JSON file")
     ap.add_argument("--plot", default=None, help="write a GB/s bar chart to this PNG file")
     args = ap.parse_args(argv)
@@ -296,11 +361,17 @@ def main(argv: Optional[list[str]] = None) -> int:
     logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
 
     device = torch.device(args.device)
-    shapes = parse_shapes(args.shapes or DEFAULT_SHAPES.get(device.type, DEFAULT_SHAPES["cpu"]))
-    dtype_names = (args.dtypes or DEFAULT_DTYPES.get(device.type, "float32")).split(",")
+    dtype_names = (args.dtypes or ("float32" if args.grid else DEFAULT_DTYPES.get(device.type, "float32"))).split(",")
     for d in dtype_names:
         if d not in DTYPES:
             raise SystemExit(f"unknown dtype {d!r}; expected one of {list(DTYPES)}")
+    op = args.op or ("score" if args.grid else "select")
+    if args.grid:
+        size = int(args.grid_mb * 2**20)
+        cases = [(max(1, size // (v * DTYPES[d].itemsize)), v, d) for d in dtype_names for v in GRID_VOCABS]
+    else:
+        shapes = parse_shapes(args.shapes or DEFAULT_SHAPES.get(device.type, DEFAULT_SHAPES["cpu"]))
+        cases = [(n, v, d) for n, v in shapes for d in dtype_names]
     if args.backends:
         backends = args.backends.split(",")
     else:
@@ -310,22 +381,21 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     env = environment(device)
     print(f"rho_kernels bench on {device} ({env.get('gpu') or env['cpu_capability']}, "
-          f"{env['cpu_threads']} threads), torch {env['torch']}, method={args.method}, k={args.k_ratio}*N",
-          flush=True)
+          f"{env['cpu_threads']} threads, kernel ISA {env['cpu_isa']}), torch {env['torch']}, op={op}, "
+          f"method={args.method}" + (f", k={args.k_ratio}*N" if op == "select" else ""), flush=True)
     rows: list[dict] = []
-    for n, v in shapes:
-        for d in dtype_names:
-            case_rows = bench_case(n, v, DTYPES[d], device, backends, args.method, args.k_ratio,
-                                   args.repeats, args.warmup)
-            print_table(case_rows)
-            print(flush=True)
-            rows.extend(case_rows)
+    for n, v, d in cases:
+        case_rows = bench_case(n, v, DTYPES[d], device, backends, args.method, args.k_ratio,
+                               args.repeats, args.warmup, op=op)
+        print_table(case_rows)
+        print(flush=True)
+        rows.extend(case_rows)
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as f:
             json.dump({"environment": env, "results": rows}, f, indent=2)
         print(f"wrote {args.json}")
     if args.plot:
-        plot(rows, args.plot)
+        (plot_grid if args.grid else plot)(rows, args.plot)
         print(f"wrote {args.plot}")
     return 0

@@ -11,13 +11,15 @@ Public entry points (re-exported as ``rho_kernels.<name>``):
   log-sum-exp by the backend's ``ce_grad_rows`` kernel (CPU, Triton, or the reference's torch code).
 
 Everything runs on the tensors' device without host synchronisation: the number of kept tokens
-``k = max(1, int(ratio * n))`` is a device tensor, and the top-k becomes a comparison of 64-bit
+``k = kept_count(n, ratio)`` (:func:`kept_count`: ``ratio * n`` rounded to the nearest integer,
+halves up, at least 1 -- the rounding rule of the whole package) is a device tensor, and the top-k becomes a comparison of 64-bit
 ordering keys (``rho::select_key`` of csrc/rho_math.h, computed with torch integer ops) against
 the k-th largest key.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -25,7 +27,7 @@ from torch import Tensor
 
 from . import _contract, backends, reference
 from ._contract import lse_dtype
-from .api import Selection
+from .api import Selection, label_free_targets, missing_count
 
 __all__ = ["select_mask", "select_sequences", "selective_cross_entropy"]
 
@@ -59,9 +61,6 @@ def check_reference_loss(targets: Tensor, reference_loss: Optional[Tensor], meth
                          f"{tuple(targets.shape)}")
 
 
-# Backend resolution asks the dispatcher which kernels exist, which Dynamo cannot trace; the
-# answer is fixed for a process, so under torch.compile it is taken as a trace-time constant.
-@torch.compiler.assume_constant_result
 def _resolved_names(backend: str, device: str) -> str:
     """``"<forward backend>|<backward kernel>"`` for a backend argument on a device."""
     dev = torch.device(device)
@@ -84,13 +83,25 @@ def check_ratio(ratio: float) -> float:
     return float(ratio)
 
 
+def kept_count(n: int, ratio: float) -> int:
+    """How many of ``n`` items a ``ratio`` keeps: the package's one rounding rule.
+
+    ``max(1, floor(ratio * n + 0.5))``: ``ratio * n`` to the nearest integer, halves up, at least
+    one (0.1 of 35 -> 4, 0.5 of 5 -> 3, 0.29 of 100 -> 29 although ``0.29 * 100`` is
+    28.999999999999996 in binary floating point).  Used by :func:`select_mask`,
+    :func:`selective_cross_entropy` (on the device, :func:`keep_count`) and
+    ``OnlineBatchSelector`` (capped at ``n``).
+    """
+    return max(1, math.floor(float(ratio) * n + 0.5))
+
+
 def keep_count(num_tokens: Tensor, ratio: float) -> Tensor:
-    """``max(1, int(ratio * n))`` on the device.  float64 multiply, as Python's ``ratio * n``."""
-    return torch.floor(num_tokens.to(torch.float64) * ratio).to(torch.int64).clamp_min(1)
+    """:func:`kept_count` on the device (float64, as the Python arithmetic): no host sync."""
+    return torch.floor(num_tokens.to(torch.float64) * ratio + 0.5).to(torch.int64).clamp_min(1)
 
 
 def top_fraction_mask(score: Tensor, eligible: Tensor, counted: Tensor, ratio: float) -> Tensor:
-    """Flat bool mask of the ``max(1, int(ratio * counted.sum()))`` best eligible rows.
+    """Flat bool mask of the ``kept_count(counted.sum(), ratio)`` best eligible rows.
 
     Selected = eligible and key >= the k-th largest key; keys are unique, so exactly the top k
     rows in rk.select order pass (fewer if fewer than k are eligible).  One sort of N int64.
@@ -117,9 +128,9 @@ def _nonignored(p: _contract.RowProblem) -> Tensor:
 
 def select_mask(
     logits: Tensor,
-    targets: Tensor,
-    reference_loss: Optional[Tensor],
-    ratio: float,
+    targets: Optional[Tensor] = None,
+    reference_loss: Optional[Tensor] = None,
+    ratio: Optional[float] = None,
     *,
     method: str = "reducible",
     ignore_index: int = -100,
@@ -128,20 +139,26 @@ def select_mask(
     """Keep the best ``ratio`` fraction of the non-ignored tokens of the whole batch.
 
     Scores every row like :func:`score` (``reference_loss`` plays the irreducible loss) and keeps
-    ``k = max(1, int(ratio * n))`` rows, ``n`` = number of targets != ``ignore_index``, ranked
+    ``k = kept_count(n, ratio)`` rows (``ratio * n`` to the nearest integer, halves up, at least
+    1), ``n`` = number of targets != ``ignore_index``, ranked
     across the batch exactly as :func:`select` ranks them (score descending, ties to the lower
     flat index).  Ineligible rows (ignored target, NaN score) are never kept, so fewer than ``k``
     are kept when fewer are eligible.  ``k`` stays on the device: no host synchronisation, and the
     function traces under ``torch.compile(fullgraph=True)``.
 
     Args:
-        ratio: a Python float in ``(0, 1]``.
+        ratio: a Python float in ``(0, 1]``; pass it by keyword when the method reads no
+            ``reference_loss`` (``select_mask(logits, targets, ratio=0.6, method="loss")``).
+        targets: may be None for ``entropy`` (every token counts).
         (others as in :func:`score`.)
 
     Returns:
         bool tensor of shape ``targets.shape``, True on the kept tokens.
     """
+    if ratio is None:
+        raise missing_count("select_mask", reference_loss, "reference_loss", "ratio")
     ratio = check_ratio(ratio)
+    targets, ignore_index = label_free_targets(logits, targets, method, ignore_index)
     check_reference_loss(targets, reference_loss, method)
     p = _prepare_detached(logits, targets, reference_loss, method, ignore_index)
     score, _ = backends.get(resolve_names(backend, p.logits.device)[0]).score_rows(p)
@@ -151,9 +168,9 @@ def select_mask(
 
 def select_sequences(
     logits: Tensor,
-    targets: Tensor,
-    reference_loss: Optional[Tensor],
-    k: int,
+    targets: Optional[Tensor] = None,
+    reference_loss: Optional[Tensor] = None,
+    k: Optional[int] = None,
     *,
     method: str = "reducible",
     ignore_index: int = -100,
@@ -165,12 +182,17 @@ def select_sequences(
     :func:`score` computes them) over its non-ignored tokens; a sequence with no non-ignored
     token, or whose mean is NaN (a NaN token score, a target outside ``[0, V)``), is ineligible.
     Order as in :func:`select`: mean descending, ties to the lower sequence index, ineligible last.
+    Pass ``k`` by keyword when the method reads no ``reference_loss``; ``targets`` may be None for
+    ``entropy``.  Not differentiable (selection only).
 
     Returns:
         :class:`Selection` over sequences: ``indices`` int64 ``[k]`` (index the batch with them),
         ``scores`` float32 ``[k]`` (mean scores), ``valid`` bool ``[k]``.  Fixed size ``k``, no
         host synchronisation.
     """
+    if k is None:
+        raise missing_count("select_sequences", reference_loss, "reference_loss", "k")
+    targets, ignore_index = label_free_targets(logits, targets, method, ignore_index)
     check_reference_loss(targets, reference_loss, method)
     p = _prepare_detached(logits, targets, reference_loss, method, ignore_index)
     if p.logits.dim() != 3:
@@ -247,7 +269,8 @@ def selective_cross_entropy(
 ) -> Tensor:
     """Rho-1 selective language-modelling loss: CE over the tokens with the highest excess loss.
 
-    Keeps ``k = max(1, int(ratio * n))`` of the ``n`` non-ignored tokens of the batch, ranked by
+    Keeps ``k = kept_count(n, ratio)`` (``ratio * n`` to the nearest integer, halves up, at least
+    1) of the ``n`` non-ignored tokens of the batch, ranked by
     excess loss ``CE - reference_loss`` exactly as ``select_mask(..., method="reducible")`` does,
     and returns their cross-entropy.  Forward: one fused pass (the backend's ``score_rows``)
     gives CE and the per-row log-sum-exp, which is saved.  Backward: ``(softmax - onehot) *

@@ -23,13 +23,36 @@ def backend_params():
     return [pytest.param(name, id=name) for name in rk.BACKENDS]
 
 
-@pytest.fixture(params=rk.BACKENDS)
-def backend(request) -> str:
-    name = request.param
+def cpu_isas() -> list[str]:
+    """Instruction sets of the CPU kernel this machine can run, the default (best) first."""
+    try:
+        best = torch.ops.rho_kernels.cpu_isa()
+    except (AttributeError, RuntimeError):  # extension not built
+        return []
+    order = ["avx512", "avx2", "scalar"]
+    return order[order.index(best):] if best in order else [best]
+
+
+# The CPU backend runs once per instruction set: "cpu" with the default one, then "cpu-<isa>"
+# for each lower one this machine supports (switched in-process by rho_kernels::_set_cpu_isa).
+_LOWER_CPU_ISAS = cpu_isas()[1:] if DEVICE.type == "cpu" else []
+BACKEND_CASES = list(rk.BACKENDS) + [f"cpu-{isa}" for isa in _LOWER_CPU_ISAS]
+
+
+@pytest.fixture(params=BACKEND_CASES)
+def backend(request):
+    name, _, isa = request.param.partition("-")
     reason = backends.unavailable_reason(name, DEVICE)
     if reason is not None:
         pytest.skip(f"backend {name!r} cannot run on {DEVICE}: {reason}")
-    return name
+    if not isa:
+        yield name
+        return
+    assert torch.ops.rho_kernels._set_cpu_isa(isa) == isa
+    try:
+        yield name
+    finally:
+        torch.ops.rho_kernels._set_cpu_isa("")
 
 
 @pytest.fixture

@@ -375,7 +375,26 @@ def _bad_calls():
         ("no classes", lambda: rk.score(x[:, :0], t, il), ValueError, "V = 0"),
         ("not a tensor", lambda: rk.score(x.tolist(), t, il), TypeError, "list"),
         ("ignore_index float", lambda: rk.score(x, t, il, ignore_index=1.5), TypeError, "1.5"),
+        ("k missing", lambda: rk.select(x, t, il), TypeError, "'k'"),
+        ("k in the IL slot", lambda: rk.select(x, t, 2, method="loss"), TypeError, "k=2"),
+        ("np k in the IL slot", lambda: rk.select(x, t, np.int64(2), method="loss"), TypeError, "pass the count by keyword"),
+        ("targets None, not entropy", lambda: rk.score(x, None, method="loss"), TypeError, "'entropy'"),
     ]
+
+
+def test_optional_il_and_label_free_targets(backend):
+    """The IL argument may be omitted where the method reads none (k by keyword), and entropy
+    takes targets=None (no row masked)."""
+    logits, targets, il = make_inputs(12, 9, torch.float32)
+    for method in ("loss", "gradnorm", "entropy"):
+        want = rk.select(logits, targets, None, 4, method=method, backend=backend)
+        got = rk.select(logits, targets, k=4, method=method, backend=backend)
+        assert torch.equal(got.indices, want.indices) and torch.equal(got.scores, want.scores), method
+    free = rk.score(logits, method="entropy", backend=backend)
+    assert torch.equal(free, rk.score(logits, targets, method="entropy", backend=backend))
+    for ignore_index in (0, -100):  # no row is masked, whatever ignore_index says
+        sel = rk.select(logits, None, k=12, method="entropy", ignore_index=ignore_index, backend=backend)
+        assert bool(sel.valid.all()) and torch.equal(sel.scores, free[sel.indices])
 
 
 def test_k_accepts_integer_like_values(backend):
@@ -473,6 +492,200 @@ def test_torch_compile_fullgraph(backend, method):
     compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
     for got, want in zip(compiled(logits, targets, il), fn(logits, targets, il)):
         assert torch.equal(got, want)
+
+
+# --------------------------------------------------------------------------- gradients
+#
+# Truth: autograd through the reference's formulas (reference.score_rows, plain torch) in float64.
+# Rule as for the scores: a backend's max error is at most 2x that of the same autograd in the
+# input dtype ("eager"), plus a small floor.  The IL gradient is exactly -g (0 on masked rows).
+
+GRAD_DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
+GRAD_SHAPES = [(1, 1), (3, 7), (37, 70), (5, 1000)]
+
+
+def autograd_reference(logits, targets, il, method, g, ignore_index=-100, dtype=None):
+    """d(sum g * score)/d(logits, il) by autograd through reference.score_rows (logits cast to
+    ``dtype`` first, e.g. float64 for the truth)."""
+    z = logits.detach().to(dtype or logits.dtype).requires_grad_()
+    l = il.detach().double().requires_grad_()
+    p = _contract.prepare(z, targets, l, method, ignore_index)
+    score = reference.score_rows(p)[0]
+    gz, gl = torch.autograd.grad(score, (z, l), g.reshape(-1), allow_unused=True)
+    gz = torch.zeros_like(z) if gz is None else gz
+    gl = torch.zeros_like(l) if gl is None else gl
+    return gz, gl
+
+
+def backend_grads(logits, targets, il, method, g, backend, ignore_index=-100):
+    z = logits.detach().clone().requires_grad_()
+    l = il.detach().clone().requires_grad_()
+    score = rk.score(z, targets, l, method=method, ignore_index=ignore_index, backend=backend)
+    assert score.requires_grad
+    gz, gl = torch.autograd.grad(score, (z, l), g, allow_unused=True)
+    return (torch.zeros_like(z) if gz is None else gz), (torch.zeros_like(l) if gl is None else gl)
+
+
+def assert_grads_accurate(got, eager, truth, what):
+    dtype = got.dtype if got.dtype.is_floating_point else torch.float32
+    got, eager, truth = (x.detach().cpu().double() for x in (got, eager, truth))
+    assert torch.isfinite(got).all(), f"{what}: non-finite gradient"
+    err_eager = (eager - truth).abs().max().item() if truth.numel() else 0.0
+    scale = max(1.0, truth.abs().max().item()) if truth.numel() else 1.0
+    # floor: one ulp of the gradient's dtype (the Triton interpreter truncates where torch rounds
+    # to nearest) plus float32 accumulation.
+    tol = 2.0 * err_eager + (torch.finfo(dtype).eps + 4 * torch.finfo(torch.float32).eps) * scale
+    err = (got - truth).abs().max().item() if truth.numel() else 0.0
+    assert err <= tol, f"{what}: gradient max error {err:.3g} > tolerance {tol:.3g} (2x eager + floor)"
+
+
+def _grad_case(n, v, dtype, ignored=True, seed=5):
+    logits, targets, il = make_inputs(n, v, dtype, seed=seed)
+    targets = targets.clone()
+    if ignored and n > 1:
+        targets[1] = -100  # an ignored row: zero gradient, whatever g says
+    g = torch.randn(n, generator=torch.Generator().manual_seed(n + v)).to(DEVICE)
+    return logits, targets, il, g
+
+
+@pytest.mark.parametrize("shape", GRAD_SHAPES, ids=[f"{n}x{v}" for n, v in GRAD_SHAPES])
+@pytest.mark.parametrize("dtype", GRAD_DTYPES, ids=str)
+@pytest.mark.parametrize("method", METHODS)
+def test_score_gradients(backend, method, dtype, shape):
+    n, v = shape
+    _skip_if_too_big(backend, n * v * 20)
+    logits, targets, il, g = _grad_case(n, v, dtype)
+    gz, gl = backend_grads(logits, targets, il, method, g, backend)
+    assert gz.dtype == logits.dtype and gz.shape == logits.shape and gl.shape == il.shape
+    tz, tl = autograd_reference(logits, targets, il, method, g, dtype=torch.float64)
+    ez, _ = autograd_reference(logits, targets, il, method, g)
+    assert_grads_accurate(gz, ez, tz, f"{backend}/{method}/{dtype}/{n}x{v} d/dlogits")
+    live = targets != -100
+    want_il = torch.where(live, -g, 0.0) if method in ("reducible", "irreducible") else torch.zeros_like(g)
+    assert torch.equal(gl, want_il), f"{backend}/{method}: d/dIL must be -g on live rows, 0 elsewhere"
+    if n > 1:
+        assert not bool(gz[1].any()), "ignored row must get an exact zero gradient"
+    if method == "irreducible":
+        assert not bool(gz.any())
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_score_gradients_layouts(backend, method):
+    """3-D, transposed and strided logits: the gradient has the logits' shape and is right."""
+    for name, logits, targets, il in _layouts(torch.float32)[:5]:
+        if is_slow_backend(backend) and logits.numel() > 5000:
+            logits, targets, il = logits[..., :3, :], targets[..., :3], il[..., :3]
+        g = torch.randn(targets.shape, generator=torch.Generator().manual_seed(2)).to(DEVICE)
+        gz, gl = backend_grads(logits, targets, il, method, g, backend)
+        tz, _ = autograd_reference(logits, targets, il, method, g, dtype=torch.float64)
+        ez, _ = autograd_reference(logits, targets, il, method, g)
+        assert gz.shape == logits.shape, name
+        assert_grads_accurate(gz, ez, tz, f"{backend}/{method}/{name}")
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_score_gradcheck_float64(backend, method):
+    """Finite differences in float64.  Scores are float32 by contract, so the step is 1e-3
+    (float32 rounding / 2e-3 ~ 1e-4 of the score) and the tolerances match."""
+    n, v = 4, 6
+    logits, targets, il, _ = _grad_case(n, v, torch.float64)
+    z = logits.detach().clone().requires_grad_()
+    l = il.detach().double().clone().requires_grad_()
+    live = targets != -100
+
+    def fn(z, l):  # an ignored row scores -inf: keep it out of the finite differences
+        return torch.where(live, rk.score(z, targets, l, method=method, backend=backend), 0.0)
+
+    assert torch.autograd.gradcheck(fn, (z, l), eps=1e-3, atol=2e-3, rtol=2e-3)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_impossible_class_has_zero_gradient(backend, method):
+    """A -inf logit changes neither the score nor the other classes' gradients, and gets 0."""
+    logits, targets, il, g = _grad_case(6, 9, torch.float32, ignored=False)
+    wider = torch.cat([logits, torch.full((6, 1), -math.inf, device=DEVICE)], 1)
+    gz, _ = backend_grads(logits, targets, il, method, g, backend)
+    gw, _ = backend_grads(wider, targets, il, method, g, backend)
+    assert torch.isfinite(gw).all()
+    assert not bool(gw[:, -1].any())
+    assert torch.allclose(gw[:, :-1], gz, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_selection_scores_are_a_differentiable_gather(backend, method):
+    logits, targets, il, _ = _grad_case(40, 30, torch.float32)
+    z = logits.clone().requires_grad_()
+    l = il.clone().requires_grad_()
+    sel = rk.select(z, targets, l, 10, method=method, backend=backend)
+    assert torch.equal(sel.indices, rk.select(logits, targets, il, 10, method=method, backend=backend).indices)
+    w = torch.arange(1.0, 11.0, device=DEVICE)
+    gz, gl = torch.autograd.grad(sel.scores, (z, l), w, allow_unused=True)
+    full = torch.zeros(40, device=DEVICE).index_add_(0, sel.indices, w)  # d/dscore of sum(w * scores)
+    tz, tl = autograd_reference(logits, targets, il, method, full, dtype=torch.float64)
+    ez, _ = autograd_reference(logits, targets, il, method, full)
+    assert_grads_accurate(torch.zeros_like(z) if gz is None else gz, ez, tz, f"{backend}/{method} select")
+    if method in ("reducible", "irreducible"):
+        assert torch.equal(gl, torch.where(targets != -100, -full, 0.0))
+
+
+def test_no_autograd_fallback_warning_and_model_gets_gradients(backend):
+    """Backprop through the op: real gradients on the model, and no "autograd kernel was not
+    registered" warning (which means torch silently treats the op as constant)."""
+    import warnings
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(8, 11).to(DEVICE)
+    x = torch.randn(16, 8, device=DEVICE)
+    y = torch.randint(0, 11, (16,), device=DEVICE)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        (rk.score(model(x), y, method="loss", backend=backend).mean()
+         + rk.select(model(x), y, k=4, method="loss", backend=backend).scores.sum()).backward()
+    assert not [w for w in caught if "autograd kernel was not registered" in str(w.message)]
+    got = model.weight.grad.clone()
+    model.weight.grad = None
+    ce = torch.nn.functional.cross_entropy(model(x), y, reduction="none")
+    (ce.mean() + ce.topk(4).values.sum()).backward()
+    assert torch.allclose(got, model.weight.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_double_backward_is_a_clear_error():
+    logits, targets, il, g = _grad_case(5, 7, torch.float64)
+    z = logits.clone().requires_grad_()
+    with pytest.raises(RuntimeError, match="first-order only"):
+        torch.autograd.grad(rk.score(z, targets, il, method="loss"), z, g, create_graph=True)
+
+
+def test_no_grad_saves_nothing():
+    logits, targets, il, _ = _grad_case(5, 7, torch.float32)
+    z = logits.clone().requires_grad_()
+    with torch.no_grad():
+        assert not rk.score(z, targets, il).requires_grad
+        assert not rk.select(z, targets, il, 3).scores.requires_grad
+    assert not rk.score(logits, targets, il).requires_grad
+
+
+def test_torch_compile_fullgraph_backward(backend):
+    if is_slow_backend(backend):
+        pytest.skip("tracing Triton kernels needs a GPU")
+    logits, targets, il, g = _grad_case(24, 13, torch.float32)
+
+    def fn(z, l):  # the CE kernel + d/dIL, and the torch gradient of the probability methods
+        total = 0.0
+        for method in ("reducible", "gradnorm"):
+            s = rk.score(z, targets, l, method=method, backend=backend)
+            total = total + torch.where(targets != -100, s * g, 0.0).sum()
+            total = total + rk.select(z, targets, l, 5, method=method, backend=backend).scores.sum()
+        return total
+
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    grads = []
+    for f in (compiled, fn):
+        z, l = logits.clone().requires_grad_(), il.clone().requires_grad_()
+        f(z, l).backward()
+        grads.append((z.grad, l.grad))
+    assert torch.allclose(grads[0][0], grads[1][0], rtol=1e-6, atol=1e-7)
+    assert torch.equal(grads[0][1], grads[1][1])
 
 
 # --------------------------------------------------------------------------- GPU-only contract

@@ -57,6 +57,7 @@ def test_bench_command_writes_json(tmp_path):
     assert "read floor" in proc.stdout and "GB/s" in proc.stdout
     data = json.loads(out.read_text())
     assert data["environment"]["torch"] == torch.__version__
+    assert data["environment"]["info"]["rho_kernels"] == rk.__version__  # the `info` report
     rows = data["results"]
     names = {r["backend"] for r in rows}
     assert set(backends.split(",")) <= names

@@ -1,7 +1,7 @@
 """Rho-1 token selection and the selective cross-entropy.
 
 * select_mask / select_sequences follow rk.select's order exactly (checked against rk.select
-  and against a brute-force Python sort of the same scores), keep k = max(1, int(ratio * n));
+  and against a brute-force Python sort of the same scores), keep k = max(1, floor(ratio * n + 0.5)) (the package's one rounding rule);
 * selective_cross_entropy: loss and gradients match autograd through the reference (CE +
   selection) for every backward kernel (reference torch, CPU extension, Triton -- interpreted on
   CPU), every dtype, rank 2/3 and non-contiguous logits, every reduction; exact zeros off the
@@ -98,7 +98,7 @@ def test_select_mask_follows_select(backend, method, ratio):
     mask = tokens.select_mask(logits, targets, ref_loss, ratio, method=method, backend=backend)
     assert mask.dtype == torch.bool and mask.shape == targets.shape and mask.device == logits.device
     n = int((targets != -100).sum())
-    k = max(1, int(ratio * n))
+    k = max(1, math.floor(ratio * n + 0.5))  # nearest, halves up, at least 1
     assert int(mask.sum()) == k
     # Exactly rk.select's top k (same backend, so the same scores).
     sel = rk.select(logits, targets, ref_loss, k, method=method, backend=backend)
@@ -138,7 +138,7 @@ def test_select_mask_two_dimensional_and_custom_ignore_index():
     ref_loss = torch.rand(50, generator=g).to(DEVICE)
     mask = tokens.select_mask(logits, targets, ref_loss, 0.25, ignore_index=0, backend="reference")
     n = int((targets != 0).sum())
-    assert mask.shape == (50,) and int(mask.sum()) == max(1, int(0.25 * n))
+    assert mask.shape == (50,) and int(mask.sum()) == max(1, math.floor(0.25 * n + 0.5))
     assert not bool(mask[targets == 0].any())
 
 
@@ -314,7 +314,7 @@ def test_loss_is_mean_ce_of_selected_tokens():
     excess = ce - ref_loss.double()
     # The selected tokens are the top-k excess losses.
     k = int(mask.sum())
-    assert k == max(1, int(ratio * int((targets != -100).sum())))
+    assert k == max(1, math.floor(ratio * int((targets != -100).sum()) + 0.5))
     assert excess[mask].min() >= excess[~mask & (targets != -100)].max()
     loss = tokens.selective_cross_entropy(logits, targets, ref_loss, ratio)
     assert torch.allclose(loss, ce[mask].mean(), rtol=1e-12, atol=0)
@@ -431,6 +431,27 @@ def test_ce_grad_rows_opcheck():
         torch.library.opcheck(torch.ops.rho_kernels.ce_grad_rows_.default, (z.clone(), t, lse, scale, -100))
     with pytest.raises(RuntimeError, match="row_scale"):
         torch.ops.rho_kernels.ce_grad_rows(z, t, lse, scale.float(), -100)
+
+
+def test_optional_reference_loss_and_positional_misuse():
+    logits, targets, ref_loss = make_lm_batch(2, 9, 11)
+    want = tokens.select_mask(logits, targets, None, 0.5, method="loss")
+    assert torch.equal(rk.select_mask(logits, targets, ratio=0.5, method="loss"), want)
+    seq = rk.select_sequences(logits, targets, k=1, method="gradnorm")
+    assert torch.equal(seq.indices, rk.select_sequences(logits, targets, None, 1, method="gradnorm").indices)
+    with pytest.raises(TypeError, match=r"pass the count by keyword: rk.select_mask\(logits, targets, ratio=0.5"):
+        rk.select_mask(logits, targets, 0.5, method="loss")
+    with pytest.raises(TypeError, match=r"k=1"):
+        rk.select_sequences(logits, targets, 1, method="loss")
+    with pytest.raises(TypeError, match="'ratio'"):
+        rk.select_mask(logits, targets, ref_loss)
+    # entropy is label-free: targets=None counts every token
+    free = rk.select_mask(logits, None, ratio=0.5, method="entropy")
+    assert int(free.sum()) == 9
+    no_ignored = torch.where(targets == -100, 0, targets)
+    assert torch.equal(free, rk.select_mask(logits, no_ignored, ratio=0.5, method="entropy"))
+    with pytest.raises(TypeError, match="entropy"):
+        rk.select_mask(logits, None, ratio=0.5, method="loss")
 
 
 # --------------------------------------------------------------------------- torch.compile

@@ -170,19 +170,70 @@ def test_temperature_schedules():
     assert temps == [1.0, 0.75, 0.5]
 
 
-def test_score_mode_train_updates_batchnorm_eval_does_not_and_mode_is_restored():
+def _bn_model(seed=0):
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(D, 8), nn.BatchNorm1d(8), nn.Dropout(0.0), nn.Linear(8, C))
+    with torch.no_grad():  # non-trivial running statistics, as after some training
+        model[1].running_mean.uniform_(-1, 1)
+        model[1].running_var.uniform_(0.5, 2)
+        model[1].num_batches_tracked.fill_(7)
+    return model
+
+
+def _buffers(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def test_scoring_leaves_no_trace_on_the_model_by_default():
+    """Train-mode scoring (the paper's: BatchNorm on the candidate batch's statistics) with the
+    model's buffers, num_batches_tracked included, put back; the mode is restored."""
+    idx, x, y = _batch()
+    for start_in_train in (False, True):
+        model = _bn_model()
+        model.train(start_in_train)
+        before = _buffers(model)
+        sel = OnlineBatchSelector(model, None, "loss", k=4)  # score_mode="train" (default)
+        got = sel.select((x, y))[0]
+        after = _buffers(model)
+        assert all(torch.equal(before[k], after[k]) for k in before), "scoring changed the model's buffers"
+        assert model.training == start_in_train
+        assert all(p.grad is None for p in model.parameters())  # scored under no_grad
+        # the scores are still the train-mode ones (batch statistics), not eval-mode ones
+        twin = _bn_model()
+        twin.train()
+        with torch.no_grad():
+            want = rk.select(twin(x), y, k=4, method="loss").indices
+        assert torch.equal(got, x[want])
+        twin.eval()
+        with torch.no_grad():
+            eval_pick = rk.select(twin(x), y, k=4, method="loss").indices
+        assert not torch.equal(want, eval_pick)  # the two modes differ here, so the check means something
+
+
+def test_lazy_batchnorm_first_scored_is_left_fresh():
     idx, x, y = _batch()
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(D, 8), nn.BatchNorm1d(8), nn.Linear(8, C))
+    model = nn.Sequential(nn.Linear(D, 8), nn.LazyBatchNorm1d(), nn.Linear(8, C))
+    OnlineBatchSelector(model, None, "loss", k=4).select((x, y))
     bn = model[1]
-    before = bn.running_mean.clone()
-    OnlineBatchSelector(model, None, "loss", k=4, score_mode="eval").select((x, y))
-    assert torch.equal(bn.running_mean, before) and model.training
+    assert torch.equal(bn.running_mean, torch.zeros(8)) and torch.equal(bn.running_var, torch.ones(8))
+    assert int(bn.num_batches_tracked) == 0
+
+
+def test_paper_side_effect_on_request_and_eval_mode_untouched():
+    idx, x, y = _batch()
+    model = _bn_model()
     model.eval()
-    OnlineBatchSelector(model, None, "loss", k=4, score_mode="train").select((x, y))
-    assert not torch.equal(bn.running_mean, before)
-    assert not model.training  # restored
-    assert all(p.grad is None for p in model.parameters())  # scored under no_grad
+    before = _buffers(model)
+    OnlineBatchSelector(model, None, "loss", k=4, score_mode="train", restore_buffers=False).select((x, y))
+    assert not torch.equal(model[1].running_mean, before["1.running_mean"])
+    assert int(model[1].num_batches_tracked) == 8
+    assert not model.training  # mode restored
+    model = _bn_model()
+    before = _buffers(model)
+    OnlineBatchSelector(model, None, "loss", k=4, score_mode="eval", restore_buffers=False).select((x, y))
+    assert all(torch.equal(before[k], v) for k, v in _buffers(model).items())
+    assert model.training
 
 
 def test_bf16_autocast_on_cpu():
@@ -223,6 +274,23 @@ def test_nan_il_is_never_picked_before_scored_rows_and_invalid_policies():
     # with the store's default check (CPU), the NaN lookup is an error up front
     with pytest.raises(ValueError, match="never scored"):
         OnlineBatchSelector(model, IrreducibleLossStore(losses), k=3).select((idx, x, y))
+
+
+def test_too_few_eligible_rows_error_names_the_real_cause():
+    idx, x, y = _batch(5, n=12)
+    y = y.clone()
+    y[:9] = -100
+    with pytest.raises(ValueError) as info:
+        OnlineBatchSelector(_model(), None, "loss", k=6).select((x, y))
+    msg = str(info.value)
+    assert "3 with an ignored target" in msg and "ignore_index=-100" in msg and "IL store" not in msg
+    losses = torch.rand(12)
+    losses[:9] = math.nan
+    store = IrreducibleLossStore(losses, check=False)
+    with pytest.raises(ValueError) as info:
+        OnlineBatchSelector(_model(), store, k=6).select((idx, x, _batch(5, n=12)[2]))
+    msg = str(info.value)
+    assert "3 with a NaN score" in msg and "IL store" in msg and "ignored target" not in msg
 
 
 def test_ignored_targets_are_not_picked():
@@ -308,3 +376,134 @@ def test_hot_path_traces_without_graph_breaks():
     boltz = OnlineBatchSelector(model, store, k=8, invalid="keep", score_mode="current", backend="reference",
                                 temperature=0.5, generator=None)
     assert torch.compile(boltz.select, fullgraph=True, backend="eager")((idx, x, y))[0].unique().numel() == 8
+
+
+# ---------------------------------------------------------------------------- batch structure
+def _fields_model():
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(D, C)
+
+        def forward(self, inp):
+            return self.lin(inp["feat"] if isinstance(inp, dict) else inp[0])
+
+    torch.manual_seed(0)
+    return M()
+
+
+def test_every_tensor_field_needs_the_candidate_count():
+    g = torch.Generator().manual_seed(0)
+    feat, y = torch.randn(40, D, generator=g), torch.randint(0, C, (40,), generator=g)
+    sel = OnlineBatchSelector(_fields_model(), None, "loss", k=4)
+    for extra in (torch.randn(50, 3, generator=g), torch.randn(30, 3, generator=g), torch.tensor(1.0)):
+        with pytest.raises(ValueError, match=r"batch field x\[1\] has shape .*candidate count 40"):
+            sel.select(((feat, extra), y))
+    with pytest.raises(ValueError, match=r"batch field x\['mask'\]"):
+        sel.select(({"feat": feat, "mask": torch.ones(39, dtype=torch.bool)}, y))
+    with pytest.raises(ValueError, match="batch field index"):
+        sel.select((torch.arange(41), feat, y))
+    assert sel.step == 0  # refused before anything was scored or counted
+
+
+def test_per_example_lists_are_picked_other_values_pass_through():
+    g = torch.Generator().manual_seed(1)
+    n = 40
+    feat, y = torch.randn(n, D, generator=g), torch.randint(0, C, (n,), generator=g)
+    names = [f"img_{i}.png" for i in range(n)]
+    x = {"feat": feat, "path": names, "ids": tuple(range(100, 100 + n)), "split": "train",
+         "classes": ["cat", "dog", "eel"], "scale": 0.5, "none": None}
+    sel = OnlineBatchSelector(_fields_model(), None, "loss", k=6)
+    xs, ys = sel.select((x, y))
+    pos = sel.last.positions.tolist()
+    assert xs["path"] == [names[i] for i in pos] and isinstance(xs["path"], list)
+    assert xs["ids"] == tuple(100 + i for i in pos)
+    assert xs["split"] == "train" and xs["classes"] == ["cat", "dog", "eel"] and xs["scale"] == 0.5
+    assert xs["none"] is None
+    assert torch.equal(xs["feat"], feat[sel.last.positions]) and torch.equal(ys, y[sel.last.positions])
+    # a DataLoader's default collate gives exactly this for string fields
+    from torch.utils.data import DataLoader
+    data = [(feat[i], names[i], int(y[i])) for i in range(n)]
+    feat_b, names_b, y_b = next(iter(DataLoader(data, batch_size=n)))
+    sub = OnlineBatchSelector(_fields_model(), None, "loss", k=6).select(((feat_b, names_b), y_b))
+    assert list(sub[0][1]) == [names[i] for i in pos] and type(sub[0][1]) is type(names_b)
+
+
+def test_ratio_rounding_is_one_rule_everywhere():
+    """n_b = ratio * n to the nearest integer, halves up, at least 1: the selector, select_mask and
+    selective_cross_entropy agree (0.1 of 35 -> 4, 0.5 of 5 -> 3, 0.29 of 100 -> 29)."""
+    model = _model()
+    for ratio, n, want in ((0.1, 35, 4), (0.5, 5, 3), (0.29, 100, 29), (0.001, 10, 1), (1.0, 7, 7)):
+        idx, x, y = _batch(7, n=n)
+        sel = OnlineBatchSelector(model, None, "loss", ratio=ratio)
+        assert sel.num_picks(n) == want and sel.select((x, y))[0].shape[0] == want, (ratio, n)
+        logits = torch.randn(1, n, C, generator=torch.Generator().manual_seed(n))
+        targets = torch.randint(0, C, (1, n), generator=torch.Generator().manual_seed(n + 1))
+        ref = torch.zeros(1, n)
+        assert int(rk.select_mask(logits, targets, ref, ratio).sum()) == want, (ratio, n)
+        per_token = rk.selective_cross_entropy(logits, targets, ref, ratio, reduction="none")
+        assert int((per_token != 0).sum()) == want, (ratio, n)
+
+
+# ---------------------------------------------------------------------------- resume, repr
+def _resume_run(steps, split=None, method="reducible", temperature=linear_temperature(2.0, 0.1, 5), seed=3):
+    """Picks of ``steps`` selections; with ``split``, the selector is saved after ``split`` steps
+    and a fresh one (fresh generator, wrong seed) resumes from the saved state."""
+    import io
+
+    model, store = _model(8), _store(N)
+
+    def make(gen_seed):
+        return OnlineBatchSelector(model, store, method, k=8, temperature=temperature, score_mode="eval",
+                                   generator=torch.Generator().manual_seed(gen_seed))
+
+    sel = make(seed)
+    picks = []
+    for step in range(steps):
+        if step == split:
+            buf = io.BytesIO()
+            torch.save(sel.state_dict(), buf)
+            buf.seek(0)
+            sel = make(seed + 100)
+            sel.load_state_dict(torch.load(buf, weights_only=True))
+        idx, x, y = _batch(20 + step)
+        picks.append(sel.select((idx, x, y))[0])
+    return picks, sel
+
+
+def test_state_dict_round_trip_picks_the_same_rows():
+    for method, temperature in (("reducible", linear_temperature(2.0, 0.1, 5)), ("uniform", None)):
+        want, ref = _resume_run(7, method=method, temperature=temperature)
+        got, resumed = _resume_run(7, split=3, method=method, temperature=temperature)
+        for a, b in zip(got, want):
+            assert torch.equal(a, b), method
+        assert resumed.step == ref.step == 7
+        if temperature is not None:
+            assert resumed.current_temperature() == ref.current_temperature()
+        s_got, s_want = resumed.stats.summary(), ref.stats.summary()
+        assert s_got.keys() == s_want.keys()
+        for k in s_want:
+            assert s_got[k] == pytest.approx(s_want[k], nan_ok=True), k
+    # without the state, the resumed run restarts its schedule: different picks (the test can fail)
+    restarted = _resume_run(7, method="reducible")[0][:4]
+    assert not all(torch.equal(a, b) for a, b in zip(restarted, want[3:]))
+
+
+def test_load_state_dict_refuses_mismatches():
+    sel = OnlineBatchSelector(_model(), _store(), k=4, generator=torch.Generator())
+    state = sel.state_dict()
+    with pytest.raises(ValueError, match="method"):
+        OnlineBatchSelector(_model(), None, "loss", k=4, generator=torch.Generator()).load_state_dict(state)
+    with pytest.raises(ValueError, match="generator"):
+        OnlineBatchSelector(_model(), _store(), k=4).load_state_dict(state)
+    with pytest.raises(ValueError, match="state dict"):
+        sel.load_state_dict({"step": 3})
+
+
+def test_repr_says_what_the_selector_does():
+    sel = OnlineBatchSelector(_model(), _store(), "reducible", ratio=0.1, temperature=constant_temperature(0.5))
+    r = repr(sel)
+    for needle in ("OnlineBatchSelector(", "method='reducible'", "ratio=0.1", "IrreducibleLossStore(64 examples)",
+                   "constant 0.5", "score_mode='train'", "restore_buffers=True", "step=0"):
+        assert needle in r, (needle, r)
+    assert "k=8" in repr(OnlineBatchSelector(_model(), None, "loss", k=8))

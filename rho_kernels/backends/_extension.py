@@ -8,19 +8,69 @@ no extension: the package then runs through the reference (and Triton where it r
 
 from __future__ import annotations
 
-from typing import Optional
+import importlib.util
+import json
+import os
+import warnings
+from typing import Any, Optional
 
 import torch
 from torch import Tensor
 
 from .._contract import RowProblem, lse_dtype
 
-try:
-    from .. import _C  # noqa: F401  (loading it registers torch.ops.rho_kernels.*)
+# setup.py writes this JSON file next to the compiled _C: the torch it was compiled against, the
+# CUDA architectures, the CPU instruction set.  It is read *before* _C is loaded, because an
+# extension compiled against another torch may fail to load or crash in the loader.
+BUILD_RECORD_NAME = "_C_build.json"
+EXT_MODULE = __name__.rsplit(".", 2)[0] + "._C"
 
-    LOAD_ERROR: Optional[str] = None
-except ImportError as exc:  # built without the extension, or a broken build
-    LOAD_ERROR = f"{type(exc).__name__}: {exc}"
+
+def read_build_record() -> tuple[Optional[dict[str, Any]], Optional[str]]:
+    """The build record beside the ``_C`` that an import would load, and its path.
+
+    ``(None, None)`` where there is no ``_C``; ``(None, path)`` where ``_C`` has no (readable)
+    record, e.g. a build older than the record.  Finding the module's file does not load it.
+    """
+    try:
+        spec = importlib.util.find_spec(EXT_MODULE)
+    except (ImportError, ValueError):
+        return None, None
+    if spec is None or not spec.origin or not os.path.isfile(spec.origin):
+        return None, None
+    path = os.path.join(os.path.dirname(spec.origin), BUILD_RECORD_NAME)
+    try:
+        with open(path) as f:
+            record = json.load(f)
+    except (OSError, ValueError):
+        return None, path
+    return (record if isinstance(record, dict) else None), path
+
+
+def torch_mismatch(record: Optional[dict[str, Any]], running: str = torch.__version__) -> Optional[str]:
+    """Why the extension must not be loaded under torch ``running`` (None where it may be).
+
+    The extension uses torch's C++ API, whose ABI holds for one torch build only, so the
+    versions must be equal (the local part too: "+cpu" and "+cu130" are different builds).
+    """
+    built = (record or {}).get("torch")
+    if not built or str(built) == str(running):
+        return None
+    return (f"rho_kernels._C was compiled against torch {built} but torch {running} is installed; "
+            f"it is not loaded, and rho_kernels runs on the reference and Triton backends only. "
+            f"Rebuild it against the installed torch: pip install --no-build-isolation --no-deps "
+            f"--force-reinstall <the rho_kernels sdist or source checkout>")
+
+
+BUILD_RECORD, BUILD_RECORD_PATH = read_build_record()
+LOAD_ERROR: Optional[str] = torch_mismatch(BUILD_RECORD)
+if LOAD_ERROR is not None:
+    warnings.warn(LOAD_ERROR, RuntimeWarning)
+else:
+    try:
+        from .. import _C  # noqa: F401  (loading it registers torch.ops.rho_kernels.*)
+    except ImportError as exc:  # built without the extension, or a broken build
+        LOAD_ERROR = f"{type(exc).__name__}: {exc}"
 
 # The CUDA kernel has not yet passed the conformance suite on a real GPU (see README);
 # until it has, backend="auto" never picks it.  Flip only with committed GPU results.
@@ -49,7 +99,7 @@ def unavailable_reason(dispatch_key: str, device_type: str, device: torch.device
                        op: str = "select_rows") -> Optional[str]:
     """Why the extension's ``op`` cannot run for ``device`` (None where it can)."""
     if LOAD_ERROR is not None:
-        return f"the extension rho_kernels._C is not built or failed to load ({LOAD_ERROR})"
+        return f"the extension rho_kernels._C is not loaded ({LOAD_ERROR})"
     if not has_kernel(dispatch_key, op):
         return f"the extension was built without a {dispatch_key} kernel for {op}"
     if device.type != device_type:

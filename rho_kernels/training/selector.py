@@ -21,11 +21,19 @@ Selection keys per method (higher = picked first):
   replacement*, ``P(i first) ∝ exp(score_i / T)``, by the Gumbel-top-k trick
   (``key = score / T + Gumbel(0, 1)``; the top k keys are an exact sample without replacement
   of the Plackett-Luce distribution -- no duplicates, unlike the paper's code).
+
+Batches: ``(index, x, y)`` or ``(x, y)``; ``x`` (and ``index``) may be a tensor or a nested
+tuple/list/dict.  Every tensor in the batch must have the candidate count ``n_B`` (``len(y)``)
+as its first dimension (ValueError naming the field otherwise); a list or tuple of plain
+per-example values (file names, raw text: no tensors or containers inside) of length ``n_B`` is
+picked from like a tensor; any other value (a string, a number, a list of another length) is
+passed through unchanged.
 """
 
 from __future__ import annotations
 
 import math
+import operator
 from contextlib import contextmanager, nullcontext
 from typing import Any, Callable, Iterator, NamedTuple, Optional, Union
 
@@ -33,6 +41,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import api as rk  # the public op API only (the package imports this layer)
+from ..tokens import kept_count
 
 from .distributed import global_select, topk_by_key, world_info
 from .il_store import IrreducibleLossStore
@@ -132,8 +141,10 @@ class SelectorStats:
         self._host = dict.fromkeys(self._HOST, 0.0)
 
     def _add(self, device: torch.device, vals: dict) -> None:
-        if self._acc is None or self._acc.device != device:
+        if self._acc is None:
             self._acc = torch.zeros(len(self._FIELDS), dtype=torch.float64, device=device)
+        elif self._acc.device != device:  # e.g. loaded from a checkpoint with map_location="cpu"
+            self._acc = self._acc.to(device)
         zero = torch.zeros((), dtype=torch.float64, device=device)
         self._acc += torch.stack([vals[f].to(torch.float64) if f in vals else zero for f in self._FIELDS])
 
@@ -167,6 +178,24 @@ class SelectorStats:
         self._add(picked_valid.device, vals)
         self.steps += 1
 
+    def state_dict(self) -> dict[str, Any]:
+        """Everything recorded so far (the device sums stay tensors: no host sync)."""
+        return {"steps": self.steps, "acc": None if self._acc is None else self._acc.clone(),
+                "host": dict(self._host)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned."""
+        missing = {"steps", "acc", "host"} - set(state)
+        if missing:
+            raise ValueError(f"not a SelectorStats state dict: missing {sorted(missing)}")
+        acc = state["acc"]
+        if acc is not None and (not isinstance(acc, Tensor) or acc.shape != (len(self._FIELDS),)):
+            raise ValueError(f"SelectorStats state 'acc' must be a tensor of shape ({len(self._FIELDS)},), got {acc!r}")
+        self.steps = int(state["steps"])
+        self._acc = None if acc is None else acc.to(torch.float64).clone()
+        self._host = dict.fromkeys(self._HOST, 0.0)
+        self._host.update({k: float(v) for k, v in state["host"].items() if k in self._HOST})
+
     def summary(self) -> dict[str, float]:
         """``steps``, ``mean_score_picked``, ``mean_score_not_picked``, ``noisy_pick_fraction``
         (picked rows that were marked noisy), ``noisy_candidate_fraction`` (the base rate among
@@ -188,43 +217,103 @@ class SelectorStats:
 
 
 # ---------------------------------------------------------------------------- batch helpers
-def _take(obj: Any, pos: Tensor) -> Any:
-    """Rows ``pos`` of every tensor in a (nested tuple/list/dict of) batch element(s)."""
-    if isinstance(obj, Tensor):
-        return obj.index_select(0, pos.to(obj.device))
-    if isinstance(obj, tuple) and hasattr(obj, "_fields"):  # NamedTuple
-        return type(obj)(*(_take(o, pos) for o in obj))
-    if isinstance(obj, (tuple, list)):
-        return type(obj)(_take(o, pos) for o in obj)
-    if isinstance(obj, dict):
-        return {k: _take(v, pos) for k, v in obj.items()}
-    raise TypeError(f"batch elements must be tensors (or tuples/lists/dicts of tensors), got {type(obj).__name__}")
+def _is_namedtuple(obj: Any) -> bool:
+    return isinstance(obj, tuple) and hasattr(obj, "_fields")
 
 
-def _flatten(obj: Any, out: list) -> Callable[[Iterator[Tensor]], Any]:
-    """Collect the tensors of ``obj`` into ``out``; return a rebuilder taking new tensors."""
+def _is_per_example(obj: Any, n: int) -> bool:
+    """A list/tuple of ``n`` plain values (strings, numbers, objects): one per candidate."""
+    return (isinstance(obj, (list, tuple)) and not _is_namedtuple(obj) and len(obj) == n
+            and not any(isinstance(o, (Tensor, list, tuple, dict)) for o in obj))
+
+
+def _map_batch(obj: Any, n: int, on_tensor: Callable[[Tensor, str], Any],
+               on_values: Callable[[Any, str], Any], path: str) -> Any:
+    """Rebuild ``obj`` with ``on_tensor`` applied to its tensors and ``on_values`` to its lists of
+    per-example values; anything else is kept as it is.  ``path`` names the field in errors."""
     if isinstance(obj, Tensor):
-        out.append(obj)
-        return lambda it: next(it)
-    if isinstance(obj, tuple) and hasattr(obj, "_fields"):
-        subs = [_flatten(o, out) for o in obj]
-        return lambda it: type(obj)(*(s(it) for s in subs))
+        return on_tensor(obj, path)
+    if _is_namedtuple(obj):
+        return type(obj)(*(_map_batch(o, n, on_tensor, on_values, f"{path}.{f}") for f, o in zip(obj._fields, obj)))
     if isinstance(obj, (tuple, list)):
-        subs = [_flatten(o, out) for o in obj]
-        return lambda it: type(obj)(s(it) for s in subs)
+        if _is_per_example(obj, n):
+            return on_values(obj, path)
+        return type(obj)(_map_batch(o, n, on_tensor, on_values, f"{path}[{i}]") for i, o in enumerate(obj))
     if isinstance(obj, dict):
-        keys = list(obj)
-        subs = [_flatten(obj[k], out) for k in keys]
-        return lambda it: {k: s(it) for k, s in zip(keys, subs)}
-    raise TypeError(f"batch elements must be tensors (or tuples/lists/dicts of tensors), got {type(obj).__name__}")
+        return {k: _map_batch(v, n, on_tensor, on_values, f"{path}[{k!r}]") for k, v in obj.items()}
+    return obj
+
+
+def _field_names(batch: Any) -> tuple[str, ...]:
+    return ("index", "x", "y") if len(batch) == 3 else ("x", "y")
+
+
+def _map_fields(batch: Any, n: int, on_tensor, on_values) -> Any:
+    """:func:`_map_batch` over the batch's top-level fields, named ``index``/``x``/``y``."""
+    out = [_map_batch(f, n, on_tensor, on_values, name) for name, f in zip(_field_names(batch), batch)]
+    return type(batch)(*out) if _is_namedtuple(batch) else type(batch)(out)
+
+
+def _check_rows(batch: Any, n: int) -> None:
+    """Every tensor of the batch must have the candidate count as its first dimension."""
+
+    def check(t: Tensor, path: str) -> Tensor:
+        if t.dim() == 0 or t.shape[0] != n:
+            raise ValueError(
+                f"batch field {path} has shape {tuple(t.shape)}, but every tensor of the batch needs the "
+                f"candidate count {n} (len(y)) as its first dimension: the picked rows of {path} would "
+                f"not belong to the picked examples"
+            )
+        return t
+
+    _map_fields(batch, n, check, lambda v, p: v)
+
+
+def _take(batch: Any, pos: Tensor, n: int) -> Any:
+    """Rows ``pos`` of every tensor and per-example list of the batch (other values unchanged)."""
+    host: list = []
+
+    def values(v: Any, path: str) -> Any:
+        if not host:  # indexing a Python list needs the positions on the host: one copy
+            host.append(pos.tolist())
+        return type(v)(v[i] for i in host[0])
+
+    return _map_fields(batch, n, lambda t, p: t.index_select(0, pos.to(t.device)), values)
+
+
+def _tensors(obj: Any) -> list[Tensor]:
+    out: list[Tensor] = []
+    _map_batch(obj, -1, lambda t, p: out.append(t), lambda v, p: v, "x")
+    return out
 
 
 def _first_tensor(obj: Any) -> Tensor:
-    leaves: list = []
-    _flatten(obj, leaves)
+    leaves = _tensors(obj)
     if not leaves:
         raise ValueError("the batch's inputs contain no tensor")
     return leaves[0]
+
+
+_NORM_TYPES = (nn.modules.batchnorm._NormBase,)  # BatchNorm*, SyncBatchNorm, InstanceNorm*
+
+
+@contextmanager
+def _restore_norm_buffers(model: nn.Module, enabled: bool) -> Iterator[None]:
+    """Put back the running statistics (and ``num_batches_tracked``) that a train-mode forward
+    updates, so that scoring leaves no trace on the model.  Device copies only: no host sync."""
+    norms = [m for m in model.modules() if isinstance(m, _NORM_TYPES)] if enabled else []
+    # A lazy layer's buffers do not exist before its first forward: put it back to its fresh state.
+    lazy = [m for m in norms if any(nn.parameter.is_lazy(b) for b in m.buffers(recurse=False))]
+    bufs = [b for m in norms if m not in lazy for b in m.buffers(recurse=False)]
+    saved = [b.clone() for b in bufs]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for b, v in zip(bufs, saved):
+                b.copy_(v)
+            for m in lazy:
+                m.reset_running_stats()
 
 
 @contextmanager
@@ -265,7 +354,7 @@ class PickInfo(NamedTuple):
 
 # ---------------------------------------------------------------------------- selector
 class OnlineBatchSelector:
-    """Pick the ``n_b = ratio * n_B`` most useful examples of each candidate batch.
+    """Pick the ``n_b`` most useful examples of each candidate batch of ``n_B``.
 
     Args:
         model: the model being trained; it scores the candidates (``forward(model, x)`` gives
@@ -275,16 +364,24 @@ class OnlineBatchSelector:
             IL model (run on every candidate batch under ``no_grad`` in eval mode), or None for
             methods that do not read it.
         method: one of :data:`SELECTOR_METHODS` (``reducible`` = RHO-LOSS).
-        ratio: ``n_b / n_B`` (default 0.1: 32 of 320, the paper's setting); ``k`` overrides it
-            with a fixed count.
+        ratio: ``n_b / n_B`` (default 0.1: 32 of 320, the paper's setting).  ``n_b`` is
+            ``ratio * n_B`` to the nearest integer, halves up, at least 1 (0.1 of 35 -> 4): the
+            rule of ``rho_kernels.tokens.kept_count``, shared with ``select_mask`` and
+            ``selective_cross_entropy``.  ``k`` overrides it with a fixed count.
         temperature: None for deterministic top-k; a float ``T`` or a schedule ``step -> T``
             for Boltzmann sampling without replacement (Gumbel-top-k on ``score / T``).
         score_mode: the model's mode while scoring.  ``"train"`` (default, as in the paper):
-            dropout is active and BatchNorm normalises with the candidate batch's statistics
-            and *updates its running statistics* with the large batch.  ``"eval"``: running
-            statistics are used and left untouched, dropout is off (deterministic scores; the
+            dropout is active and BatchNorm normalises with the candidate batch's statistics.
+            ``"eval"``: running statistics are used, dropout is off (deterministic scores; the
             scores then differ from the training-mode loss the step will see).  ``"current"``:
             leave the mode as the caller set it.  The mode is restored after scoring.
+        restore_buffers: scoring leaves no trace on the model (default True): the running
+            statistics and ``num_batches_tracked`` of every BatchNorm/InstanceNorm layer are put
+            back after a train-mode scoring pass (a device copy of those buffers, no sync), so a
+            model in ``eval()`` is not changed by ``select``.  ``False`` keeps the paper code's
+            side effect: the scoring pass also updates the running statistics with the large
+            candidate batch.  Other buffers a custom module changes in ``forward`` are not
+            restored.
         forward: ``forward(model, x) -> logits``, for models that need more than ``model(x)``.
         il_forward: the same for an IL model (default: ``forward``).
         autocast_dtype: run the scoring forward passes under ``torch.autocast`` with this
@@ -310,7 +407,14 @@ class OnlineBatchSelector:
         backend: the op backend (``"auto"``).
 
     Batches are tuples ``(index, x, y)`` (``index`` = dataset indices, needed with a store) or
-    ``(x, y)``; ``x`` may be a tensor or a tuple/list/dict of tensors with ``n_B`` rows.
+    ``(x, y)``; ``x`` may be a tensor or a nested tuple/list/dict.  Every tensor must have ``n_B``
+    rows (ValueError naming the field otherwise); lists/tuples of ``n_B`` plain per-example values
+    (e.g. file names) are picked from like tensors (costs one copy of the picked positions to the
+    host); other values pass through unchanged.
+
+    Resuming: :meth:`state_dict` / :meth:`load_state_dict` carry the step (temperature
+    schedule), the statistics and the ``generator``'s state.  With ``generator=None`` the
+    global RNG is used, which your checkpoint must save itself (``torch.get_rng_state()``).
     """
 
     def __init__(
@@ -323,6 +427,7 @@ class OnlineBatchSelector:
         k: Optional[int] = None,
         temperature: Temperature = None,
         score_mode: str = "train",
+        restore_buffers: bool = True,
         forward: Callable[[nn.Module, Any], Tensor] = _default_forward,
         il_forward: Optional[Callable[[nn.Module, Any], Tensor]] = None,
         autocast_dtype: Optional[torch.dtype] = None,
@@ -335,6 +440,7 @@ class OnlineBatchSelector:
         score_method: str = "loss",
         backend: str = "auto",
     ) -> None:
+        k_arg = k
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
         if method not in SELECTOR_METHODS:
@@ -349,14 +455,21 @@ class OnlineBatchSelector:
         if k is None:
             if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio <= 1:
                 raise ValueError(f"ratio must be in (0, 1], got {ratio!r}")
-        elif isinstance(k, bool) or not isinstance(k, int) or k < 0:
-            raise ValueError(f"k must be an int >= 0, got {k!r}")
+        else:
+            try:
+                k = None if isinstance(k, bool) else operator.index(k)
+            except TypeError:
+                k = None
+            if k is None or k < 0:
+                raise ValueError(f"k must be an int >= 0, got {k_arg!r}")
         if temperature is not None and not callable(temperature):
             temperature = constant_temperature(temperature)
         if temperature is not None and method == "uniform":
             raise ValueError("temperature (Boltzmann sampling) needs a scoring method, not 'uniform'")
         if score_mode not in ("train", "eval", "current"):
             raise ValueError(f"score_mode must be 'train', 'eval' or 'current', got {score_mode!r}")
+        if not isinstance(restore_buffers, bool):
+            raise TypeError(f"restore_buffers must be a bool, got {restore_buffers!r}")
         if invalid not in ("raise", "drop", "keep"):
             raise ValueError(f"invalid must be 'raise', 'drop' or 'keep', got {invalid!r}")
         if distributed not in (None, "local", "global"):
@@ -372,6 +485,7 @@ class OnlineBatchSelector:
         self.k = k
         self.temperature = temperature
         self.score_mode = score_mode
+        self.restore_buffers = restore_buffers
         self.forward = forward
         self.il_forward = il_forward or forward
         self.autocast_dtype = autocast_dtype
@@ -394,7 +508,7 @@ class OnlineBatchSelector:
             if self.k > n:
                 raise ValueError(f"k = {self.k} is larger than the candidate batch ({n} rows)")
             return self.k
-        return min(n, max(1, int(round(self.ratio * n))))
+        return min(n, kept_count(n, self.ratio))
 
     def current_temperature(self) -> Optional[float]:
         """The temperature used at the current step (None for deterministic top-k)."""
@@ -436,7 +550,9 @@ class OnlineBatchSelector:
                             method="irreducible", ignore_index=self.ignore_index, backend=self.backend)
         train = {"train": True, "eval": False, "current": None}[self.score_mode]
         dev = _first_tensor(x).device
-        with torch.no_grad(), _mode(self.model, train), self._autocast(dev):
+        restore = self.restore_buffers and self.score_mode != "eval"
+        with torch.no_grad(), _restore_norm_buffers(self.model, restore), _mode(self.model, train), \
+                self._autocast(dev):
             logits = self.forward(self.model, x)
         return rk.score(logits, y, il, method=method, ignore_index=self.ignore_index, backend=self.backend)
 
@@ -468,6 +584,7 @@ class OnlineBatchSelector:
         """
         index, x, y = self._unpack(batch)
         n = y.shape[0]
+        _check_rows(batch, n)
         k = self.num_picks(n)
         dev = y.device
         eligible = y != self.ignore_index
@@ -511,14 +628,8 @@ class OnlineBatchSelector:
             # the documented per-step sync; in global mode the flag covers all ranks' winners so
             # that every rank raises (or not) together instead of leaving the others hanging
             if not bool(all_valid_t):
-                bad = int((~info.valid).sum())
                 if self.invalid == "raise":
-                    raise ValueError(
-                        f"picks are not eligible ({bad} of this rank's {k}; NaN score -- e.g. never-scored "
-                        f"irreducible loss -- or ignored target): the candidates have fewer eligible rows "
-                        f"than picks. "
-                        f"Fix the IL store, or pass invalid='drop'/'keep'"
-                    )
+                    raise ValueError(self._invalid_message(info, y, k))
                 keep = info.valid.nonzero().reshape(-1)
                 info = PickInfo(
                     info.positions.index_select(0, keep) if info.positions is not None else None,
@@ -528,10 +639,93 @@ class OnlineBatchSelector:
                 )
                 self.last = info
                 if sub is not None:
-                    return _take(sub, keep)
+                    return _take(sub, keep, k)
         if sub is not None:
             return sub
-        return _take(batch, info.positions)
+        return _take(batch, info.positions, n)
+
+    def _invalid_message(self, info: PickInfo, y: Tensor, k: int) -> str:
+        """Why picks were ineligible, with the fix that matches the cause (reads the flags: the
+        documented sync of invalid="raise")."""
+        bad = ~info.valid
+        head = f"{int(bad.sum())} of this rank's {k} picks are not eligible: the candidates have fewer eligible rows than picks"
+        tail = "; or pass invalid='drop' (smaller batch) / invalid='keep' (pick them anyway)"
+        if info.positions is None:  # global mode: the picks may be other ranks' rows
+            return (f"{head} (ignored targets, y == ignore_index={self.ignore_index}, or NaN scores). "
+                    f"Check the targets and the irreducible loss{tail}")
+        bad_pos = info.positions[bad]
+        ignored = int((y.index_select(0, bad_pos) == self.ignore_index).sum())
+        nan = int(bad_pos.numel()) - ignored
+        causes, fixes = [], []
+        if ignored:
+            causes.append(f"{ignored} with an ignored target (y == ignore_index={self.ignore_index})")
+            fixes.append("pick fewer rows (ratio/k) or leave examples without a label out of the candidates")
+        if nan:
+            causes.append(f"{nan} with a NaN score")
+            scored = self.score_method if self.method == "uniform" else self.method
+            if scored in IL_METHODS:
+                fixes.append("a NaN irreducible loss marks an example the IL store never scored (or stored as "
+                             "never-selectable): fix the IL store, or check the model's logits for NaN")
+            else:
+                fixes.append("the model's logits are NaN for those examples")
+        return f"{head} ({', '.join(causes)}). Fix: {'; '.join(fixes)}{tail}"
+
+    # ------------------------------------------------------------------ checkpointing, repr
+    def state_dict(self) -> dict[str, Any]:
+        """The selector's progress, for a checkpoint: step (temperature schedule), statistics and
+        the generator's state.  Save it with ``torch.save`` next to the model's."""
+        return {
+            "version": 1,
+            "method": self.method,
+            "step": self.step,
+            "stats": self.stats.state_dict(),
+            "generator": None if self.generator is None else self.generator.get_state(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Resume from :meth:`state_dict`: the next ``select`` picks what the uninterrupted run
+        would have picked (same model, data and arguments)."""
+        if not isinstance(state, dict) or state.get("version") != 1:
+            raise ValueError("not an OnlineBatchSelector state dict (expected the dict state_dict() returns)")
+        if state["method"] != self.method:
+            raise ValueError(f"the state was saved by a selector with method={state['method']!r}, "
+                             f"this one has method={self.method!r}")
+        gen = state["generator"]
+        if (gen is None) != (self.generator is None):
+            raise ValueError(
+                "the saved selector " + ("had a generator; pass generator=torch.Generator(...) to this one"
+                                         if gen is not None else
+                                         "used the global RNG (generator=None); create this one without a generator "
+                                         "and restore torch's RNG state with your checkpoint")
+            )
+        step = state["step"]
+        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+            raise ValueError(f"state 'step' must be an int >= 0, got {step!r}")
+        self.stats.load_state_dict(state["stats"])
+        if gen is not None:
+            self.generator.set_state(gen)
+        self.step = step
+
+    def __repr__(self) -> str:
+        src = self.irreducible
+        if src is None:
+            il = "None"
+        elif isinstance(src, IrreducibleLossStore):
+            il = f"IrreducibleLossStore({len(src)} examples)"
+        else:
+            il = f"{type(src).__name__} (IL model)"
+        size = f"k={self.k}" if self.k is not None else f"ratio={self.ratio}"
+        parts = [f"model={type(self.model).__name__}", f"irreducible={il}", f"method={self.method!r}", size]
+        if self.temperature is not None:
+            parts.append(f"temperature={self.temperature!r}")
+        parts += [f"score_mode={self.score_mode!r}", f"restore_buffers={self.restore_buffers}",
+                  f"invalid={self.invalid!r}"]
+        if self.distributed is not None:
+            parts.append(f"distributed={self.distributed!r}")
+        if self.method == "uniform" and self.score_uniform:
+            parts.append(f"score_method={self.score_method!r}")
+        parts += [f"backend={self.backend!r}", f"step={self.step}"]
+        return f"OnlineBatchSelector({', '.join(parts)})"
 
     def _record(self, info: PickInfo, scores: Optional[Tensor], won: Tensor, n: int,
                 noisy: Optional[Tensor], picked_noisy: Optional[Tensor]) -> None:
@@ -545,17 +739,27 @@ class OnlineBatchSelector:
                        noisy: Optional[Tensor], k: int):
         n = keys.shape[0]
         leaves: list = []
-        rebuild = _flatten(batch, leaves)
+
+        def collect(t: Tensor, path: str) -> Tensor:
+            leaves.append(t)
+            return t
+
+        def refuse(v: Any, path: str) -> Any:
+            raise ValueError(
+                f"batch field {path} is a list of {n} per-example values: global selection moves picked "
+                f"examples between ranks and can move tensors only (encode it as a tensor, or use "
+                f"distributed='local')"
+            )
+
+        _map_fields(batch, n, collect, refuse)
         extra = [scores if scores is not None else torch.full_like(keys, math.nan)]
         extra.append(noisy if noisy is not None else torch.zeros(n, dtype=torch.bool, device=keys.device))
-        for leaf in leaves:
-            if leaf.shape[:1] != (n,):
-                raise ValueError(f"every batch tensor needs {n} rows for global selection, got shape {tuple(leaf.shape)}")
         pick = global_select(keys, k, leaves + extra, eligible=eligible, group=self.process_group,
                              backend=self.backend)
         rows = pick.rows[: len(leaves)]
         picked_scores, picked_noisy = pick.rows[len(leaves):]
-        sub = rebuild(iter(rows))
+        it = iter(rows)
+        sub = _map_fields(batch, n, lambda t, p: next(it), lambda v, p: v)
         info = PickInfo(None, picked_scores if scores is not None else None, pick.keys, pick.valid, pick.global_rows)
         self._record(info, scores, pick.local_won, n, noisy, picked_noisy if noisy is not None else None)
         return sub, info, pick.all_valid

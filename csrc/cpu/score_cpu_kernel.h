@@ -1,0 +1,622 @@
+// score_cpu_kernel.h -- the fused CPU scoring kernel (per-row score, lse and select key), written
+// once and compiled once per instruction set: csrc/cpu/isa/score_cpu_<isa>.cpp define
+// CPU_CAPABILITY (at::vec's ISA switch), RHO_ISA_NAMESPACE and RHO_SCORE_ROWS_FN, include this
+// file, and setup.py gives each its own -march.  select_cpu.cpp picks one at run time.
+//
+// All per-row math comes from rho_math.h.  Two code paths, chosen from the shapes alone:
+//
+//  * Row path (contiguous rows with V >= kTileMaxV): the row is cut into blocks of kBlock
+//    logits; each block is read twice while it sits in L1 (a vectorised NaN-propagating max,
+//    then the exp sums relative to that block max) and folded into the row's accumulator with
+//    rho::acc_merge.  So the logits stream from memory once and the block sums form a two-level
+//    (lane, then block) summation that keeps fp32 round-off near PyTorch's cascade sum.  With
+//    few rows and a long vocabulary the rows are also split along V and merged with acc_merge.
+//
+//  * Tile path (short rows, V < kTileMaxV, and every row whose columns are strided, e.g.
+//    transposed logits): kTileVecs vectors' worth of rows side by side, one row per SIMD lane.
+//    Blocks of kTileCols columns are gathered into a transposed L1 buffer (for column-major
+//    logits a column of the tile is contiguous memory), then per lane: block max, rescale of
+//    the running sums (rho::acc_rescale's rule, vectorised), exp sums of the block.  A 10-class
+//    row costs a few vector instructions instead of one under-filled vector plus set-up.
+//
+// Sums are in fp32 (fp64 for fp64 logits); the per-row finalisation (lse, CE - IL, gradnorm,
+// entropy) runs in double and is rounded once.  bf16/fp16 logits are widened in registers;
+// fp32 exp is an inline ~1-ulp routine (exp_nonpos below); fp64 uses Sleef's exp via at::vec.
+//
+// Parallelism: rows (or tiles) are handed to the at::parallel_for threads in chunks from an
+// atomic counter (the cores are often shared, so a static split would wait on the slowest
+// thread).  Extra memory: O(threads * L1) buffers, plus O(N) partial sums on the split path.
+//
+// Everything here has internal linkage or lives in ISA-specific namespaces (at::vec's
+// CPU_CAPABILITY, rho_math.h's RHO_ISA_NAMESPACE): an inline function with external linkage
+// compiled with AVX-512 here could otherwise replace the baseline copy program-wide.  For the
+// same reason no std container or TORCH_CHECK is instantiated here (select_cpu.cpp checks).
+#if !defined(CPU_CAPABILITY) || !defined(RHO_ISA_NAMESPACE) || !defined(RHO_SCORE_ROWS_FN)
+#error "score_cpu_kernel.h is included by csrc/cpu/isa/score_cpu_<isa>.cpp only"
+#endif
+
+#include "select_cpu_aten.h"
+
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <limits>
+#include <new>
+#include <type_traits>
+
+#include "rho_math.h"
+#include "score_cpu.h"
+
+// GCC 12 reports its own AVX-512 intrinsics (the deliberately undefined "__Y" operand of
+// _mm512_undefined_*) as (maybe-)uninitialized once they are inlined here; a known false positive.
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
+
+namespace rho_cpu {
+namespace {
+
+using rho::RowAcc;
+
+// Logits per block: large enough that the per-block merge (one scalar exp) is noise, small
+// enough that the block is still in L1 for its second read.
+constexpr int64_t kBlock = 2048;
+// Rows handed to a thread at a time aim at about this many logits.
+constexpr int64_t kChunkElems = 1 << 16;
+// Split a row along V only into pieces of at least this many logits.
+constexpr int64_t kMinSplit = 4096;
+// Contiguous rows shorter than this take the tile path.
+constexpr int64_t kTileMaxV = 512;
+// Tile path: rows per tile = kTileVecs vectors (independent chains for the FMA pipes), and
+// columns per gathered block (the buffer, kTileVecs * W * kTileCols values, is 16 KiB for fp32
+// under AVX-512).
+constexpr int kTileVecs = 4;
+constexpr int64_t kTileCols = 64;
+
+template <typename scalar_t>
+using acc_t = typename rho::AccOf<scalar_t>::type;
+
+template <typename A>
+using Vec = at::vec::Vectorized<A>;
+
+// W consecutive logits converted to the accumulation type (bf16/fp16 widen to fp32 in-register).
+template <typename scalar_t>
+inline Vec<acc_t<scalar_t>> load_acc(const scalar_t* p) {
+  if constexpr (std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, double>) {
+    return Vec<scalar_t>::loadu(p);
+  } else if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+    Vec<float> v;
+    at::vec::load_fp32_from_bf16(p, v);
+    return v;
+  } else {
+    static_assert(std::is_same_v<scalar_t, c10::Half>, "unsupported logits dtype");
+    Vec<float> v;
+    at::vec::load_fp32_from_fp16(p, v);
+    return v;
+  }
+}
+
+// 2W consecutive logits as two vectors in an unspecified lane order -- for the block max and
+// the plain sums, which do not care which lane holds which column.  bf16 then widens with one
+// unpack per vector (bf16 is the top half of an fp32) instead of a zero-extend and a shift.
+template <typename scalar_t>
+inline void load_pair(const scalar_t* p, Vec<acc_t<scalar_t>>& a, Vec<acc_t<scalar_t>>& b) {
+  if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+#if defined(CPU_CAPABILITY_AVX512)
+    const __m512i v = _mm512_loadu_si512(p);
+    a = Vec<float>(_mm512_castsi512_ps(_mm512_unpacklo_epi16(_mm512_setzero_si512(), v)));
+    b = Vec<float>(_mm512_castsi512_ps(_mm512_unpackhi_epi16(_mm512_setzero_si512(), v)));
+    return;
+#elif defined(CPU_CAPABILITY_AVX2)
+    const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+    a = Vec<float>(_mm256_castsi256_ps(_mm256_unpacklo_epi16(_mm256_setzero_si256(), v)));
+    b = Vec<float>(_mm256_castsi256_ps(_mm256_unpackhi_epi16(_mm256_setzero_si256(), v)));
+    return;
+#endif
+  }
+  a = load_acc(p);
+  b = load_acc(p + Vec<acc_t<scalar_t>>::size());
+}
+
+// One logit in the accumulation type.  fp16 goes through the bit-level conversion: the
+// intrinsic one in c10::Half trips GCC's -Wmaybe-uninitialized.
+template <typename scalar_t>
+inline acc_t<scalar_t> to_acc(scalar_t x) {
+  if constexpr (std::is_same_v<scalar_t, c10::Half>) {
+    return c10::detail::fp16_ieee_to_fp32_value(x.x);
+  } else {
+    return static_cast<acc_t<scalar_t>>(x);
+  }
+}
+
+// exp(x) for x <= 0 (a logit minus its block max), fp32, inline.  Sleef's vector expf (what
+// Vectorized::exp calls) is an out-of-line call that spills the accumulators around every
+// use; with it the fp32 kernel was ~1.5x slower.  Here: n = round(x / ln2) by the 1.5 * 2^23 shifter,
+// r = x - n ln2 in one FMA (|r| <= ln2/2; the error of the rounded ln2 is ~1e-9 |n|, which
+// only touches terms ~2^n that are negligible in the sum), e^r by the degree-5 minimax
+// polynomial with p(0) = 1 (max relative error 9.2e-8, coefficients fitted for this file;
+// they coincide with those in ATen's exp_u20), and the product with 2^n.  Inputs below
+// ln(FLT_MIN) -- -inf included -- give exactly 0 (masked; no clamp needed because masked lanes
+// may hold garbage).  The value for x > 0 or NaN is unspecified and never used: such blocks
+// have a NaN or +inf max, which alone decides the row's lse.
+constexpr float kLog2e = 1.44269504088896341f;
+constexpr float kLn2 = 0.693147180559945309f;
+constexpr float kShifter = 12582912.0f;         // 1.5 * 2^23: adding it rounds to an integer
+constexpr float kLnFltMin = -87.33654475f;      // ln(FLT_MIN): 2^n stays a normal number
+constexpr float kP1 = 0.9999997019767761f, kP2 = 0.4999914765357971f, kP3 = 0.1666763871908188f,
+                kP4 = 0.04189816117286682f, kP5 = 0.008290272206068039f;
+
+#if defined(CPU_CAPABILITY_AVX512)
+inline __m512 exp_nonpos_ps(__m512 x) {
+  const __m512 t = _mm512_fmadd_ps(x, _mm512_set1_ps(kLog2e), _mm512_set1_ps(kShifter));
+  const __m512 n = _mm512_sub_ps(t, _mm512_set1_ps(kShifter));
+  const __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(kLn2), x);
+  __m512 q = _mm512_fmadd_ps(_mm512_set1_ps(kP5), r, _mm512_set1_ps(kP4));
+  q = _mm512_fmadd_ps(q, r, _mm512_set1_ps(kP3));
+  q = _mm512_fmadd_ps(q, r, _mm512_set1_ps(kP2));
+  q = _mm512_fmadd_ps(q, r, _mm512_set1_ps(kP1));
+  q = _mm512_fmadd_ps(q, r, _mm512_set1_ps(1.0f));
+  // q * 2^n in one instruction, zero where x < ln(FLT_MIN).
+  return _mm512_maskz_scalef_ps(_mm512_cmp_ps_mask(x, _mm512_set1_ps(kLnFltMin), _CMP_GE_OQ), q, n);
+}
+#elif defined(CPU_CAPABILITY_AVX2)
+inline __m256 exp_nonpos_ps(__m256 x) {
+  const __m256 t = _mm256_fmadd_ps(x, _mm256_set1_ps(kLog2e), _mm256_set1_ps(kShifter));
+  const __m256 n = _mm256_sub_ps(t, _mm256_set1_ps(kShifter));
+  const __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(kLn2), x);
+  __m256 q = _mm256_fmadd_ps(_mm256_set1_ps(kP5), r, _mm256_set1_ps(kP4));
+  q = _mm256_fmadd_ps(q, r, _mm256_set1_ps(kP3));
+  q = _mm256_fmadd_ps(q, r, _mm256_set1_ps(kP2));
+  q = _mm256_fmadd_ps(q, r, _mm256_set1_ps(kP1));
+  q = _mm256_fmadd_ps(q, r, _mm256_set1_ps(1.0f));
+  // 2^n from the exponent bits: the low mantissa bits of t hold n (two's complement);
+  // shifting n + 127 into the exponent field pushes the shifter's own bits out.
+  const __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_castps_si256(t), _mm256_set1_epi32(127)), 23);
+  const __m256 e = _mm256_mul_ps(q, _mm256_castsi256_ps(bits));
+  return _mm256_and_ps(e, _mm256_cmp_ps(x, _mm256_set1_ps(kLnFltMin), _CMP_GE_OQ));
+}
+#endif
+
+template <typename A>
+inline Vec<A> exp_nonpos(const Vec<A>& x) {
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+  if constexpr (std::is_same_v<A, float>) return Vec<float>(exp_nonpos_ps(x));
+#endif
+  return x.exp();
+}
+
+template <typename A>
+inline A hsum(const Vec<A>& v) {
+  __at_align__ A lanes[Vec<A>::size()];
+  v.store(lanes);
+  // Pairwise, so the lane order does not bias the last bits.
+  for (int64_t w = Vec<A>::size() / 2; w > 0; w /= 2) {
+    for (int64_t i = 0; i < w; ++i) lanes[i] += lanes[i + w];
+  }
+  return lanes[0];
+}
+
+template <typename A>
+inline A hmax(const Vec<A>& v) {
+  __at_align__ A lanes[Vec<A>::size()];
+  v.store(lanes);
+  A m = lanes[0];
+  for (int64_t i = 1; i < Vec<A>::size(); ++i) m = rho::nan_max(m, lanes[i]);
+  return m;
+}
+
+// The accumulator of n (<= kBlock) contiguous logits, relative to their own max.  `tgt` is
+// the target's column relative to p (outside [0, n) when the target is not in this block).
+// Returns m = NaN for a block holding a NaN (sums unset) and acc_empty for an all -inf block.
+template <typename scalar_t, int M>
+RowAcc<acc_t<scalar_t>> block_acc(const scalar_t* p, int64_t n, int64_t tgt) {
+  using A = acc_t<scalar_t>;
+  using V = Vec<A>;
+  constexpr int64_t W = V::size();
+  constexpr A kNegInf = -std::numeric_limits<A>::infinity();
+  const int64_t nfull = n - n % W;
+  const int64_t rem = n - nfull;
+
+  // The ragged tail, padded with -inf (which contributes exactly nothing to any sum).
+  __at_align__ A tail[W];
+  if (rem) {
+    for (int64_t i = 0; i < W; ++i) tail[i] = i < rem ? to_acc(p[nfull + i]) : kNegInf;
+  }
+
+  // Pass 1: block max; at::vec::maximum propagates NaN.
+  V mx0(kNegInf), mx1(kNegInf);
+  int64_t j = 0;
+  for (; j + 2 * W <= nfull; j += 2 * W) {
+    V x0, x1;
+    load_pair(p + j, x0, x1);
+    mx0 = at::vec::maximum(mx0, x0);
+    mx1 = at::vec::maximum(mx1, x1);
+  }
+  if (j < nfull) mx0 = at::vec::maximum(mx0, load_acc(p + j));
+  if (rem) mx1 = at::vec::maximum(mx1, V::loadu(tail));
+  const A bm = hmax(at::vec::maximum(mx0, mx1));
+  if (bm != bm) {
+    RowAcc<A> r = rho::acc_empty<A>();
+    r.m = bm;
+    return r;
+  }
+  if (bm == kNegInf) return rho::acc_empty<A>();
+
+  // Pass 2: sums of exp(z - bm) (and the method's extra sums), two interleaved accumulator
+  // sets for instruction-level parallelism.  For gradnorm, `d` accumulates dx (every column
+  // but the target's, so 1 - p_y has no cancellation when p_y ~ 1); the target's chunk is
+  // done apart with its lane masked, and d = dx + e_y at the end.
+  constexpr bool kGrad = rho::needs_gradnorm_sums(M);
+  const V vm(bm);
+  const V vlowest(std::numeric_limits<A>::lowest());
+  V d[2] = {V(A(0)), V(A(0))};
+  V t[2] = {V(A(0)), V(A(0))};
+  V s2[2] = {V(A(0)), V(A(0))};
+  auto step = [&](const V& x, int s) {
+    const V shifted = x - vm;
+    const V e = exp_nonpos<A>(shifted);
+    d[s] = d[s] + e;
+    if constexpr (rho::needs_entropy_sum(M)) {
+      // entropy_term: a -inf logit has e = 0 and contributes 0 * lowest = 0, not 0 * -inf.
+      t[s] = at::vec::fmadd(e, at::vec::clamp_min(shifted, vlowest), t[s]);
+    }
+    if constexpr (kGrad) s2[s] = at::vec::fmadd(e, e, s2[s]);
+  };
+  auto run = [&](int64_t from, int64_t to) {  // the full chunks in [from, to)
+    int64_t c = from;
+    for (; c + 2 * W <= to; c += 2 * W) {
+      V x0, x1;
+      load_pair(p + c, x0, x1);
+      step(x0, 0);
+      step(x1, 1);
+    }
+    if (c < to) step(load_acc(p + c), 0);
+  };
+  // Start column of the chunk holding the target (nfull = the tail), or -1.
+  const int64_t tchunk = (kGrad && tgt >= 0 && tgt < n) ? tgt / W * W : int64_t(-1);
+  A e_y = A(0);
+  if (tchunk >= 0 && tchunk < nfull) {
+    run(0, tchunk);
+    run(tchunk + W, nfull);
+  } else {
+    run(0, nfull);
+  }
+  if (tchunk >= 0) {
+    __at_align__ A lanes[W];
+    exp_nonpos<A>((tchunk < nfull ? load_acc(p + tchunk) : V::loadu(tail)) - vm).store(lanes);
+    e_y = lanes[tgt - tchunk];
+    lanes[tgt - tchunk] = A(0);
+    const V ex = V::loadu(lanes);
+    d[1] = d[1] + ex;
+    s2[1] = at::vec::fmadd(ex, ex, s2[1]);
+  }
+  if (rem && tchunk != nfull) step(V::loadu(tail), 1);
+
+  RowAcc<A> r;
+  r.m = bm;
+  const A dsum = hsum(d[0] + d[1]);
+  r.d = kGrad ? dsum + e_y : dsum;
+  r.t = rho::needs_entropy_sum(M) ? hsum(t[0] + t[1]) : A(0);
+  r.dx = kGrad ? dsum : A(0);
+  r.s2x = kGrad ? hsum(s2[0] + s2[1]) : A(0);
+  return r;
+}
+
+// Folds one block's accumulator into a row's.  A NaN block makes the row NaN for good (its
+// lse is NaN whatever follows); an all -inf block contributes nothing.
+template <typename A>
+inline void fold_block(RowAcc<A>& acc, const RowAcc<A>& blk) {
+  if (acc.m != acc.m) return;
+  if (blk.m != blk.m) {
+    acc = blk;
+  } else if (blk.m != -std::numeric_limits<A>::infinity()) {
+    acc = rho::acc_merge(acc, blk);
+  }
+}
+
+// The accumulator of logits [j0, j1) of one row (`row` points at column 0, `stride` is the
+// column stride).  `tgt` is the target column, or -1 when the target is not a valid column.
+// Non-unit strides are gathered block by block into a stack buffer.
+template <typename scalar_t, int M>
+RowAcc<acc_t<scalar_t>> range_acc(const scalar_t* row, int64_t stride, int64_t j0, int64_t j1, int64_t tgt) {
+  using A = acc_t<scalar_t>;
+  RowAcc<A> acc = rho::acc_empty<A>();
+  scalar_t gathered[kBlock];
+  for (int64_t b = j0; b < j1 && acc.m == acc.m; b += kBlock) {
+    const int64_t n = std::min(kBlock, j1 - b);
+    const scalar_t* p = row + b * stride;
+    if (stride != 1) {
+      for (int64_t i = 0; i < n; ++i) gathered[i] = p[i * stride];
+      p = gathered;
+    }
+    fold_block(acc, block_acc<scalar_t, M>(p, n, tgt < 0 ? int64_t(-1) : tgt - b));
+  }
+  return acc;
+}
+
+
+inline int64_t row_offset(const Problem& p, int64_t r) {
+  if (p.rank == 2) return r * p.stride0;
+  return (r / p.inner_rows) * p.stride0 + (r % p.inner_rows) * p.stride1;
+}
+
+// Runs f(begin, end) over [0, n) in chunks of `grain`, taken dynamically by the threads.
+template <typename F>
+void parallel_chunks(int64_t n, int64_t grain, const F& f) {
+  if (n <= 0) return;
+  grain = std::max<int64_t>(grain, 1);
+  const int64_t nchunks = (n + grain - 1) / grain;
+  const int64_t nthreads = std::min<int64_t>(at::get_num_threads(), nchunks);
+  if (nthreads <= 1) {
+    f(int64_t(0), n);
+    return;
+  }
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, nthreads, 1, [&](int64_t, int64_t) {
+    for (;;) {
+      const int64_t c = next.fetch_add(1, std::memory_order_relaxed);
+      if (c >= nchunks) break;
+      f(c * grain, std::min(n, (c + 1) * grain));
+    }
+  });
+}
+
+// The accumulators of the g (<= kTileVecs * W) rows r0 .. r0+g-1, one row per SIMD lane.
+// tgt[i] is row i's target column, or -1.  buf holds kTileVecs * W * kTileCols values.
+// Per lane this is the row path's rule: block max m_b, new max m' = max(m, m_b), running sums
+// rescaled by exp(m - m') (acc_rescale), block sums relative to m' added (two-level sum).
+// A lane whose max is still -inf shifts against 0 instead, so its sums stay exactly 0 (all its
+// logits are -inf); a lane with a NaN or +inf max carries unused sums (its lse is decided by m).
+template <typename scalar_t, int M>
+void tile_acc(const Problem& p, int64_t r0, int64_t g, const int64_t* tgt, acc_t<scalar_t>* buf,
+              RowAcc<acc_t<scalar_t>>* acc) {
+  using A = acc_t<scalar_t>;
+  using V = Vec<A>;
+  constexpr int64_t W = V::size();
+  constexpr int U = kTileVecs;
+  constexpr int64_t R = U * W;
+  constexpr A kNegInf = -std::numeric_limits<A>::infinity();
+  constexpr bool kEnt = rho::needs_entropy_sum(M);
+  constexpr bool kGrad = rho::needs_gradnorm_sums(M);
+  const scalar_t* logits = static_cast<const scalar_t*>(p.logits);
+  const int64_t nv = p.num_classes, sv = p.stride_v;
+  // Column-major [N, V]: column j of the tile is the g consecutive values at r0 + j * sv.
+  const bool col_contig = p.rank == 2 && p.stride0 == 1;
+
+  const scalar_t* rows[R];
+  __at_align__ A tf[R];  // target column as a value (exact: V < 2^24), -1 for none
+  for (int64_t i = 0; i < R; ++i) {
+    rows[i] = i < g ? logits + row_offset(p, r0 + i) : nullptr;
+    tf[i] = (i < g && tgt[i] >= 0) ? static_cast<A>(tgt[i]) : A(-1);
+  }
+  V vt[U], m[U], d[U], t[U], dx[U], s2[U];
+  for (int u = 0; u < U; ++u) {
+    vt[u] = V::loadu(tf + u * W);
+    m[u] = V(kNegInf);
+    d[u] = t[u] = dx[u] = s2[u] = V(A(0));
+  }
+  const V vzero(A(0)), vninf(kNegInf), vlowest(std::numeric_limits<A>::lowest());
+
+  for (int64_t c0 = 0; c0 < nv; c0 += kTileCols) {
+    const int64_t n = std::min(kTileCols, nv - c0);
+    // Gather (and widen) the block, transposed: buf[c * R + i] = row i, column c0 + c.
+    if (col_contig) {
+      for (int64_t c = 0; c < n; ++c) {
+        const scalar_t* col = logits + r0 + (c0 + c) * sv;
+        A* b = buf + c * R;
+        for (int64_t i = 0; i < g; ++i) b[i] = to_acc(col[i]);
+      }
+    } else {
+      for (int64_t i = 0; i < g; ++i) {
+        const scalar_t* q = rows[i] + c0 * sv;
+        for (int64_t c = 0; c < n; ++c) buf[c * R + i] = to_acc(q[c * sv]);
+      }
+    }
+    if (g < R) {  // idle lanes read -inf: an all -inf row, whose result is never used
+      for (int64_t c = 0; c < n; ++c) {
+        for (int64_t i = g; i < R; ++i) buf[c * R + i] = kNegInf;
+      }
+    }
+
+    // Pass 1: block max per lane (NaN-propagating), new running max, rescale of the sums.
+    V mx[U];
+    for (int u = 0; u < U; ++u) mx[u] = vninf;
+    for (int64_t c = 0; c < n; ++c) {
+      for (int u = 0; u < U; ++u) mx[u] = at::vec::maximum(mx[u], V::loadu(buf + c * R + u * W));
+    }
+    V ref[U];  // what the block's logits are shifted by
+    for (int u = 0; u < U; ++u) {
+      const V mnew = at::vec::maximum(m[u], mx[u]);
+      ref[u] = V::blendv(mnew, vzero, mnew == vninf);
+      if (c0 > 0) {
+        const V shift = at::vec::clamp_min(m[u] - ref[u], vlowest);  // <= 0; -inf (empty) -> lowest
+        const V alpha = exp_nonpos<A>(shift);
+        // alpha == 0: the old terms vanish; not alpha * (...), where shift * d may be -inf.
+        if constexpr (kEnt) t[u] = V::blendv(alpha * at::vec::fmadd(shift, d[u], t[u]), vzero, alpha == vzero);
+        d[u] = alpha * d[u];
+        if constexpr (kGrad) {
+          dx[u] = alpha * dx[u];
+          s2[u] = alpha * alpha * s2[u];
+        }
+      }
+      m[u] = mnew;
+    }
+
+    // Pass 2: the block's sums relative to the new max, then added to the running sums.
+    V bd[U], bt[U], bdx[U], bs2[U];
+    for (int u = 0; u < U; ++u) bd[u] = bt[u] = bdx[u] = bs2[u] = vzero;
+    for (int64_t c = 0; c < n; ++c) {
+      const V col(static_cast<A>(c0 + c));
+      for (int u = 0; u < U; ++u) {
+        const V shifted = V::loadu(buf + c * R + u * W) - ref[u];
+        const V e = exp_nonpos<A>(shifted);
+        bd[u] = bd[u] + e;
+        if constexpr (kEnt) bt[u] = at::vec::fmadd(e, at::vec::clamp_min(shifted, vlowest), bt[u]);
+        if constexpr (kGrad) {
+          const V ex = V::blendv(e, vzero, vt[u] == col);  // every column but the target's
+          bdx[u] = bdx[u] + ex;
+          bs2[u] = at::vec::fmadd(ex, ex, bs2[u]);
+        }
+      }
+    }
+    for (int u = 0; u < U; ++u) {
+      d[u] = d[u] + bd[u];
+      if constexpr (kEnt) t[u] = t[u] + bt[u];
+      if constexpr (kGrad) {
+        dx[u] = dx[u] + bdx[u];
+        s2[u] = s2[u] + bs2[u];
+      }
+    }
+  }
+
+  __at_align__ A lm[R], ld[R], lt[R], ldx[R], ls2[R];
+  for (int u = 0; u < U; ++u) {
+    m[u].store(lm + u * W);
+    d[u].store(ld + u * W);
+    t[u].store(lt + u * W);
+    dx[u].store(ldx + u * W);
+    s2[u].store(ls2 + u * W);
+  }
+  for (int64_t i = 0; i < g; ++i) acc[i] = RowAcc<A>{lm[i], ld[i], lt[i], ldx[i], ls2[i]};
+}
+
+// Score (and optionally lse, select keys) of every row.
+template <typename scalar_t, int M>
+void score_kernel(const Problem& p, const Outputs& out) {
+  using A = acc_t<scalar_t>;
+  const scalar_t* logits = static_cast<const scalar_t*>(p.logits);
+  const int64_t N = p.num_rows, nv = p.num_classes;
+  float* score = out.score;
+  A* lse = static_cast<A*>(out.lse);
+  uint64_t* keys = out.keys;
+
+  // Per-row epilogue: finalise in double (one rounding to the fp32 score), write outputs.
+  // log_d = log(acc.d) in double where the caller has it (the tile path takes it by vector).
+  auto finish_log = [&](int64_t r, const RowAcc<A>& acc, int ts, double log_d) {
+    const RowAcc<double> a{static_cast<double>(acc.m), static_cast<double>(acc.d), static_cast<double>(acc.t),
+                           static_cast<double>(acc.dx), static_cast<double>(acc.s2x)};
+    const double l = rho::needs_logits(M) ? rho::finalize_lse_from_log(a, log_d) : rho::quiet_nan<double>();
+    double zy = 0.0;
+    if (rho::needs_logits(M) && ts == rho::kTargetOk) {
+      zy = static_cast<double>(to_acc(logits[row_offset(p, r) + p.targets[r] * p.stride_v]));
+    }
+    const double il = p.il != nullptr ? static_cast<double>(p.il[r]) : 0.0;
+    const float s = static_cast<float>(rho::finalize_score_from_log<double>(M, a, l, zy, il, ts, log_d));
+    score[r] = s;
+    if (lse != nullptr) lse[r] = static_cast<A>(l);
+    if (keys != nullptr) keys[r] = rho::select_key(s, rho::is_eligible(s, ts), static_cast<uint32_t>(r));
+  };
+  auto finish = [&](int64_t r, const RowAcc<A>& acc, int ts) {
+    const bool finite_max = acc.m == acc.m && acc.m != std::numeric_limits<A>::infinity() &&
+                            acc.m != -std::numeric_limits<A>::infinity();
+    finish_log(r, acc, ts, rho::needs_logits(M) && finite_max ? std::log(static_cast<double>(acc.d)) : 0.0);
+  };
+  auto state = [&](int64_t r) { return rho::target_state(p.targets[r], nv, p.ignore_index); };
+  auto reads = [&](int ts) { return rho::needs_logits(M) && (out.read_ineligible || ts == rho::kTargetOk); };
+
+  if (!rho::needs_logits(M)) {
+    parallel_chunks(N, kChunkElems, [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) finish(r, rho::acc_empty<A>(), state(r));
+    });
+    return;
+  }
+
+  // Tile path: short contiguous rows, and strided columns (V < 2^24 keeps column ids exact).
+  if ((p.stride_v != 1 || nv < kTileMaxV) && nv < (int64_t(1) << 24)) {
+    constexpr int64_t R = kTileVecs * Vec<A>::size();
+    const int64_t ntiles = (N + R - 1) / R;
+    const int64_t grain = std::max<int64_t>(1, kChunkElems / (R * nv));
+    parallel_chunks(ntiles, grain, [&](int64_t begin, int64_t end) {
+      __at_align__ A buf[R * kTileCols];
+      int64_t tgt[R];
+      RowAcc<A> acc[R];
+      __at_align__ A logd[R];
+      for (int64_t tile = begin; tile < end; ++tile) {
+        const int64_t r0 = tile * R, g = std::min(R, N - r0);
+        for (int64_t i = 0; i < g; ++i) tgt[i] = state(r0 + i) == rho::kTargetOk ? p.targets[r0 + i] : -1;
+        tile_acc<scalar_t, M>(p, r0, g, tgt, buf, acc);
+        // log(d) a vector at a time, in the accumulation type: its ~1-ulp error (on log d <=
+        // log V) is far below the rounding of lse itself.  Lanes with a non-finite max compute a
+        // value nobody reads.
+        for (int64_t i = 0; i < R; ++i) logd[i] = i < g ? acc[i].d : A(1);
+        for (int64_t i = 0; i < R; i += Vec<A>::size()) Vec<A>::loadu(logd + i).log().store(logd + i);
+        for (int64_t i = 0; i < g; ++i) finish_log(r0 + i, acc[i], state(r0 + i), static_cast<double>(logd[i]));
+      }
+    });
+    return;
+  }
+
+  const int64_t nthreads = at::get_num_threads();
+  const int64_t nsplit = std::min<int64_t>(nv / kMinSplit, (4 * nthreads + N - 1) / std::max<int64_t>(N, 1));
+  if (nthreads <= 1 || N >= 4 * nthreads || nsplit < 2) {
+    const int64_t grain = std::max<int64_t>(1, kChunkElems / nv);
+    parallel_chunks(N, grain, [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        const int ts = state(r);
+        RowAcc<A> acc = rho::acc_empty<A>();
+        if (reads(ts)) {
+          const int64_t tgt = ts == rho::kTargetOk ? p.targets[r] : -1;
+          acc = range_acc<scalar_t, M>(logits + row_offset(p, r), p.stride_v, 0, nv, tgt);
+        }
+        finish(r, acc, ts);
+      }
+    });
+    return;
+  }
+
+  // Few rows, long vocabulary: split every row into nsplit pieces (block-aligned), then merge.
+  int64_t piece = (nv + nsplit - 1) / nsplit;
+  piece = (piece + kBlock - 1) / kBlock * kBlock;
+  const int64_t nparts = N * nsplit;
+  RowAcc<A>* part = new RowAcc<A>[static_cast<size_t>(nparts)];
+  for (int64_t i = 0; i < nparts; ++i) part[i] = rho::acc_empty<A>();
+  parallel_chunks(nparts, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t r = task / nsplit, j0 = (task % nsplit) * piece, j1 = std::min(nv, j0 + piece);
+      const int ts = state(r);
+      if (j0 >= j1 || !reads(ts)) continue;
+      const int64_t tgt = ts == rho::kTargetOk ? p.targets[r] : -1;
+      part[task] = range_acc<scalar_t, M>(logits + row_offset(p, r), p.stride_v, j0, j1, tgt);
+    }
+  });
+  for (int64_t r = 0; r < N; ++r) {
+    RowAcc<A> acc = rho::acc_empty<A>();
+    for (int64_t s = 0; s < nsplit; ++s) acc = rho::acc_merge(acc, part[r * nsplit + s]);
+    finish(r, acc, state(r));
+  }
+  delete[] part;
+}
+
+template <typename scalar_t>
+void score_dispatch(const Problem& p, const Outputs& out) {
+  switch (p.method) {
+    case rho::kReducible:
+      return score_kernel<scalar_t, rho::kReducible>(p, out);
+    case rho::kLoss:
+      return score_kernel<scalar_t, rho::kLoss>(p, out);
+    case rho::kIrreducible:
+      return score_kernel<scalar_t, rho::kIrreducible>(p, out);
+    case rho::kGradNorm:
+      return score_kernel<scalar_t, rho::kGradNorm>(p, out);
+    case rho::kEntropy:
+      return score_kernel<scalar_t, rho::kEntropy>(p, out);
+    default:
+      return;  // select_cpu.cpp has rejected unknown methods
+  }
+}
+
+}  // namespace
+
+void RHO_SCORE_ROWS_FN(const Problem& p, const Outputs& out) {
+  switch (p.dtype) {
+    case LogitsType::kFloat32:
+      return score_dispatch<float>(p, out);
+    case LogitsType::kFloat64:
+      return score_dispatch<double>(p, out);
+    case LogitsType::kBFloat16:
+      return score_dispatch<c10::BFloat16>(p, out);
+    case LogitsType::kFloat16:
+      return score_dispatch<c10::Half>(p, out);
+  }
+}
+
+}  // namespace rho_cpu

@@ -1,0 +1,394 @@
+"""Rho1Trainer and RhoLossTrainer over real (few-step, CPU) transformers.Trainer runs.
+
+Tiny randomly initialised models built from configs (2-layer Llama, hidden 64, vocab 1000; a
+2-layer BERT for sequence classification); token ids are generated directly, nothing is
+downloaded.  Every expectation is recomputed by hand from the same inputs and weights.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+transformers = pytest.importorskip("transformers")  # CI installs it (requirements.txt)
+
+from transformers import (  # noqa: E402
+    BertConfig,
+    BertForSequenceClassification,
+    LlamaConfig,
+    LlamaForCausalLM,
+    TrainingArguments,
+)
+
+from rho_kernels.integrations import transformers as rkt  # noqa: E402
+from rho_kernels.training import IrreducibleLossStore  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+VOCAB, SEQ = 1000, 12
+RATIO = 0.6
+
+
+def tiny_llama(seed: int) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64)
+    return LlamaForCausalLM(cfg)
+
+
+def lm_dataset(n: int, seed: int = 0, with_reference=None) -> list[dict]:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, VOCAB, (n, SEQ), generator=g)
+    labels = ids.clone()
+    labels[:, -2:][torch.rand(n, 2, generator=g) < 0.5] = -100  # some ignored targets
+    items = []
+    for i in range(n):
+        item = {"input_ids": ids[i], "attention_mask": torch.ones(SEQ, dtype=torch.long), "labels": labels[i]}
+        if with_reference is not None:
+            item["reference_loss"] = with_reference[i]
+        items.append(item)
+    return items
+
+
+def args(tmp_path, **kw) -> TrainingArguments:
+    base = dict(output_dir=str(tmp_path / "out"), per_device_train_batch_size=2, max_steps=3, learning_rate=1e-2,
+                logging_steps=1, save_strategy="no", report_to=[], use_cpu=True, seed=0,
+                dataloader_num_workers=0, disable_tqdm=True, optim="sgd", lr_scheduler_type="constant",
+                weight_decay=0.0, max_grad_norm=0.0)
+    base.update(kw)
+    return TrainingArguments(**base)
+
+
+def hand_selective(model, ref_model, batch, ratio=RATIO, ref_col=None):
+    """Rho-1 by hand: per-token CE, reference CE, top-k excess (ties to the lower index)."""
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+        t = batch["labels"][:, 1:]
+        valid = t != -100
+        ce = F.cross_entropy(logits.float().reshape(-1, VOCAB), t.reshape(-1).clamp_min(0), reduction="none")
+        if ref_col is not None:
+            ref = ref_col[:, 1:].reshape(-1).float()
+        else:
+            rl = ref_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+            ref = F.cross_entropy(rl.float().reshape(-1, VOCAB), t.reshape(-1).clamp_min(0), reduction="none")
+        excess = torch.where(valid.reshape(-1), ce - ref, torch.tensor(-float("inf")))
+        k = max(1, int(ratio * int(valid.sum())))
+        order = sorted(range(excess.numel()), key=lambda i: (-excess[i].item(), i))[:k]
+        mask = torch.zeros(excess.numel(), dtype=torch.bool)
+        mask[order] = True
+        dropped = valid.reshape(-1) & ~mask
+        return {
+            "loss": ce[mask].mean().item(), "mask": mask.view(t.shape), "kept_fraction": k / int(valid.sum()),
+            "excess_kept": excess[mask].mean().item(), "excess_dropped": excess[dropped].mean().item(),
+        }
+
+
+class Recording(rkt.Rho1Trainer):
+    """Records each training micro-batch, the loss returned, the hand computation, and the
+    gradient that reached the LM head's output (the logits)."""
+
+    def __init__(self, *a, **kw):
+        super().__init__(*a, **kw)
+        self.records = []
+        self._grads = []
+        self.model.lm_head.register_forward_hook(self._hook)
+
+    def _hook(self, mod, inp, out):
+        if out.requires_grad:
+            out.register_hook(lambda g: self._grads.append(g.detach().clone()))
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if model.training:
+            batch = {k: v.detach().clone() for k, v in inputs.items()}
+            hand = hand_selective(model, self.reference_model, batch, self.keep_ratio,
+                                  ref_col=batch.get("reference_loss"))
+        loss = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        if model.training:
+            self.records.append({"batch": batch, "loss": loss.detach().item(), "hand": hand})
+        return loss
+
+
+def test_import_without_transformers_names_the_extra():
+    code = ("import sys; sys.modules['transformers'] = None\n"
+            "try:\n import rho_kernels.integrations.transformers\n"
+            "except ImportError as e:\n print('MSG', e)\n")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert "pip install rho_kernels[transformers]" in out.stdout, out.stdout + out.stderr
+
+
+def test_rho1_loss_gradient_and_logged_stats(tmp_path):
+    model, ref = tiny_llama(0), tiny_llama(1)
+    tr = Recording(model=model, args=args(tmp_path), train_dataset=lm_dataset(8), reference_model=ref,
+                   keep_ratio=RATIO)
+    tr.train()
+    assert len(tr.records) == 3 and len(tr._grads) == 3
+    logs = [h for h in tr.state.log_history if "loss" in h]
+    assert len(logs) == 3
+    for rec, grad, log in zip(tr.records, tr._grads, logs):
+        hand = rec["hand"]
+        assert rec["loss"] == pytest.approx(hand["loss"], rel=1e-5, abs=1e-5)
+        # only kept tokens get gradient: rows of d loss / d logits are zero elsewhere
+        row_nonzero = grad[:, :-1].abs().sum(-1) > 0
+        assert torch.equal(row_nonzero, hand["mask"])
+        assert grad[:, -1].abs().sum() == 0  # the last position predicts nothing
+        assert log["rho1/kept_fraction"] == pytest.approx(hand["kept_fraction"], rel=1e-6)
+        assert log["rho1/excess_kept"] == pytest.approx(hand["excess_kept"], rel=1e-4, abs=1e-4)
+        assert log["rho1/excess_dropped"] == pytest.approx(hand["excess_dropped"], rel=1e-4, abs=1e-4)
+        assert log["rho1/excess_kept"] > log["rho1/excess_dropped"]
+        assert log["loss"] == pytest.approx(hand["loss"], abs=1e-3)  # the Trainer's (rounded) log
+    # the model trained: its weights moved, the reference did not
+    assert not torch.equal(model.lm_head.weight, tiny_llama(0).lm_head.weight)
+    assert torch.equal(ref.lm_head.weight, tiny_llama(1).lm_head.weight)
+
+
+def test_rho1_gradient_accumulation_matches_hand_sgd(tmp_path):
+    """GA=2, SGD, one optimizer step: the update is lr * mean of the two micro-batch gradients."""
+    model, ref = tiny_llama(0), tiny_llama(1)
+    init = copy.deepcopy(model)
+    lr = 0.05
+    tr = Recording(model=model, args=args(tmp_path, gradient_accumulation_steps=2, max_steps=1, learning_rate=lr),
+                   train_dataset=lm_dataset(8), reference_model=ref, keep_ratio=RATIO)
+    tr.train()
+    assert len(tr.records) == 2
+    hand = copy.deepcopy(init)
+    hand.train()
+    for rec in tr.records:
+        b = rec["batch"]
+        logits = hand(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits[:, :-1]
+        t = b["labels"][:, 1:]
+        mask = rec["hand"]["mask"]
+        loss = F.cross_entropy(logits[mask].float(), t[mask]) / 2
+        loss.backward()
+    with torch.no_grad():
+        for (name, p), q in zip(hand.named_parameters(), model.parameters()):
+            expected = p - lr * p.grad if p.grad is not None else p
+            torch.testing.assert_close(q, expected, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_rho1_reference_column_and_resume(tmp_path):
+    """Precomputed reference losses as a column; a run resumed from a Trainer checkpoint ends
+    with the same weights as the uninterrupted run."""
+    g = torch.Generator().manual_seed(5)
+    ref_col = torch.rand(8, SEQ, generator=g) * 7
+    data = lm_dataset(8, with_reference=ref_col)
+    full = Recording(model=tiny_llama(0), args=args(tmp_path / "a", max_steps=4), train_dataset=data,
+                     keep_ratio=0.5)
+    full.train()
+    for rec in full.records:
+        assert rec["loss"] == pytest.approx(rec["hand"]["loss"], rel=1e-5, abs=1e-5)
+        assert rec["hand"]["kept_fraction"] <= 0.5
+
+    part = rkt.Rho1Trainer(model=tiny_llama(0), args=args(tmp_path / "b", max_steps=4, save_strategy="steps",
+                                                           save_steps=2), train_dataset=data, keep_ratio=0.5)
+    part.train()
+    ckpt = tmp_path / "b" / "out" / "checkpoint-2"
+    assert ckpt.is_dir()
+    resumed = rkt.Rho1Trainer(model=tiny_llama(3), args=args(tmp_path / "b", max_steps=4), train_dataset=data,
+                              keep_ratio=0.5)
+    resumed.train(resume_from_checkpoint=str(ckpt))
+    for p, q in zip(full.model.parameters(), resumed.model.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
+def test_rho1_needs_a_reference(tmp_path):
+    tr = rkt.Rho1Trainer(model=tiny_llama(0), args=args(tmp_path, max_steps=1), train_dataset=lm_dataset(4))
+    with pytest.raises(ValueError, match="reference_model or a 'reference_loss' column"):
+        tr.train()
+    with pytest.raises(ValueError, match="ratio"):
+        rkt.Rho1Trainer(model=tiny_llama(0), args=args(tmp_path), train_dataset=lm_dataset(4), keep_ratio=1.5)
+
+
+def test_rho1_bf16_and_compiled_model(tmp_path):
+    """bf16 autocast and a torch.compile'd model (aot_eager: no C compiler needed) train and
+    select as many tokens as asked."""
+    model = tiny_llama(0)
+    dtypes = []
+    model.lm_head.register_forward_hook(lambda m, i, o: dtypes.append(o.dtype))
+    tr = rkt.Rho1Trainer(model=model, args=args(tmp_path, bf16=True, torch_compile=True,
+                                                torch_compile_backend="aot_eager", max_steps=2),
+                         train_dataset=lm_dataset(4), reference_model=tiny_llama(1))
+    out = tr.train()
+    assert hasattr(tr.model_wrapped, "_orig_mod") or hasattr(tr.model, "_orig_mod")  # it was compiled
+    assert torch.bfloat16 in dtypes  # the training forward ran under bf16 autocast
+    assert torch.isfinite(torch.tensor(out.training_loss))
+    logs = [h for h in tr.state.log_history if "loss" in h]
+    assert len(logs) == 2
+    for log in logs:
+        assert 0.5 < log["rho1/kept_fraction"] <= 0.6
+
+
+def test_rho1_hidden_state_path_is_wired(tmp_path, monkeypatch):
+    """With a fused hidden-state op available, the trainer feeds it the last hidden state and
+    the LM head (here a stand-in that forms the logits), and the loss is the logits path's."""
+    calls = []
+
+    class FakeLinear:
+        @staticmethod
+        def selective_linear_cross_entropy(hidden, weight, targets, reference_loss, ratio, *, bias=None,
+                                           ignore_index=-100, backend="auto"):
+            calls.append(hidden.shape)
+            logits = F.linear(hidden, weight, bias)
+            return rkt.tokens.selective_cross_entropy(logits, targets, reference_loss, ratio,
+                                                      ignore_index=ignore_index)
+
+    monkeypatch.setattr(rkt, "_linear", FakeLinear)
+    model, ref = tiny_llama(0), tiny_llama(1)
+    tr = Recording(model=model, args=args(tmp_path, max_steps=2), train_dataset=lm_dataset(4), reference_model=ref)
+    tr.train()
+    assert calls == [torch.Size([2, SEQ - 1, 64])] * 2
+    for rec in tr.records:
+        assert rec["loss"] == pytest.approx(rec["hand"]["loss"], rel=1e-5, abs=1e-5)
+
+
+# ------------------------------------------------------------------------------ RHO-LOSS
+NB, NSMALL, NCLS = 8, 3, 3
+
+
+def tiny_bert(seed: int) -> BertForSequenceClassification:
+    torch.manual_seed(seed)
+    cfg = BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                     intermediate_size=64, max_position_embeddings=32, num_labels=NCLS,
+                     hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, classifier_dropout=0.0)
+    return BertForSequenceClassification(cfg)
+
+
+def cls_dataset(n: int) -> list[dict]:
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(1, 100, (n, 10), generator=g)
+    y = torch.randint(0, NCLS, (n,), generator=g)
+    return [{"input_ids": ids[i], "attention_mask": torch.ones(10, dtype=torch.long), "labels": y[i]}
+            for i in range(n)]
+
+
+class RecordingRho(rkt.RhoLossTrainer):
+    def __init__(self, *a, **kw):
+        super().__init__(*a, **kw)
+        self.records = []
+        self.classifier_rows = []
+        self.model.classifier.register_forward_hook(
+            lambda m, i, o: self.classifier_rows.append((o.shape[0], o.requires_grad)))
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if model.training:
+            b = {k: v.detach().clone() for k, v in inputs.items()}
+            with torch.no_grad():
+                logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+                ce = F.cross_entropy(logits, b["labels"], reduction="none")
+                score = ce - self.selector.irreducible.gather(b["dataset_index"])
+                order = sorted(range(len(score)), key=lambda i: (-score[i].item(), i))[:NSMALL]
+                hand = {"rows": order, "loss": ce[order].mean().item(), "picked": score[order].mean().item(),
+                        "not_picked": score[[i for i in range(len(score)) if i not in order]].mean().item()}
+            self.classifier_rows.clear()
+        loss = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        if model.training:
+            self.records.append({"batch": b, "hand": hand, "loss": loss.item(),
+                                 "picked_index": self.selector.last.positions.tolist(),
+                                 "forwards": list(self.classifier_rows)})
+        return loss
+
+
+def test_rho_loss_store_helper_matches_il_model():
+    data = cls_dataset(20)
+    il = tiny_bert(7)
+    store = rkt.build_irreducible_loss_store(il, data, batch_size=6)
+    assert isinstance(store, IrreducibleLossStore) and len(store) == 20
+    il.eval()
+    with torch.no_grad():
+        for i in (0, 5, 19):
+            logits = il(input_ids=data[i]["input_ids"][None], attention_mask=data[i]["attention_mask"][None]).logits
+            ce = F.cross_entropy(logits, data[i]["labels"][None])
+            assert store.gather(torch.tensor([i])).item() == pytest.approx(ce.item(), rel=1e-5)
+    store.check_fingerprint(torch.stack([d["labels"] for d in data]))
+
+
+def test_rho_loss_trainer_selects_and_trains_on_picks(tmp_path):
+    data = cls_dataset(24)
+    store = rkt.build_irreducible_loss_store(tiny_bert(7), data, batch_size=8)
+    tr = RecordingRho(model=tiny_bert(0), args=args(tmp_path, per_device_train_batch_size=NB, max_steps=3),
+                      train_dataset=data, irreducible_loss=store, n_b=NSMALL)
+    tr.train()
+    assert len(tr.records) == 3
+    logs = [h for h in tr.state.log_history if "loss" in h]
+    for rec, log in zip(tr.records, logs):
+        assert rec["picked_index"] == rec["hand"]["rows"]
+        assert rec["loss"] == pytest.approx(rec["hand"]["loss"], rel=1e-5)
+        # scoring forward: n_B rows, no grad; training forward: only the n_b picks carry grad
+        assert rec["forwards"] == [(NB, False), (NSMALL, True)]
+        assert log["rho_loss/mean_score_picked"] == pytest.approx(rec["hand"]["picked"], rel=1e-4, abs=1e-5)
+        assert log["rho_loss/mean_score_not_picked"] == pytest.approx(rec["hand"]["not_picked"], rel=1e-4, abs=1e-5)
+        assert log["rho_loss/picks"] == NSMALL
+    # the batches carried dataset indices that name their rows
+    for rec in tr.records:
+        for j, i in enumerate(rec["batch"]["dataset_index"].tolist()):
+            assert torch.equal(rec["batch"]["input_ids"][j], data[i]["input_ids"])
+
+
+def test_rho_loss_ratio_resume_and_checks(tmp_path):
+    data = cls_dataset(24)
+    store = rkt.build_irreducible_loss_store(tiny_bert(7), data, batch_size=8)
+    kw = dict(train_dataset=data, irreducible_loss=store, ratio=0.25)
+    full = rkt.RhoLossTrainer(model=tiny_bert(0), args=args(tmp_path / "a", per_device_train_batch_size=NB,
+                                                             max_steps=4), **kw)
+    full.train()
+    assert full.selector.step == 4
+    part = rkt.RhoLossTrainer(model=tiny_bert(0), args=args(tmp_path / "b", per_device_train_batch_size=NB,
+                                                             max_steps=4, save_strategy="steps", save_steps=2), **kw)
+    part.train()
+    ckpt = tmp_path / "b" / "out" / "checkpoint-2"
+    resumed = rkt.RhoLossTrainer(model=tiny_bert(5), args=args(tmp_path / "b", per_device_train_batch_size=NB,
+                                                                max_steps=4), **kw)
+    resumed.train(resume_from_checkpoint=str(ckpt))
+    assert resumed.selector.step == 4  # 2 restored + 2 run
+    for p, q in zip(full.model.parameters(), resumed.model.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="store has 24 entries but the train dataset has 10"):
+        rkt.RhoLossTrainer(model=tiny_bert(0), args=args(tmp_path), train_dataset=data[:10], irreducible_loss=store)
+
+
+# ------------------------------------------------------------------------------ DDP (gloo, 2 ranks)
+def _ddp_worker(rank, port, tmpdir, world):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE=str(world))
+    torch.set_num_threads(1)
+    model, ref = tiny_llama(0), tiny_llama(1)
+    tr = Recording(model=model, args=args(__import__("pathlib").Path(tmpdir), max_steps=2, ddp_backend="gloo"),
+                   train_dataset=lm_dataset(8), reference_model=ref, keep_ratio=RATIO)
+    tr.train()
+    import torch.distributed as dist
+
+    assert dist.get_world_size() == world
+    # each rank selected within its own micro-batch
+    for rec in tr.records:
+        assert rec["loss"] == pytest.approx(rec["hand"]["loss"], rel=1e-5, abs=1e-5)
+    # the logged kept fraction is over both ranks' tokens
+    mine = torch.tensor([[r["hand"]["mask"].sum().item(), (r["batch"]["labels"][:, 1:] != -100).sum().item()]
+                         for r in tr.records], dtype=torch.float64)
+    dist.all_reduce(mine)
+    logs = [h for h in tr.state.log_history if "loss" in h]
+    for (kept, counted), log in zip(mine.tolist(), logs):
+        assert log["rho1/kept_fraction"] == pytest.approx(kept / counted, rel=1e-6)
+    # the ranks saw different data and still hold the same (synchronised) weights
+    w = model.lm_head.weight.detach().clone()
+    ws = [torch.empty_like(w) for _ in range(world)]
+    dist.all_gather(ws, w)
+    assert torch.equal(ws[0], ws[1])
+    ids = tr.records[0]["batch"]["input_ids"]
+    all_ids = [torch.empty_like(ids) for _ in range(world)]
+    dist.all_gather(all_ids, ids)
+    assert not torch.equal(all_ids[0], all_ids[1])
+
+
+def test_rho1_ddp_selects_per_rank(tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_ddp_worker, args=(port, str(tmp_path), 2), nprocs=2, join=True)
