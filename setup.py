@@ -93,8 +93,10 @@ def extension_modules():
                 path = os.path.join(site, sub)
                 if os.path.isdir(path):
                     include_dirs.append(path)
+        # -Xptxas=-v: per-kernel registers / spills / shared memory in the build log, read by
+        # tests/test_build.py and benchmarks/triton_aot.py.
         nvcc = ["-O3", "--use_fast_math", "-lineinfo", "-Xcompiler=-Wall",
-                "-Xptxas=-warn-spills", "--expt-relaxed-constexpr"]
+                "-Xptxas=-warn-spills", "-Xptxas=-v", "--expt-relaxed-constexpr"]
         ext = CUDAExtension(
             "rho_kernels._C",
             cpu_sources + cuda_sources,
@@ -260,7 +262,7 @@ setup(
     cmdclass=cmdclass,
     # The wheel is tagged cp310-abi3 (below): one binary for every CPython >= 3.10.
     python_requires=">=3.10",
-    install_requires=["torch>=2.6", "numpy"],
+    install_requires=["torch>=2.11", "numpy"],
     extras_require={
         "triton": ["triton>=3.6"],
         "train": ["tqdm", "safetensors"],

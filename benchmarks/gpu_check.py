@@ -1,132 +1,229 @@
-"""One-shot GPU check: build, conformance suite on the GPU, compute-sanitizer, benchmarks -> JSON.
+"""One-shot GPU check within one time budget: build, smoke, benchmarks, memcheck, selective CE, suite.
 
-Made for a bare lent GPU machine (torch and triton preinstalled, no network) and a fixed time
-budget: every step has its own time limit, a failing step is recorded and the next one still
-runs, and the summary JSON is written after every step so that a run cut short still reports.
+Made for a bare lent GPU machine (torch, triton, nvcc, pytest + xdist preinstalled, no network)
+and a short window: ``--budget-s`` (default 420) is spent on the steps in priority order.  A step
+runs only if the budget still holds its minimum, and is cut at ``min(its cap, what is left)``;
+otherwise it is recorded as skipped, with the reason.  The summary JSON is rewritten after every
+step, so a run cut short still reports.
 
-    python3 benchmarks/gpu_check.py --out DIR            # on the GPU machine (< 8 minutes)
-    python3 benchmarks/gpu_check.py --out DIR --dry-run  # here, on CPU: same steps, small sizes
+    bash benchmarks/gpu_check.sh [--budget-s 420] [--wheels DIR]   # on the GPU machine
+    python3 benchmarks/gpu_check.py --dry-run --out DIR               # on CPU: same steps, tiny shapes
 
-Writes DIR/gpu_check.json (summary), DIR/bench.json (+ .png), DIR/bench_selective_ce.json and
-DIR/logs.txt (every step's output).
+Steps, in priority order:
+  1 build        the extension for sm_90 only, all cores
+  2 smoke        every launch path of every backend once against the reference
+  3 bench        [16384, 128256] bf16, [4096, 32000] bf16: read floor, eager and compiled
+                 reference, every backend, Liger-Kernel CE (reduction none) + torch.topk if it imports
+  4 bench_small  [3200, 1000] fp32, [320, 10] fp32, the same columns
+  5 memcheck     compute-sanitizer memcheck on a few CUDA and Triton cases
+  6 selective_ce selective CE forward + backward at [8, 4096, 128256] bf16
+  7 suite        the conformance suite (and the Triton path / selective CE tests), pytest -n
+
+``--wheels DIR`` first installs the pure-Python wheels in DIR (e.g. liger_kernel) with
+``pip --no-index --no-deps``.  Files written (at most 8, one folder): gpu_check.json, logs.txt,
+bench.json, bench.png, bench_small.json, bench_small.png, selective_ce.json.
 """
 
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import os
 import platform
 import re
+import shutil
+import signal
 import subprocess
 import sys
 import time
+from typing import NamedTuple, Optional
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SUITE = ["tests/test_conformance.py", "tests/test_triton_paths.py", "tests/test_selective.py"]
 
 
-def run_step(name: str, cmd: list[str], timeout: int, out_dir: str, env: dict) -> dict:
-    # One log file for all steps: the device tool brings back at most 8 files.
-    log_path = os.path.join(out_dir, "logs.txt")
+class Step(NamedTuple):
+    name: str
+    cmd: Optional[list[str]]  # None: skipped for ``why_not``
+    min_s: float  # not started with less budget left than this
+    cap_s: float  # never runs longer than this
+    why_not: str = ""
+
+
+def steps_for(args: argparse.Namespace, py: str, ncpu: int) -> list[Step]:
+    """The budgeted plan, in priority order (GPU or dry run)."""
+    dry = args.dry_run
+    out = args.out
+    dev = "cpu" if dry else "cuda"
+    pytest = [py, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:randomly"]
+    xdist = [] if dry else ["-n", str(min(ncpu, 16))]
+    steps: list[Step] = []
+
+    if args.wheels:
+        wheels = sorted(glob.glob(os.path.join(args.wheels, "*.whl")))
+        steps.append(Step("wheels", [py, "-m", "pip", "install", "--no-index", "--no-deps", *wheels] if wheels else None,
+                          5, 60, f"no *.whl in {args.wheels}"))
+
+    if args.skip_build:
+        steps.append(Step("build", None, 0, 0, "--skip-build"))
+    elif dry:  # the CPU build takes minutes on CI's 2 cores: check the one that is there instead
+        steps.append(Step("build", [py, "-c", "import rho_kernels, rho_kernels.backends._extension as e; "
+                                              "print('extension:', e.LOAD_ERROR or 'loaded')"], 2, 60))
+    else:
+        steps.append(Step("build", [py, "setup.py", "build_ext", "--inplace"], 60, 240))
+
+    # (2) smoke: Triton's launch paths (forced by plan overrides), every backend on the
+    # conformance shapes in one dtype/method, the CE-gradient kernels.
+    smoke_k = ("test_paths_all_methods_special_values and reducible"
+               if not dry else "test_paths_all_methods_special_values and reducible and (fused_ticket or split_v)")
+    conf_k = "test_scores_and_selection and reducible and float32" + (" and 3x7" if dry else "")
+    smoke_expr = f"({smoke_k}) or ({conf_k}) or test_ce_grad_rows_op"
+    steps.append(Step("smoke", pytest + xdist + ["-x", *SUITE, "-k", smoke_expr], 20 if not dry else 5, 90))
+
+    bench = [py, "-m", "rho_kernels", "bench", "--device", dev]
+    if dry:
+        sets = [("bench", "64x100", "float32"), ("bench_small", "32x10", "float32")]
+        bench += ["--repeats", "2", "--backends", "reference,cpu,triton,liger"]
+    else:
+        sets = [("bench", "16384x128256,4096x32000", "bfloat16"), ("bench_small", "3200x1000,320x10", "float32")]
+    for name, shapes, dtypes in sets:
+        steps.append(Step(name, bench + ["--shapes", shapes, "--dtypes", dtypes,
+                                         "--json", os.path.join(out, f"{name}.json"),
+                                         "--plot", os.path.join(out, f"{name}.png")],
+                          10 if dry else 40, 150))
+
+    sanitizer = shutil.which("compute-sanitizer") or (
+        os.path.join(os.environ.get("CUDA_HOME", "/usr/local/cuda"), "bin", "compute-sanitizer"))
+    if dry:
+        steps.append(Step("memcheck", None, 0, 0, "dry run: compute-sanitizer needs a GPU"))
+    elif not os.path.exists(sanitizer):
+        steps.append(Step("memcheck", None, 0, 0, f"compute-sanitizer not found ({sanitizer})"))
+    else:
+        steps.append(Step("memcheck", [sanitizer, "--tool", "memcheck", "--error-exitcode", "1",
+                                       "--target-processes", "all", *pytest, "-x", *SUITE[:2], "-k",
+                                       "(test_special_values and float32 and (reducible or gradnorm)) or "
+                                       "(test_paths_all_methods_special_values and entropy)"], 40, 120))
+
+    ce = [py, "benchmarks/bench_selective_ce.py", "--device", dev, "--json", os.path.join(out, "selective_ce.json")]
+    ce += ["--cases", "2x16x100:float32", "--repeats", "2", "--backends", "auto,reference"] if dry else \
+        ["--cases", "8x4096x128256:bfloat16", "--repeats", "3"]
+    steps.append(Step("selective_ce", ce, 5 if dry else 30, 120))
+
+    suite_k = ["-k", "test_special_values or test_layouts"] if dry else []
+    steps.append(Step("suite", pytest + xdist + [*SUITE, *suite_k], 10 if dry else 30, 600))
+    return steps
+
+
+def run_step(step: Step, timeout: float, log_path: str, env: dict) -> dict:
+    """Run one step (own process group: a timeout kills pytest-xdist workers too)."""
     t0 = time.time()
-    print(f"== {name}: {' '.join(cmd)} (limit {timeout}s)", flush=True)
+    print(f"== {step.name}: {' '.join(step.cmd)} (limit {timeout:.0f} s)", flush=True)
     with open(log_path, "a") as log:
-        log.write(f"\n===== {name}: {' '.join(cmd)}\n")
+        log.write(f"\n===== {step.name}: {' '.join(step.cmd)}\n")
         log.flush()
+        proc = subprocess.Popen(step.cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
         try:
-            proc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, timeout=timeout)
-            rc = proc.returncode
+            rc = proc.wait(timeout=timeout)
+            status = "ok" if rc == 0 else "failed"
         except subprocess.TimeoutExpired:
-            rc = "timeout"
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            rc, status = None, "timeout"
     took = round(time.time() - t0, 1)
-    with open(log_path) as f:
-        tail = f.read().rsplit(f"===== {name}:", 1)[-1][-3000:]
-    print(f"   -> rc={rc} in {took}s\n{tail[-1500:]}", flush=True)
-    return {"cmd": " ".join(cmd), "rc": rc, "seconds": took, "log": os.path.basename(log_path), "tail": tail}
+    with open(log_path, errors="replace") as f:
+        tail = f.read().rsplit(f"===== {step.name}:", 1)[-1][-3000:]
+    print(f"   -> {status} in {took} s\n{tail[-1200:]}", flush=True)
+    res = {"status": status, "rc": rc, "seconds": took, "limit_s": round(timeout, 1), "cmd": " ".join(step.cmd),
+           "tail": tail}
+    counts = pytest_counts(tail)
+    if counts:
+        res["counts"] = counts
+    return res
 
 
 def pytest_counts(tail: str) -> dict:
     counts = {}
-    for n, what in re.findall(r"(\d+) (passed|failed|skipped|error|errors|xfailed)", tail):
+    for n, what in re.findall(r"(\d+) (passed|failed|skipped|errors?|xfailed|deselected)", tail):
         counts[what] = int(n)
     return counts
 
 
-def main() -> int:
+def main(argv: Optional[list[str]] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "gpu_check"))
-    ap.add_argument("--dry-run", action="store_true", help="CPU rehearsal with small sizes")
+    ap.add_argument("--budget-s", type=float, default=420.0, help="all steps together (default 420)")
+    ap.add_argument("--dry-run", action="store_true", help="CPU rehearsal with tiny shapes")
     ap.add_argument("--skip-build", action="store_true")
-    args = ap.parse_args()
+    ap.add_argument("--wheels", help="install the *.whl in this folder first (pip --no-index --no-deps)")
+    args = ap.parse_args(argv)
+    start = time.time()
+    deadline = start + args.budget_s
+    args.out = os.path.abspath(args.out)
     os.makedirs(args.out, exist_ok=True)
-    open(os.path.join(args.out, "logs.txt"), "w").close()
+    log_path = os.path.join(args.out, "logs.txt")
+    open(log_path, "w").close()
     py = sys.executable
+    ncpu = os.cpu_count() or 4
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    env.setdefault("MAX_JOBS", str(os.cpu_count() or 4))
-    device = "cpu" if args.dry_run else "cuda"
-    env["RHO_KERNELS_TEST_DEVICE"] = device
+    env["RHO_KERNELS_TEST_DEVICE"] = "cpu" if args.dry_run else "cuda"
     if args.dry_run:
         env["TRITON_INTERPRET"] = "1"
     else:
-        env.setdefault("TORCH_CUDA_ARCH_LIST", "9.0")
+        env.pop("TRITON_INTERPRET", None)
+        env["TORCH_CUDA_ARCH_LIST"] = "9.0"
         env["RHO_KERNELS_FORCE_CUDA"] = "1"
+        env["MAX_JOBS"] = str(ncpu)
 
-    summary: dict = {"device": device, "dry_run": args.dry_run, "python": platform.python_version(), "steps": {}}
+    summary: dict = {"device": env["RHO_KERNELS_TEST_DEVICE"], "dry_run": args.dry_run, "budget_s": args.budget_s,
+                     "python": platform.python_version(), "order": [], "steps": {}}
 
-    def save():
-        with open(os.path.join(args.out, "gpu_check.json"), "w") as f:
+    def save() -> None:
+        summary["elapsed_s"] = round(time.time() - start, 1)
+        tmp = os.path.join(args.out, "gpu_check.json.tmp")
+        with open(tmp, "w") as f:
             json.dump(summary, f, indent=2)
+        os.replace(tmp, os.path.join(args.out, "gpu_check.json"))
 
-    probe = subprocess.run(
-        [py, "-c", "import torch, json; import triton; print(json.dumps({'torch': torch.__version__, "
-         "'triton': triton.__version__, 'cuda': torch.version.cuda, "
-         "'gpu': torch.cuda.get_device_name() if torch.cuda.is_available() else None}))"],
-        capture_output=True, text=True, cwd=ROOT, env=env,
-    )
-    summary["environment"] = json.loads(probe.stdout) if probe.returncode == 0 else {"error": probe.stderr[-2000:]}
+    try:  # versions and GPU name; part of the budget, so bounded by it
+        probe = subprocess.run(
+            [py, "-c", "import json, torch, triton; print(json.dumps({'torch': torch.__version__, "
+             "'triton': triton.__version__, 'cuda': torch.version.cuda, "
+             "'gpu': torch.cuda.get_device_name() if torch.cuda.is_available() else None}))"],
+            capture_output=True, text=True, cwd=ROOT, env=env, timeout=max(1.0, min(60.0, deadline - time.time())))
+        summary["environment"] = (json.loads(probe.stdout) if probe.returncode == 0
+                                  else {"error": probe.stderr[-2000:]})
+    except subprocess.TimeoutExpired:
+        summary["environment"] = {"error": "version probe timed out"}
     save()
 
-    steps = []
-    if not args.skip_build:
-        steps.append(("build", [py, "setup.py", "build_ext", "--inplace"], 300))
-    xdist = [] if args.dry_run else ["-n", "8"]
-    tests = ["tests/test_conformance.py"] + [t for t in ("tests/test_triton_paths.py", "tests/test_selective.py")
-                                             if os.path.exists(os.path.join(ROOT, t))]
-    steps.append(("tests", [py, "-m", "pytest", "-q", "-p", "no:cacheprovider", *xdist, *tests], 600 if args.dry_run else 240))
-    if not args.dry_run:
-        steps.append(("memcheck", ["compute-sanitizer", "--tool", "memcheck", "--error-exitcode", "1",
-                                   py, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "tests/test_conformance.py",
-                                   "-k", "cuda and (layouts or special or ignore_index or k_edges) and float32"], 150))
-    # The target shapes, each in its dtype (fewer torch.compile(reference) builds than a full
-    # shape x dtype grid); the dry run uses small stand-ins.
-    if args.dry_run:
-        bench_sets = [("bench", ["--shapes", "2048x3000,320x10", "--dtypes", "float32,bfloat16", "--repeats", "3"])]
-    else:
-        bench_sets = [("bench", ["--shapes", "16384x128256,4096x32000", "--dtypes", "bfloat16"]),
-                      ("bench_small", ["--shapes", "320x10,3200x1000", "--dtypes", "float32"])]
-    for bench_name, bench_args in bench_sets:
-        steps.append((bench_name, [py, "-m", "rho_kernels", "bench", "--device", device, *bench_args,
-                                   "--json", os.path.join(args.out, f"{bench_name}.json"),
-                                   "--plot", os.path.join(args.out, f"{bench_name}.png")], 200))
-    if os.path.exists(os.path.join(ROOT, "benchmarks", "bench_selective_ce.py")):
-        steps.append(("bench_selective_ce", [py, "benchmarks/bench_selective_ce.py", "--device", device,
-                                             *(["--cases", "2x64x1000", "--repeats", "2"] if args.dry_run else []),
-                                             "--json", os.path.join(args.out, "bench_selective_ce.json")], 150))
-
-    for name, cmd, limit in steps:
-        result = run_step(name, cmd, limit, args.out, env)
-        if name in ("tests", "memcheck"):
-            result["counts"] = pytest_counts(result["tail"])
-        summary["steps"][name] = result
+    for step in steps_for(args, py, ncpu):
+        summary["order"].append(step.name)
+        left = deadline - time.time()
+        if step.cmd is None:
+            res = {"status": "skipped", "reason": step.why_not}
+        elif left < step.min_s:
+            res = {"status": "skipped", "reason": f"budget: {max(left, 0):.0f} s left, the step needs >= {step.min_s:.0f} s"}
+        else:
+            res = run_step(step, min(step.cap_s, left), log_path, env)
+        if res["status"] == "skipped":
+            print(f"== {step.name}: skipped ({res['reason']})", flush=True)
+        summary["steps"][step.name] = res
         save()
-    for name in ("bench.json", "bench_small.json", "bench_selective_ce.json"):
-        path = os.path.join(args.out, name)
+        if step.name == "build" and res["status"] in ("failed", "timeout"):
+            summary["note"] = "build failed: later steps run on whatever extension was there before"
+
+    for name in ("bench", "bench_small", "selective_ce"):
+        path = os.path.join(args.out, f"{name}.json")
         if os.path.exists(path):
             with open(path) as f:
-                summary[name.replace(".json", "")] = json.load(f)
-    summary["ok"] = all(s["rc"] == 0 for s in summary["steps"].values())
+                summary.setdefault("results", {})[name] = json.load(f)
+    ran = [s for s in summary["steps"].values() if s["status"] != "skipped"]
+    summary["ok"] = bool(ran) and all(s["status"] == "ok" for s in ran)
     save()
-    print(json.dumps({k: (v["rc"], v.get("counts")) for k, v in summary["steps"].items()}))
+    print(json.dumps({k: (v["status"], v.get("counts"), v.get("reason")) for k, v in summary["steps"].items()}))
+    print(f"gpu_check: {summary['elapsed_s']} s of {args.budget_s:.0f} s budget")
     return 0 if summary["ok"] else 1
 
 

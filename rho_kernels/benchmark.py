@@ -134,6 +134,27 @@ def peak_extra_memory(fn: Callable[[], object], device: torch.device) -> Optiona
     return mem.peak
 
 
+def liger_peer(method: str) -> Optional[Callable]:
+    """Liger-Kernel's fused cross-entropy (``reduction="none"``) + ``torch.topk``: the closest
+    published peer of a fused select (CE methods only).  None when liger_kernel does not import.
+    Timed last: Liger's forward may write the gradient into the logits in place."""
+    if method not in ("reducible", "loss"):
+        return None
+    try:
+        from liger_kernel.transformers import LigerCrossEntropyLoss
+    except Exception:  # noqa: BLE001 - absent or broken install: no peer column
+        return None
+    ce = LigerCrossEntropyLoss(reduction="none")
+
+    def select(logits, targets, il, k):
+        score = ce(logits, targets).float()
+        if method == "reducible":
+            score = score - il
+        return torch.topk(score, k)
+
+    return select
+
+
 def bench_case(n: int, v: int, dtype: torch.dtype, device: torch.device, backends: list[str],
                method: str, k_ratio: float, repeats: int, warmup: int, op: str = "select") -> list[dict]:
     g = torch.Generator(device="cpu").manual_seed(0)
@@ -167,6 +188,12 @@ def bench_case(n: int, v: int, dtype: torch.dtype, device: torch.device, backend
         elif name == "compiled":
             compiled = torch.compile(reference_select, dynamic=False)
             fns[name] = lambda: compiled(logits, targets, il, k, method)
+        elif name == "liger":
+            peer = liger_peer(method)
+            if peer is None:
+                rows.append({"backend": name, "error": "liger_kernel does not import (or the method is not a CE score)"})
+                continue
+            fns[name] = lambda: peer(logits, targets, il, k)
         else:
             fns[name] = (lambda b: lambda: rk.select(logits, targets, il, k, method=method, backend=b))(name)
     results = {}
@@ -314,8 +341,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--shapes", default=None, help="comma-separated NxV (default depends on device)")
     ap.add_argument("--dtypes", default=None, help="comma-separated from float32,bfloat16,float16")
     ap.add_argument("--backends", default=None,
-                    help="comma-separated; 'reference' = eager reference, 'compiled' = torch.compile(reference); "
-                         "default: reference, compiled and every available backend")
+                    help="comma-separated; 'reference' = eager reference, 'compiled' = torch.compile(reference), "
+                         "'liger' = Liger-Kernel CE + torch.topk; default: reference, compiled, every available "
+                         "backend, and liger when it imports")
     ap.add_argument("--method", default="reducible", choices=rk.METHODS)
     ap.add_argument("--k-ratio", type=float, default=0.1, help="k = ratio * N (default 0.1)")
     ap.add_argument("--repeats", type=int, default=5)
@@ -349,6 +377,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         backends = args.backends.split(",")
     else:
         backends = ["reference", "compiled"] + [b for b in rk.available_backends(device) if b != "reference"]
+        if liger_peer(args.method) is not None:
+            backends.append("liger")
 
     env = environment(device)
     print(f"rho_kernels bench on {device} ({env.get('gpu') or env['cpu_capability']}, "

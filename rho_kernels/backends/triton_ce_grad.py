@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
-from torch.library import triton_op, wrap_triton
+from ._triton_compat import triton_op, wrap_triton
 
 NAME = "triton"
 

@@ -45,7 +45,7 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
-from torch.library import triton_op, wrap_triton  # torch >= 2.6
+from ._triton_compat import triton_op, wrap_triton
 
 from .._contract import RowProblem, lse_dtype
 from . import triton_ce_grad
