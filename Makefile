@@ -7,6 +7,8 @@ CUDA_ARCHS ?= 8.0;9.0
 BUILD_LOG ?= build/build.log
 # The GPU machine's torch/triton, for the second half of `make test` (created once, then reused).
 GPU_VERSIONS_ENV ?= build/env-torch2.11
+# pytest-xdist workers (one per core of the 2-core CI machine).
+TEST_JOBS ?= 2
 
 .PHONY: deps build build-cuda bench test
 
@@ -32,7 +34,7 @@ bench: build
 # interpreter suite under torch 2.11 (.ci/gpu_versions.sh).
 test: build-cuda
 	TRITON_INTERPRET=1 RHO_KERNELS_REQUIRE_EXT=1 RHO_KERNELS_EXPECT_CUDA_BUILD=1 RHO_KERNELS_AOT_CC=80 \
-	RHO_KERNELS_BUILD_LOG=$(BUILD_LOG) $(PY) -m pytest -q tests
+	RHO_KERNELS_BUILD_LOG=$(BUILD_LOG) $(PY) -m pytest -q -n $(TEST_JOBS) tests
 	bash .ci/gpu_versions.sh $(PY) $(GPU_VERSIONS_ENV)
 	$(MAKE) --no-print-directory smoke-sdist PY="$(PY)"
 

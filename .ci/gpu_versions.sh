@@ -51,5 +51,5 @@ echo "gpu-versions env: CPU kernels built in $((SECONDS - t1)) s"
 
 cd "$SRC"
 TRITON_INTERPRET=1 RHO_KERNELS_REQUIRE_EXT=1 RHO_KERNELS_BUILD_LOG="$SRC/build.log" RHO_KERNELS_AOT_CC="${RHO_KERNELS_AOT_CC:-90}" \
-    "$EPY" -m pytest -q -p no:cacheprovider \
+    RHO_KERNELS_TEST_LOWER_ISAS=0 "$EPY" -m pytest -q -p no:cacheprovider -n "${TEST_JOBS:-2}" \
     tests/test_build.py tests/test_conformance.py tests/test_triton_paths.py tests/test_selective.py tests/test_triton_aot.py

@@ -91,17 +91,22 @@ def hand_selective(model, ref_model, batch, ratio=RATIO, ref_col=None):
 
 class Recording(rkt.Rho1Trainer):
     """Records each training micro-batch, the loss returned, the hand computation, and the
-    gradient that reached the LM head's output (the logits)."""
+    gradients that reached the LM head's output (the logits, ``_grads``) and the last hidden
+    state (``_hgrads``)."""
 
     def __init__(self, *a, **kw):
         super().__init__(*a, **kw)
         self.records = []
-        self._grads = []
-        self.model.lm_head.register_forward_hook(self._hook)
+        self._grads, self._hgrads = [], []
+        self.model.lm_head.register_forward_hook(self._hook(self._grads))
+        self.model.model.norm.register_forward_hook(self._hook(self._hgrads))
 
-    def _hook(self, mod, inp, out):
-        if out.requires_grad:
-            out.register_hook(lambda g: self._grads.append(g.detach().clone()))
+    @staticmethod
+    def _hook(store):
+        def hook(mod, inp, out):
+            if out.requires_grad:
+                out.register_hook(lambda g: None if g is None else store.append(g.detach().clone()))
+        return hook
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if model.training:
@@ -122,18 +127,23 @@ def test_import_without_transformers_names_the_extra():
     assert "pip install rho_kernels[transformers]" in out.stdout, out.stdout + out.stderr
 
 
-def test_rho1_loss_gradient_and_logged_stats(tmp_path):
+@pytest.mark.parametrize("path", ["logits", "hidden"])
+def test_rho1_loss_gradient_and_logged_stats(tmp_path, path):
+    """Both loss paths: from the logits, and from the last hidden state + LM head (fused, no logits)."""
     model, ref = tiny_llama(0), tiny_llama(1)
     tr = Recording(model=model, args=args(tmp_path), train_dataset=lm_dataset(8), reference_model=ref,
-                   keep_ratio=RATIO)
+                   keep_ratio=RATIO, use_hidden_states=(path == "hidden"))
     tr.train()
-    assert len(tr.records) == 3 and len(tr._grads) == 3
+    grads = tr._grads if path == "logits" else tr._hgrads
+    assert len(tr.records) == 3 and len(grads) == 3
+    if path == "hidden":
+        assert tr._grads == []  # no gradient ever reached a logits tensor
     logs = [h for h in tr.state.log_history if "loss" in h]
     assert len(logs) == 3
-    for rec, grad, log in zip(tr.records, tr._grads, logs):
+    for rec, grad, log in zip(tr.records, grads, logs):
         hand = rec["hand"]
         assert rec["loss"] == pytest.approx(hand["loss"], rel=1e-5, abs=1e-5)
-        # only kept tokens get gradient: rows of d loss / d logits are zero elsewhere
+        # only kept tokens get gradient: rows of d loss / d logits (or d hidden) are zero elsewhere
         row_nonzero = grad[:, :-1].abs().sum(-1) > 0
         assert torch.equal(row_nonzero, hand["mask"])
         assert grad[:, -1].abs().sum() == 0  # the last position predicts nothing
@@ -222,29 +232,6 @@ def test_rho1_bf16_and_compiled_model(tmp_path):
     assert len(logs) == 2
     for log in logs:
         assert abs(log["rho1/kept_fraction"] - 0.6) <= 0.05  # 0.6 of the batch's tokens, rounded
-
-
-def test_rho1_hidden_state_path_is_wired(tmp_path, monkeypatch):
-    """With a fused hidden-state op available, the trainer feeds it the last hidden state and
-    the LM head (here a stand-in that forms the logits), and the loss is the logits path's."""
-    calls = []
-
-    class FakeLinear:
-        @staticmethod
-        def selective_linear_cross_entropy(hidden, weight, targets, reference_loss, ratio, *, bias=None,
-                                           ignore_index=-100, backend="auto"):
-            calls.append(hidden.shape)
-            logits = F.linear(hidden, weight, bias)
-            return rkt.tokens.selective_cross_entropy(logits, targets, reference_loss, ratio,
-                                                      ignore_index=ignore_index)
-
-    monkeypatch.setattr(rkt, "_linear", FakeLinear)
-    model, ref = tiny_llama(0), tiny_llama(1)
-    tr = Recording(model=model, args=args(tmp_path, max_steps=2), train_dataset=lm_dataset(4), reference_model=ref)
-    tr.train()
-    assert calls == [torch.Size([2, SEQ - 1, 64])] * 2
-    for rec in tr.records:
-        assert rec["loss"] == pytest.approx(rec["hand"]["loss"], rel=1e-5, abs=1e-5)
 
 
 # ------------------------------------------------------------------------------ RHO-LOSS

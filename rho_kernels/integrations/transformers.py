@@ -20,7 +20,6 @@ Trainer has) at each ``logging_steps``.  Needs ``pip install rho_kernels[transfo
 
 from __future__ import annotations
 
-import importlib
 import inspect
 import math
 import os
@@ -40,12 +39,8 @@ except ImportError as e:  # pragma: no cover - exercised in a subprocess by the 
     ) from e
 
 from .. import api, tokens
+from .. import linear as _linear  # the fused hidden-state + LM-head loss (no logits)
 from ..training import IrreducibleLossStore, OnlineBatchSelector
-
-try:  # the fused hidden-state + LM-head loss (no logits), a public op module where it exists
-    _linear = importlib.import_module("rho_kernels.linear")
-except ImportError:  # pragma: no cover - depends on the package version
-    _linear = None
 
 __all__ = [
     "Rho1Trainer",
@@ -128,8 +123,8 @@ class Rho1Trainer(Trainer):
             (see :func:`shifted_reference_loss` for its alignment).
         keep_ratio: fraction of tokens trained on, in ``(0, 1]`` (default 0.6, the paper's).
         use_hidden_states: ``"auto"``, True (require the hidden-state path) or False (logits).
-        log_selection_stats: compute the statistics above (one extra scoring pass over the
-            logits per micro-batch; the hidden-state path logs only what its loss returns).
+        log_selection_stats: compute the statistics above (one extra scoring pass per
+            micro-batch: over the logits, or over the hidden state and the head).
         backend: the op backend (``"auto"``).
         (everything else as ``transformers.Trainer``.)
     """
@@ -203,12 +198,14 @@ class Rho1Trainer(Trainer):
         logits = self.reference_model(**model_inputs).logits[:, :-1]
         return api.score(logits, targets, method="loss", ignore_index=-100, backend=self.backend).float()
 
-    def _record(self, logits: Tensor, targets: Tensor, ref: Tensor) -> None:
+    def _record(self, excess: Tensor, targets: Tensor) -> None:
+        """Accumulate the statistics from the per-token excess loss (``CE - ref``, -inf where
+        ignored), ranking the tokens as the loss does."""
         with torch.no_grad():
-            logits = logits.detach()
-            mask = tokens.select_mask(logits, targets, ref, self.keep_ratio, ignore_index=-100, backend=self.backend)
-            excess = api.score(logits, targets, ref, method="reducible", ignore_index=-100, backend=self.backend)
-            counted = targets != -100
+            excess = excess.detach().reshape(-1)
+            counted = targets.reshape(-1) != -100
+            eligible = counted & ~torch.isnan(excess)
+            mask = tokens.top_fraction_mask(excess, eligible, counted, self.keep_ratio)
             dropped = counted & ~mask
             ex = excess.to(torch.float64)
             vals = torch.stack([
@@ -242,13 +239,20 @@ class Rho1Trainer(Trainer):
                 hidden, head.weight, targets, ref, self.keep_ratio, bias=head.bias, ignore_index=-100,
                 backend=self.backend,
             )
+            if self.log_selection_stats:  # one more pass over the head, no logits either
+                with torch.no_grad():
+                    excess = _linear.linear_score(hidden.detach(), head.weight.detach(), targets, ref,
+                                                  bias=None if head.bias is None else head.bias.detach(),
+                                                  method="reducible", ignore_index=-100, backend=self.backend)
+                self._record(excess, targets)
         else:
             outputs = model(**model_inputs)
             logits = outputs.logits[:, :-1]
             loss = tokens.selective_cross_entropy(logits, targets, ref, self.keep_ratio, ignore_index=-100,
                                                   backend=self.backend)
             if self.log_selection_stats:
-                self._record(logits, targets, ref)
+                self._record(api.score(logits.detach(), targets, ref, method="reducible", ignore_index=-100,
+                                       backend=self.backend), targets)
         return (loss, outputs) if return_outputs else loss
 
     # -------------------------------------------------------------- logging
