@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from rho_kernels import backends, tokens  # noqa: E402
+from rho_kernels import backends as registry, tokens  # noqa: E402
 from rho_kernels.benchmark import environment, peak_extra_memory  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -154,7 +154,7 @@ def bench_case(shape, dtype, device, backends, ratio, repeats, warmup, compiled:
         ce_c = torch.compile(lambda x: F.cross_entropy(x.reshape(-1, v), targets.reshape(-1)))
         variants.append(("plain CE compiled", ce_c, False))
     for name in backends:
-        if name != "auto" and backends.unavailable_reason(name, device) is not None:
+        if name != "auto" and registry.unavailable_reason(name, device) is not None:
             continue
         fwd_name, grad_name = tokens.resolve_names(name, device)
         label = f"rk {name} [{fwd_name} fwd, {grad_name} bwd]"
@@ -173,15 +173,15 @@ def bench_case(shape, dtype, device, backends, ratio, repeats, warmup, compiled:
         mask = tokens.select_mask(logits, targets, ref_loss, ratio, backend="reference").reshape(-1)
         row_scale = mask.to(acc) / mask.sum().to(acc)
     flat_t = targets.reshape(-1)
-    for impl in backends.GRAD_NAMES:
-        if backends.grad_unavailable_reason(impl, device) is not None:
+    for impl in registry.GRAD_NAMES:
+        if registry.grad_unavailable_reason(impl, device) is not None:
             continue
         for inplace in (False, True):
             if inplace and impl == "reference":
                 continue  # the torch fallback has no real in-place path (it copies)
 
             def bwd(impl=impl, inplace=inplace):
-                return backends.get(impl).ce_grad_rows(logits, flat_t, lse, row_scale, -100, inplace)
+                return registry.get(impl).ce_grad_rows(logits, flat_t, lse, row_scale, -100, inplace)
 
             res = measure_op(bwd, logits, device, repeats, warmup, inplace)
             label = f"backward only: ce_grad_rows {impl}" + (" in-place" if inplace else "")

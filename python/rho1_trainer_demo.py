@@ -144,9 +144,12 @@ class CountingRho1Trainer(Rho1Trainer):
         self._corrupted = inputs.pop("corrupted")[:, 1:]
         return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
 
-    def _record(self, logits, targets, ref):
-        super()._record(logits, targets, ref)
-        mask = tokens.select_mask(logits.detach(), targets, ref, self.keep_ratio)
+    def _record(self, excess, targets):
+        super()._record(excess, targets)
+        # the kept tokens, ranked as the loss ranks them
+        flat, counted = excess.detach().reshape(-1), targets.reshape(-1) != -100
+        mask = tokens.top_fraction_mask(flat, counted & ~torch.isnan(flat), counted, self.keep_ratio)
+        mask = mask.view(targets.shape)
         self.kept += torch.stack([(mask & self._corrupted).sum(), mask.sum()]).double()
 
 

@@ -15,7 +15,7 @@ Launch paths, chosen from shapes only (no host sync, so the choice traces under 
 * select, small problems (N <= 1024, no split): ONE launch.  Every program scores its rows,
   writes score and 64-bit key to a small scratch buffer, and the last program to finish (an
   atomic ticket) sorts all keys on chip and writes the top k.  The ticket counter needs a
-  4-byte zero fill before the kernel; when the problem is tiny (N*V <= 65536, e.g. [320, 10])
+  4-byte zero fill before the kernel; when the problem is tiny (N <= 256 and N*V <= 65536)
   one program does everything and there is no counter: exactly one launch.
 * select, large problems: the score kernel writes scores and keys; for small k a block kernel
   keeps the top min(k, CB) keys of every block of CB rows (candidates); the merge is
@@ -401,6 +401,9 @@ _OVERRIDES: dict = {}
 # serial tail on one SM); at <= 1024 keys it stays cheap.  Larger problems take two stages.
 FUSED_MAX_ROWS = 1024
 ONE_PROGRAM_MAX_ELEMS = 1 << 16  # below this a single program is cheaper than a ticket
+# One program that streams every row block and then sorts: at N_P2 = 1024 its gradnorm variant
+# spills on sm_80 (the AOT report), so larger problems take the ticket path.
+ONE_PROGRAM_MAX_ROWS = 256
 CAND_MAX_K = 256  # per-block candidates pay off only for small k
 CAND_BLOCK = 2048
 MAX_SPLIT = 64
@@ -586,7 +589,8 @@ def _select_rows_impl(logits: Tensor, targets: Tensor, il: Optional[Tensor], k: 
         # Same plan (blocks and warps) as score(): the fused scores are bit-identical to it.
         plan = _plan(logits, n, v)
         nblocks = triton.cdiv(n, plan.block_r)
-        one = _OVERRIDES.get("one_program", nblocks == 1 or n * v <= ONE_PROGRAM_MAX_ELEMS)
+        one = _OVERRIDES.get("one_program", n <= ONE_PROGRAM_MAX_ROWS
+                             and (nblocks == 1 or n * v <= ONE_PROGRAM_MAX_ELEMS))
         nprog = 1 if one else min(nblocks, 8 * _sms())
         # the ticket counter must start at 0 (a 4-byte memset; not needed with one program)
         counter = torch.zeros((1,), dtype=torch.int32, device=dev) if not one else key
