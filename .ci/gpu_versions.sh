@@ -43,7 +43,7 @@ fi
 SRC="$ENV/src"
 rm -rf "$SRC"
 mkdir -p "$SRC"
-cp -r "$ROOT/setup.py" "$ROOT/pyproject.toml" "$ROOT/README.md" "$ROOT/LICENSE" "$ROOT/CHANGELOG.md" "$ROOT/csrc" "$ROOT/rho_kernels" "$ROOT/tests" "$ROOT/benchmarks" "$SRC/"
+cp -r "$ROOT/setup.py" "$ROOT/pyproject.toml" "$ROOT/README.md" "$ROOT/LICENSE" "$ROOT/CHANGELOG.md" "$ROOT/csrc" "$ROOT/rho_kernels" "$ROOT/tests" "$ROOT/benchmarks" "$ROOT/python" "$SRC/"
 find "$SRC" \( -name '*.so' -o -name __pycache__ \) -prune -exec rm -rf {} +
 t1=$SECONDS
 (cd "$SRC" && RHO_KERNELS_SKIP_CUDA=1 "$EPY" setup.py build_ext --inplace > build.log 2>&1) || { tail -50 "$SRC/build.log"; exit 1; }
