@@ -320,14 +320,7 @@ class _SelectiveLinearCE(torch.autograd.Function):
         else:
             score, lse, ce, eligible = torch.cat(scores), torch.cat(lses), torch.cat(ces), torch.cat(eligibles)
         mask = tokens.top_fraction_mask(score, eligible, p.targets != ignore_index, ratio)
-        ce = torch.where(mask, ce, torch.zeros_like(ce))
-        n_sel = mask.sum()
-        if reduction == "mean":
-            out = ce.sum() / n_sel.clamp_min(1).to(ce.dtype)
-        elif reduction == "sum":
-            out = ce.sum()
-        else:
-            out = ce.view(p.lead_shape)
+        out, n_sel = tokens.reduce_selected(ce, mask, reduction, p.lead_shape)
         # The backward needs only the selected rows.  Their number k lives on the device; a fixed
         # superset of max_selected(n, ratio) rows (the best by the ordering key, so every selected
         # row is among them) keeps shapes static.  Ascending row order: a deterministic sum.

@@ -239,6 +239,18 @@ def target_logits(logits: Tensor, targets: Tensor, live: Tensor) -> Tensor:
     return logits.gather(-1, safe_t.view(*logits.shape[:-1], 1)).reshape(-1)
 
 
+def reduce_selected(ce: Tensor, mask: Tensor, reduction: str, lead_shape: torch.Size) -> tuple[Tensor, Tensor]:
+    """(the selective loss under ``reduction``, the number of selected rows) from per-row CE:
+    unselected rows count as 0; "mean" divides by the selected count (0 when none is)."""
+    ce = torch.where(mask, ce, torch.zeros_like(ce))
+    n_sel = mask.sum()
+    if reduction == "mean":
+        return ce.sum() / n_sel.clamp_min(1).to(ce.dtype), n_sel
+    if reduction == "sum":
+        return ce.sum(), n_sel
+    return ce.view(lead_shape), n_sel
+
+
 class _SelectiveCE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, targets, reference_loss, ratio, ignore_index, reduction, forward_name, grad_name,
@@ -249,14 +261,7 @@ class _SelectiveCE(torch.autograd.Function):
         mask = top_fraction_mask(score, eligible, _nonignored(p), ratio)
         # CE = lse - z_y in the accumulation dtype: the same value the kernel subtracted IL from.
         ce = lse - target_logits(logits, p.targets, eligible).to(lse.dtype)
-        ce = torch.where(mask, ce, torch.zeros_like(ce))
-        n_sel = mask.sum()
-        if reduction == "mean":
-            out = ce.sum() / n_sel.clamp_min(1).to(ce.dtype)
-        elif reduction == "sum":
-            out = ce.sum()
-        else:
-            out = ce.view(p.lead_shape)
+        out, n_sel = reduce_selected(ce, mask, reduction, p.lead_shape)
         ctx.save_for_backward(logits, p.targets, lse, mask, n_sel)
         ctx.config = (ignore_index, reduction, grad_name, inplace)
         return out
