@@ -353,9 +353,19 @@ class _SelectiveLinearCE(torch.autograd.Function):
         # Gather the candidate rows once: the logits are recomputed for them only.
         sel_h, sel_t, sel_lse = h[rows], targets[rows], lse[rows]
         sel_scale, sel_mask = row_scale[rows].contiguous(), mask[rows]
+        ranges = _ranges(rows.shape[0], chunk)
+        if need_w and group is None and len(ranges) > 1 and weight.dtype in (torch.bfloat16, torch.float16):
+            slices = _vocab_slices(rows.shape[0], weight.shape[0], chunk, weight.element_size())
+            if slices is not None:
+                grad_h, grad_w, grad_b = _backward_by_vocab_slice(
+                    h, weight, bias, rows, sel_h, sel_t, sel_lse, sel_scale, sel_mask, ignore_index, slices,
+                    need_h, need_b)
+                return (
+                    None if grad_h is None else grad_h.view(hidden.shape), grad_w, grad_b,
+                    None, None, None, None, None, None, None, None, None, None,
+                )
         # Exact zeros on every unselected row: they are never written.
         grad_h = torch.zeros_like(h) if need_h else None
-        ranges = _ranges(rows.shape[0], chunk)
         # One chunk: the weight gradient is one matmul in the weight's dtype, as F.linear's.  More:
         # a sum over chunks, accumulated in float32 for half-precision weights.
         w_acc = weight.dtype if len(ranges) <= 1 else _grad_accumulation_dtype(weight.dtype)
@@ -403,6 +413,53 @@ class _SelectiveLinearCE(torch.autograd.Function):
             None if grad_b is None else grad_b.to(bias.dtype),
             None, None, None, None, None, None, None, None, None, None,
         )
+
+
+def _vocab_slices(num_rows: int, vocab: int, chunk: int, elem: int) -> Optional[list[tuple[int, int]]]:
+    """Vocabulary slices of the half-precision backward, or None where the row path is smaller.
+
+    A ``[num_rows, width]`` slice lives as the logits, their float32 working copy and the
+    gradient (``2 * elem + 4`` bytes an entry): as many columns as keep that within one forward
+    block (``chunk x vocab`` entries of ``elem`` bytes).  The slices need a float32
+    ``[num_rows, D]`` sum (hidden's gradient), the row path a float32 ``[V, D]`` one (weight's):
+    more candidate rows than classes, None."""
+    if num_rows > vocab:
+        return None
+    width = max(1, chunk * vocab * elem // (num_rows * (2 * elem + 4)))
+    return _ranges(vocab, width)
+
+
+def _backward_by_vocab_slice(h, weight, bias, rows, sel_h, sel_t, sel_lse, sel_scale, sel_mask, ignore_index,
+                             slices, need_h, need_b):
+    """The selective CE's gradients one vocabulary slice of the head at a time, all candidate rows at once.
+
+    Each slice of the weight gradient is ONE matmul over every candidate row, written in the
+    weight's dtype (fp32 accumulation inside the GEMM, one rounding, as F.linear's backward), so
+    no float32 ``[V, D]`` sum is needed.  hidden's gradient is summed over the slices in float32
+    (``[rows, D]``: small), one half-precision product per slice."""
+    live = sel_mask[:, None]
+    # Unselected candidates add nothing to the weight's gradient, even a NaN/inf hidden state.
+    hc = torch.where(live, sel_h, 0.0)
+    acc_h = torch.zeros(sel_h.shape, dtype=torch.float32, device=h.device) if need_h else None
+    grad_w = torch.empty_like(weight)
+    grad_b = torch.empty_like(bias) if need_b else None
+    for v0, v1 in slices:
+        w = weight[v0:v1]
+        z = F.linear(sel_h, w, None if bias is None else bias[v0:v1])
+        gz = vocab_parallel.ce_grad_rows(z, sel_t, sel_lse, sel_scale, ignore_index, v0)
+        del z
+        grad_w[v0:v1] = gz.t() @ hc
+        if need_b:
+            grad_b[v0:v1] = gz.sum(0, dtype=torch.float32)
+        if need_h:
+            acc_h += gz @ w
+        del gz
+    grad_h = None
+    if need_h:
+        # Exact zeros on every unselected row, even against non-finite weights (where()).
+        grad_h = torch.zeros_like(h)
+        grad_h[rows] = torch.where(live, acc_h, 0.0).to(h.dtype)
+    return grad_h, grad_w, grad_b
 
 
 def max_selected(num_rows: int, ratio: float) -> int:

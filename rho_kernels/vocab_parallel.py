@@ -145,15 +145,23 @@ def score_rows(p: _contract.RowProblem, vocab_start: int, process_group) -> Fina
 
 def ce_grad_rows(z: Tensor, targets: Tensor, lse: Tensor, row_scale: Tensor, ignore_index: int,
                  vocab_start: int) -> Tensor:
-    """This shard's columns of ``row_scale * (softmax - onehot)`` (exact zeros where scale is 0)."""
+    """This shard's columns of ``row_scale * (softmax - onehot)`` (exact zeros where scale is 0).
+
+    Also one vocabulary slice of an unsharded head (``vocab_start`` = the slice's first class):
+    a target outside ``[vocab_start, vocab_start + V_local)`` has no one-hot column here.  One
+    working copy in the accumulation dtype, updated in place: ``z`` is never written."""
     acc = lse.dtype
     n, vl = targets.shape[0], z.shape[-1]
-    x = z.reshape(n, vl).to(acc)
+    x = z.reshape(n, vl).to(acc, copy=True)
     y = targets - vocab_start
     live = (targets != ignore_index) & (row_scale != 0)
-    is_y = live[:, None] & (torch.arange(vl, device=x.device) == y[:, None])
-    g = row_scale[:, None] * (torch.exp(x - lse[:, None]) - is_y.to(acc))
-    return torch.where(live[:, None], g, 0.0).to(z.dtype).view(z.shape)
+    owned = live & (y >= 0) & (y < vl)
+    x.sub_(lse[:, None]).exp_()
+    # exp - 1 at the owned target (adding -0.0 elsewhere leaves x as it is), then the scale.
+    x.scatter_add_(1, torch.where(owned, y, torch.zeros_like(y))[:, None],
+                   torch.where(owned, -1.0, -0.0).to(acc)[:, None])
+    x.mul_(row_scale[:, None]).masked_fill_(~live[:, None], 0.0)
+    return x.to(z.dtype).view(z.shape)
 
 
 class SelectiveCE(torch.autograd.Function):

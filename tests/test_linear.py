@@ -299,12 +299,64 @@ def test_loss_shapes_and_bias(grad_impl, lead, with_bias):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
-def test_half_precision_weight_gradient_in_vocabulary_slices(dtype, monkeypatch):
-    """Several chunks: the float32 weight-gradient sum is updated a vocabulary slice at a time."""
+def test_half_precision_row_path_float32_weight_sum(dtype, monkeypatch):
+    """More candidate rows than classes: the row path, its float32 weight-gradient sum updated a
+    vocabulary slice at a time."""
     monkeypatch.setattr(linear, "_W_SLICE", 7)
-    h, w, b, targets, il = _loss_case(dtype, v=60)
+    sliced = []
+    monkeypatch.setattr(linear, "_backward_by_vocab_slice", lambda *a: sliced.append(1))
+    h, w, b, targets, il = _loss_case(dtype, v=40)  # 45 candidate rows > 40 classes
     _compare_loss(h, w, b, targets, il, 0.5, "sum", "cpu" if backends.grad_unavailable_reason("cpu", DEVICE) is None
-                  else "reference", 4, f"{dtype}/slices")
+                  else "reference", 4, f"{dtype}/rows")
+    assert not sliced
+
+
+@pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "no_bias"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_half_precision_backward_by_vocabulary_slice(dtype, with_bias, monkeypatch):
+    """Several chunks, half precision: the backward runs one vocabulary slice of the head at a
+    time over all candidate rows (no float32 [V, D] sum).  Gradients as autograd through the
+    materialised logits; exact zeros for unselected rows, even next to a NaN hidden state."""
+    seen = []
+    real = linear._vocab_slices
+    monkeypatch.setattr(linear, "_vocab_slices", lambda *a: seen.append(real(*a)) or seen[-1])
+    h, w, b, targets, il = _loss_case(dtype, v=203, bias=with_bias)
+    backend = "cpu" if backends.grad_unavailable_reason("cpu", DEVICE) is None else "reference"
+    for reduction in ("mean", "none"):
+        gh = _compare_loss(h, w, b, targets, il, 0.4, reduction, backend, 6, f"{dtype}/{reduction}")[0]
+        mask = tokens.select_mask(materialise(h, w, b), targets, il, 0.4, backend="reference")
+        assert bool((gh[~mask] == 0).all()) and bool((gh[mask] != 0).any(dim=-1).all())
+    assert seen and all(sl is not None and len(sl) > 3 for sl in seen), seen
+    # Widths chosen from the block: 36 candidate rows x width x (2 * 2 + 4) bytes <= 6 x 203 x 2.
+    assert seen[0][0] == (0, 8) and seen[0][-1][1] == 203
+
+    # A NaN hidden state makes its row ineligible; it stays a zero row of hidden's gradient and
+    # adds nothing to the weight's.  Same for an unselected candidate row.
+    h2 = h.clone()
+    h2[0, 5, 3] = math.nan
+    hh, ww, bb = _leaves(h2, w, b)
+    loss = rk.selective_linear_cross_entropy(hh, ww, targets, il, 0.4, bias=bb, chunk_size=6, backend=backend)
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(ww.grad).all()
+    assert bool((hh.grad[0, 5] == 0).all())
+    mask = tokens.select_mask(materialise(h2, w, b), targets, il, 0.4, backend="reference")
+    assert bool((hh.grad[~mask] == 0).all())
+
+    # torch.compile(fullgraph=True) of the sliced backward: the eager gradients, bit for bit
+    # (one case: compiling is slow).
+    if dtype != torch.bfloat16 or not with_bias:
+        return
+    monkeypatch.setattr(linear, "_vocab_slices", real)
+
+    def fn(h, w, b):
+        return rk.selective_linear_cross_entropy(h, w, targets, il, 0.4, bias=b, chunk_size=6, backend=backend)
+
+    got_in, want_in = _leaves(h, w, b), _leaves(h, w, b)
+    torch.compile(fn, fullgraph=True, backend="aot_eager")(*got_in).backward()
+    fn(*want_in).backward()
+    for a, c in zip(got_in, want_in):
+        if a is not None:
+            assert torch.equal(a.grad, c.grad)
 
 
 def test_only_selected_rows_reach_the_weight(grad_impl):
