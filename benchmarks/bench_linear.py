@@ -25,8 +25,8 @@ The loss's peak includes the gradients it returns (``hidden``'s ``[N, D]`` and `
 ``[V, D]``, in the inputs' dtype), which every variant must produce and which the goal allows
 on top of one ``[chunk, V]`` block; ``peak_extra_beyond_gradients`` is the peak minus those
 outputs, and its ratio to the baseline's is reported next to the plain one.  (For half-precision
-inputs the fused loss also holds a float32 ``[V, D]`` sum of the weight gradient over its
-chunks: that is counted in the part beyond the outputs.)
+inputs the fused loss's backward runs one vocabulary slice at a time and holds a float32
+``[selected rows, D]`` sum of hidden's gradient: that is counted in the part beyond the outputs.)
 
     python benchmarks/bench_linear.py --rounds 3 --repeats 1 --json benchmarks/results/linear_cpu.json
     python benchmarks/bench_linear.py --n 1024 --dtypes float32     # quick

@@ -15,7 +15,10 @@ per chunk ``F.linear`` then the backend's fused ``score_rows``, so the largest t
 backward recomputes the logits of the selected rows only (a fixed-size superset of them, so the
 backward costs ``ratio`` of a dense one), chunk by chunk, turns them in place into ``row_scale *
 (softmax - onehot)`` with the backend's ``ce_grad_rows`` kernel and multiplies them into the
-gradients of ``hidden`` (rows written once), ``weight`` and ``bias`` (accumulated).  Every
+gradients of ``hidden`` (rows written once), ``weight`` and ``bias`` (accumulated).  With
+half-precision weights and several chunks it runs one vocabulary slice of the head at a time
+instead, over all candidate rows: each slice of the weight gradient is then one matmul in the
+weight's dtype, and no float32 ``[V, D]`` sum is needed.  Every
 rule of the logits ops (methods, order, ties, ineligible rows, ratio, reductions) is theirs:
 the selection code is the same functions.
 
@@ -491,8 +494,9 @@ def selective_linear_cross_entropy(
     cross-entropy.  Differentiable
     in ``hidden``, ``weight`` and ``bias``; unselected tokens get exact zeros in ``hidden``'s
     gradient and add nothing to ``weight``'s / ``bias``'s.  Peak extra memory: one ``[chunk, V]``
-    block (forward and backward) plus the gradients themselves (a float32 accumulator for
-    half-precision ``weight``/``bias``).
+    block (forward and backward) plus the gradients themselves (and, for half-precision inputs, a
+    float32 sum of hidden's gradient over the selected rows; a float32 ``[V, D]`` one of the
+    weight's instead only where there are more selected rows than classes).
 
     Args:
         hidden: ``[N, D]`` or ``[B, T, D]``; weight ``[V, D]``; bias ``[V]`` or None (one dtype).
