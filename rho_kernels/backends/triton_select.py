@@ -323,6 +323,23 @@ def _split_merge_kernel(logits_ptr, tgt_ptr, il_ptr, score_ptr, lse_ptr, key_ptr
 
 
 @triton.jit
+def _sort_desc(keys):
+    return tl.sort(keys, descending=True)
+
+
+if _interpreter_requested():
+    # Under TRITON_INTERPRET=1 the kernels run op by op in numpy, and tl.sort's bitonic network
+    # (Triton's library code, tens of thousands of interpreted ops) took ~4 s per 1024 keys: most
+    # of the CPU test suite's time.  There the same descending sort of the int64 keys is done by
+    # numpy in one call.  Compiled kernels (GPU, the AOT test) run tl.sort.
+    def _sort_desc(keys):  # noqa: F811 - the interpreter's stand-in, called from interpreted kernels
+        import numpy as np
+
+        h = keys.handle
+        return tl.tensor(type(h)(np.ascontiguousarray(np.sort(h.data)[::-1]), h.dtype), keys.type)
+
+
+@triton.jit
 def _emit_topk(score_ptr, key_ptr, out_idx_ptr, out_score_ptr, out_valid_ptr, N, k,
                N_P2: tl.constexpr, FROM_OTHER_SMS: tl.constexpr):
     """Sort all N keys on chip (N <= N_P2) and write the first k as indices/scores/valid."""
@@ -333,7 +350,7 @@ def _emit_topk(score_ptr, key_ptr, out_idx_ptr, out_score_ptr, out_valid_ptr, N,
                        cache_modifier=".cg")
     else:
         keys = tl.load(key_ptr + offs, mask=offs < N, other=-9223372036854775808)
-    keys = tl.sort(keys, descending=True)
+    keys = _sort_desc(keys)
     rows = 4294967295 - (keys & 4294967295)
     valid = (keys >> 32) != -2147483648
     omask = (offs < k) & (offs < N)  # k <= N by contract; never gather a padding key
@@ -384,7 +401,7 @@ def _block_topk_kernel(key_ptr, cand_ptr, N, kc, CB: tl.constexpr):
     pid = tl.program_id(0).to(tl.int64)
     offs = pid * CB + tl.arange(0, CB)
     keys = tl.load(key_ptr + offs, mask=offs < N, other=-9223372036854775808)
-    keys = tl.sort(keys, descending=True)
+    keys = _sort_desc(keys)
     j = tl.arange(0, CB)
     tl.store(cand_ptr + pid * kc + j, keys, mask=j < kc)
 
