@@ -53,6 +53,13 @@ def cached_case(n: int, v: int, dtype: torch.dtype, method: str):
     return logits, targets, il, truth_scores(logits, targets, il, method), eager_scores(logits, targets, il, method)
 
 
+@functools.lru_cache(maxsize=None)
+def cached_reference_selection(n: int, v: int, dtype: torch.dtype, method: str, k: int):
+    """The reference's selection of cached_case(n, v, dtype, method) (read-only, shared)."""
+    logits, targets, il, _, _ = cached_case(n, v, dtype, method)
+    return rk.select(logits, targets, il, k, method=method, backend="reference")
+
+
 def truth_scores(logits, targets, il, method, ignore_index=-100):
     """Scores from the reference computed in float64 (the ground truth)."""
     p = _contract.prepare(logits.double(), targets, il, method, ignore_index)
@@ -150,7 +157,7 @@ def test_scores_and_selection(backend, method, dtype, shape):
         sel = rk.select(logits, targets, il, k, method=method, backend=backend)
         what = f"{backend}/{method}/{dtype}/{shape}/k={k}"
         assert_selection_consistent(sel, got, eligible_of(targets, got, v), k, what)
-        ref_sel = rk.select(logits, targets, il, k, method=method, backend="reference")
+        ref_sel = cached_reference_selection(n, v, dtype, method, k)
         assert_selection_matches_reference(sel, ref_sel, truth, tol, what)
 
 
