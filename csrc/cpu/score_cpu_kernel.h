@@ -17,10 +17,12 @@
 //    Blocks of kTileCols columns are gathered into a transposed L1 buffer (for column-major
 //    logits a column of the tile is contiguous memory), then per lane: block max, rescale of
 //    the running sums (rho::acc_rescale's rule, vectorised), exp sums of the block.  A 10-class
-//    row costs a few vector instructions instead of one under-filled vector plus set-up.
+//    row costs a few vector instructions instead of one under-filled vector plus set-up.  Evenly
+//    spaced fp32/bf16 rows are loaded with hardware gathers; the tile is finalised a vector of
+//    rows at a time (tile_finish: inline log, lane masks for the special values).
 //
-// Sums are in fp32 (fp64 for fp64 logits); the per-row finalisation (lse, CE - IL, gradnorm,
-// entropy) runs in double and is rounded once.  bf16/fp16 logits are widened in registers;
+// Sums are in fp32 (fp64 for fp64 logits).  The row path's finalisation (lse, CE - IL, gradnorm,
+// entropy) runs in double and is rounded once; the tile path's in the accumulation type.  bf16/fp16 logits are widened in registers;
 // fp32 exp is an inline ~1-ulp routine (exp_nonpos below); fp64 uses Sleef's exp via at::vec.
 //
 // Parallelism: rows (or tiles) are handed to the at::parallel_for threads in chunks from an
@@ -182,6 +184,46 @@ inline Vec<A> exp_nonpos(const Vec<A>& x) {
   if constexpr (std::is_same_v<A, float>) return Vec<float>(exp_nonpos_ps(x));
 #endif
   return x.exp();
+}
+
+// log(x) for finite x >= 1 (a row's d), fp32, inline (Sleef's logf is an out-of-line call, ~10x
+// the instructions): x = mant * 2^e with mant in [sqrt(1/2), sqrt(2)), s = (mant - 1) / (mant + 1),
+// log(mant) = 2 atanh(s) = 2s (1 + s^2/3 + s^4/5 + s^6/7 + s^8/9) (|s| < 0.172: the next term is
+// ~1e-9 relative), plus e ln 2.  About 2 ulp; fp64 and the baseline build use Vectorized::log.
+#if defined(CPU_CAPABILITY_AVX512)
+inline __m512 log_ge1_ps(__m512 x) {
+  // getmant in [0.75, 1.5) (near enough to [sqrt(1/2), sqrt(2)) for the series); e = the exponents' difference.
+  const __m512 mant = _mm512_getmant_ps(x, _MM_MANT_NORM_p75_1p5, _MM_MANT_SIGN_src);
+  const __m512 e = _mm512_sub_ps(_mm512_getexp_ps(x), _mm512_getexp_ps(mant));
+#elif defined(CPU_CAPABILITY_AVX2)
+inline __m256 log_ge1_ps(__m256 x) {
+  const __m256i xi = _mm256_castps_si256(x);
+  const __m256 m1 = _mm256_castsi256_ps(
+      _mm256_or_si256(_mm256_and_si256(xi, _mm256_set1_epi32(0x007fffff)), _mm256_set1_epi32(0x3f800000)));  // [1, 2)
+  const __m256 big = _mm256_cmp_ps(m1, _mm256_set1_ps(1.41421356f), _CMP_GT_OQ);
+  const __m256 mant = _mm256_blendv_ps(m1, _mm256_mul_ps(m1, _mm256_set1_ps(0.5f)), big);
+  const __m256 e = _mm256_add_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_srli_epi32(xi, 23), _mm256_set1_epi32(127))),
+                                 _mm256_and_ps(big, _mm256_set1_ps(1.0f)));
+#endif
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+  const Vec<float> one(1.0f), m(mant);
+  const Vec<float> sv = (m - one) / (m + one);
+  const Vec<float> z = sv * sv;
+  Vec<float> q = at::vec::fmadd(z, Vec<float>(1.0f / 9), Vec<float>(1.0f / 7));
+  q = at::vec::fmadd(q, z, Vec<float>(1.0f / 5));
+  q = at::vec::fmadd(q, z, Vec<float>(1.0f / 3));
+  const Vec<float> two_s = sv + sv;
+  const Vec<float> logm = at::vec::fmadd(two_s * z, q, two_s);
+  return at::vec::fmadd(Vec<float>(e), Vec<float>(0.693147180559945309f), logm);
+}
+#endif
+
+template <typename A>
+inline Vec<A> log_ge1(const Vec<A>& x) {
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+  if constexpr (std::is_same_v<A, float>) return Vec<float>(log_ge1_ps(x));
+#endif
+  return x.log();
 }
 
 template <typename A>
@@ -414,10 +456,8 @@ template <typename scalar_t, int64_t R>
 struct TileRows {
   using A = acc_t<scalar_t>;
   const scalar_t* row[R];
-  __at_align__ A tf[R];      // target column as a value (exact: V < 2^24), -1 where none
-  __at_align__ A zy[R];      // the target's logit (0 where none)
-  __at_align__ A il[R];      // irreducible loss (0 where the method does not read it)
-  __at_align__ A masked[R];  // the score where there is no target column: -inf if ignored, else NaN
+  __at_align__ A tf[R];  // target column as a value (exact: V < 2^24); -1 ignored, -2 out of range
+  __at_align__ A zy[R];  // the target's logit (column 0's where there is no target column)
 };
 
 // The running sums of a tile, one row per lane (rho::RowAcc's fields as vectors).
@@ -556,7 +596,7 @@ void tile_acc(const Problem& p, int64_t r0, int64_t g, bool gather, const TileRo
 // log d has ~1 ulp (on log d <= log V), CE = (m - z_y) + log d two more roundings -- the
 // reference's own order of error.  A lane with a finite max has d >= 1 (its max term is 1).
 template <typename scalar_t, int M>
-void tile_finish(int64_t r0, int64_t g, const TileRows<scalar_t, kTileVecs * Vec<acc_t<scalar_t>>::size()>& tr,
+void tile_finish(int64_t r0, int64_t g, const float* il, const TileRows<scalar_t, kTileVecs * Vec<acc_t<scalar_t>>::size()>& tr,
                  const TileSums<acc_t<scalar_t>>& s, const Outputs& out) {
   using A = acc_t<scalar_t>;
   using V = Vec<A>;
@@ -569,13 +609,21 @@ void tile_finish(int64_t r0, int64_t g, const TileRows<scalar_t, kTileVecs * Vec
     const int64_t cnt = std::min<int64_t>(W, g - u * W);
     const V m = s.m[u], d = s.d[u];
     const V fin = m.abs() < V(kInf);                         // the max is finite (not NaN, not +-inf)
-    const V logd = V::blendv(vone, d, fin).log() & fin;       // log d; 0 where the max is not finite
+    const V logd = log_ge1(V::blendv(vone, d, fin)) & fin;    // log d; 0 where the max is not finite
     if (lse != nullptr) (m + logd).store(lse + r0 + u * W, cnt);  // NaN / +-inf max: lse = m
     V v;
     if constexpr (M == rho::kReducible || M == rho::kLoss) {
       // Finite max: (m - z_y) + log d.  Else m - z_y = lse - z_y (IEEE: +inf - +inf = NaN, ...).
       v = (m - V::loadu(tr.zy + u * W)) + logd;
-      if constexpr (M == rho::kReducible) v = v - V::loadu(tr.il + u * W);
+      if constexpr (M == rho::kReducible) {
+        if constexpr (std::is_same_v<A, float>) {
+          v = v - V::loadu(il + r0 + u * W, cnt);
+        } else {
+          __at_align__ A w[W];
+          for (int64_t i = 0; i < cnt; ++i) w[i] = static_cast<A>(il[r0 + u * W + i]);
+          v = v - V::loadu(w);
+        }
+      }
     } else if constexpr (M == rho::kGradNorm) {
       const V q = s.dx[u] / d;
       v = V::blendv(vnan, (s.s2[u] / (d * d) + q * q).sqrt(), fin);
@@ -584,7 +632,9 @@ void tile_finish(int64_t r0, int64_t g, const TileRows<scalar_t, kTileVecs * Vec
     } else {
       v = vnan;  // kIrreducible never reaches the tile path (it reads no logits)
     }
-    v = V::blendv(V::loadu(tr.masked + u * W), v, V::loadu(tr.tf + u * W) >= vzero);
+    // No target column: -inf where ignored (tf = -1), NaN where out of range (tf = -2).
+    const V tf = V::loadu(tr.tf + u * W);
+    v = V::blendv(V::blendv(vnan, V(-kInf), tf == V(A(-1))), v, tf >= vzero);
     if constexpr (std::is_same_v<A, float>) {
       v.store(out.score + r0 + u * W, cnt);
     } else {
@@ -652,33 +702,33 @@ void score_kernel(const Problem& p, const Outputs& out) {
     const bool gatherable = kCanGather<scalar_t> && p.rank == 2 && p.stride_v == 1 && p.stride0 >= nv &&
                             R * p.stride0 + nv < (int64_t(1) << 31);
     const bool tail_ok = sizeof(scalar_t) == 4;  // the last row may be gathered (no over-read)
-    const A vnan = std::numeric_limits<A>::quiet_NaN(), vninf = -std::numeric_limits<A>::infinity();
+    const int64_t* targets = p.targets;
+    const int64_t ignore_index = p.ignore_index, stride0 = p.stride0, sv = p.stride_v;
+    const bool rank2 = p.rank == 2;
     parallel_chunks(ntiles, grain, [&](int64_t begin, int64_t end) {
       __at_align__ A buf[R * kTileCols];
       TileRows<scalar_t, R> tr;
       TileSums<A> sums;
       for (int64_t tile = begin; tile < end; ++tile) {
         const int64_t r0 = tile * R, g = std::min(R, N - r0);
-        for (int64_t i = 0; i < R; ++i) {
-          if (i >= g) {
-            tr.row[i] = nullptr;
-            tr.tf[i] = A(-1);
-            tr.zy[i] = tr.il[i] = A(0);
-            tr.masked[i] = vnan;
-            continue;
-          }
-          const int64_t r = r0 + i, y = p.targets[r];
-          const scalar_t* row = logits + row_offset(p, r);
-          const int ts = rho::target_state(y, nv, p.ignore_index);
+        // Branch-free, with the loop invariants in locals (the stores into tr may alias p).
+        for (int64_t i = 0; i < g; ++i) {
+          const int64_t r = r0 + i, y = targets[r];
+          const bool ign = y == ignore_index;
+          const bool ok = !ign && static_cast<uint64_t>(y) < static_cast<uint64_t>(nv);
+          const scalar_t* row = logits + (rank2 ? r * stride0 : row_offset(p, r));
           tr.row[i] = row;
-          tr.tf[i] = ts == rho::kTargetOk ? static_cast<A>(y) : A(-1);
-          tr.zy[i] = ts == rho::kTargetOk ? to_acc(row[y * p.stride_v]) : A(0);
-          tr.il[i] = p.il != nullptr ? static_cast<A>(p.il[r]) : A(0);
-          tr.masked[i] = ts == rho::kTargetIgnored ? vninf : vnan;
+          tr.tf[i] = ok ? static_cast<A>(y) : (ign ? A(-1) : A(-2));
+          tr.zy[i] = to_acc(row[(ok ? y : 0) * sv]);
+        }
+        for (int64_t i = g; i < R; ++i) {
+          tr.row[i] = nullptr;
+          tr.tf[i] = A(-2);
+          tr.zy[i] = A(0);
         }
         const bool gather = gatherable && g == R && (tail_ok || r0 + R < N);
         tile_acc<scalar_t, M>(p, r0, g, gather, tr, buf, sums);
-        tile_finish<scalar_t, M>(r0, g, tr, sums, out);
+        tile_finish<scalar_t, M>(r0, g, p.il, tr, sums, out);
       }
     });
     return;
