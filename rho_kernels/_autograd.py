@@ -64,6 +64,9 @@ class _ScoreRows(torch.autograd.Function):
         score, lse = backends.get(forward_name).score_rows(p)
         ctx.save_for_backward(logits, targets, lse)
         ctx.config = (method, ignore_index, grad_name)
+        # ``score`` must not be the very tensor object of another op's result in this forward
+        # (a no-op .to()/.contiguous(), an in-place op): torch 2.11's torch.compile then gives
+        # zero gradients (pytorch/pytorch#180642).  Every backend's score_rows returns a fresh one.
         return score
 
     @staticmethod

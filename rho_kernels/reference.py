@@ -79,7 +79,12 @@ def score_rows(p: RowProblem) -> tuple[Tensor, Tensor]:
             score = torch.where(torch.isfinite(lse), score, nan)
     score = torch.where(out_of_range, nan, score)
     score = torch.where(ignored, torch.full_like(score, -math.inf), score)
-    return score.to(torch.float32), lse
+    # Convert only when the dtype differs: a same-dtype .to() returns its input, and torch 2.11's
+    # torch.compile then routes the gradient of _autograd._ScoreRows (whose forward returns this)
+    # to a dead output slot: all-zero gradients (pytorch/pytorch#180642, fixed in torch 2.12).
+    if score.dtype != torch.float32:
+        score = score.to(torch.float32)
+    return score, lse
 
 
 def eligible_rows(p: RowProblem, score: Tensor) -> Tensor:
