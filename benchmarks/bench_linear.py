@@ -17,9 +17,18 @@ loss, forward + backward (gradients to hidden and weight; Rho-1 ratio 0.6):
 Every variant runs in a fresh process: its peak extra memory is the growth of the process's
 peak resident set (VmHWM, reset before the call) above the resident set after the inputs were
 made, on the first call; then time = median of ``--repeats`` calls.  Numbers are ratios within
-one run on a machine that may be shared.
+one run on a machine that may be shared.  With ``--rounds R`` the variants of a task run in
+turn, R times over (a fresh process each time): a load change on a shared machine then hits
+every variant alike; time = median over all rounds' calls, memory = median of the rounds' peaks.
 
-    python benchmarks/bench_linear.py --json benchmarks/results/linear_cpu.json
+The loss's peak includes the gradients it returns (``hidden``'s ``[N, D]`` and ``weight``'s
+``[V, D]``, in the inputs' dtype), which every variant must produce and which the goal allows
+on top of one ``[chunk, V]`` block; ``peak_extra_beyond_gradients`` is the peak minus those
+outputs, and its ratio to the baseline's is reported next to the plain one.  (For half-precision
+inputs the fused loss also holds a float32 ``[V, D]`` sum of the weight gradient over its
+chunks: that is counted in the part beyond the outputs.)
+
+    python benchmarks/bench_linear.py --rounds 3 --repeats 1 --json benchmarks/results/linear_cpu.json
     python benchmarks/bench_linear.py --n 1024 --dtypes float32     # quick
 """
 
@@ -96,9 +105,13 @@ def run_variant(task: str, variant: str, n: int, d: int, v: int, dtype_name: str
         fn()
         times.append((time.perf_counter() - t0) * 1e3)
     times.sort()
+    size = torch.empty((), dtype=dtype).element_size()
+    grad_bytes = (n * d + v * d) * size if task == "loss" else 0  # the returned gradients
     return {"task": task, "variant": variant, "dtype": dtype_name, "n": n, "d": d, "v": v,
             "ms": times[len(times) // 2] if times else first_ms, "first_ms": first_ms, "all_ms": times,
-            "peak_extra_bytes": mem.peak, "logits_bytes": n * v * torch.empty((), dtype=dtype).element_size()}
+            "peak_extra_bytes": mem.peak, "gradient_output_bytes": grad_bytes,
+            "peak_extra_beyond_gradients": None if mem.peak is None else max(0, mem.peak - grad_bytes),
+            "logits_bytes": n * v * size}
 
 
 def main() -> None:
@@ -109,7 +122,8 @@ def main() -> None:
     ap.add_argument("--dtypes", nargs="+", default=list(DTYPES))
     ap.add_argument("--tasks", nargs="+", default=list(VARIANTS))
     ap.add_argument("--only", nargs="+", default=None, help="run only these variants (ratios need the baseline)")
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=3, help="timed calls per process (after the first)")
+    ap.add_argument("--rounds", type=int, default=1, help="fresh processes per variant, interleaved")
     ap.add_argument("--ratio", type=float, default=0.6, help="Rho-1 keep ratio of the loss")
     ap.add_argument("--k-ratio", type=float, default=0.1, help="k / N of the selection")
     ap.add_argument("--json", default=None)
@@ -127,44 +141,68 @@ def main() -> None:
 
     from rho_kernels.benchmark import environment
 
+    def child(task: str, variant: str, dtype_name: str) -> dict:
+        cmd = [sys.executable, os.path.abspath(__file__), "--n", str(args.n), "--d", str(args.d), "--v",
+               str(args.v), "--repeats", str(args.repeats), "--ratio", str(args.ratio), "--k-ratio",
+               str(args.k_ratio), "--child", task, f"{variant}|{dtype_name}"]
+        out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": ROOT})
+        if out.returncode != 0:
+            print(out.stderr[-2000:], file=sys.stderr)
+            raise SystemExit(f"variant {variant} ({dtype_name}) failed")
+        return json.loads(out.stdout.strip().splitlines()[-1])
+
+    def median(xs: list) -> float:
+        xs = sorted(xs)
+        return xs[len(xs) // 2] if len(xs) % 2 else (xs[len(xs) // 2 - 1] + xs[len(xs) // 2]) / 2
+
     rows = []
     for dtype_name in args.dtypes:
         for task in args.tasks:
-            for variant in VARIANTS[task]:
-                if args.only and variant not in args.only:
-                    continue
-                cmd = [sys.executable, os.path.abspath(__file__), "--n", str(args.n), "--d", str(args.d), "--v",
-                       str(args.v), "--repeats", str(args.repeats), "--ratio", str(args.ratio), "--k-ratio",
-                       str(args.k_ratio), "--child", task, f"{variant}|{dtype_name}"]
-                out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": ROOT})
-                if out.returncode != 0:
-                    print(out.stderr[-2000:], file=sys.stderr)
-                    raise SystemExit(f"variant {variant} ({dtype_name}) failed")
-                row = json.loads(out.stdout.strip().splitlines()[-1])
+            variants = [v for v in VARIANTS[task] if not args.only or v in args.only]
+            runs: dict[str, list] = {v: [] for v in variants}
+            for rnd in range(args.rounds):
+                for variant in variants:  # in turn: the rounds interleave the variants
+                    r = child(task, variant, dtype_name)
+                    runs[variant].append(r)
+                    print(f"{dtype_name:9s} {task:6s} {variant:40s} round {rnd + 1}: {r['ms']:9.0f} ms  "
+                          f"peak extra {r['peak_extra_bytes'] / 2**20:8.0f} MiB", flush=True)
+            for variant in variants:
+                rs = runs[variant]
+                row = dict(rs[0])
+                row["all_ms"] = [t for r in rs for t in (r["all_ms"] or [r["first_ms"]])]
+                row["ms"] = median(row["all_ms"])
+                row["first_ms"] = [r["first_ms"] for r in rs]
+                row["round_peaks"] = [r["peak_extra_bytes"] for r in rs]
+                row["peak_extra_bytes"] = median(row["round_peaks"])
+                row["peak_extra_beyond_gradients"] = max(0, row["peak_extra_bytes"] - row["gradient_output_bytes"])
                 rows.append(row)
-                print(f"{dtype_name:9s} {task:6s} {variant:40s} {row['ms']:9.0f} ms  "
-                      f"peak extra {row['peak_extra_bytes'] / 2**20:8.0f} MiB", flush=True)
     # Ratios against the materialised path with the fused op (the second variant of each task).
     for row in rows:
         base = next((r for r in rows if r["dtype"] == row["dtype"] and r["task"] == row["task"]
                      and r["variant"] == VARIANTS[row["task"]][1]), None)
         if base is None:
             row["time_vs_materialised"] = row["memory_vs_materialised"] = math.nan
+            row["memory_beyond_gradients_vs_materialised"] = math.nan
             continue
         row["time_vs_materialised"] = row["ms"] / base["ms"]
         row["memory_vs_materialised"] = (row["peak_extra_bytes"] / base["peak_extra_bytes"]
-                                         if base["peak_extra_bytes"] else None)
+                                         if base["peak_extra_bytes"] else math.nan)
+        row["memory_beyond_gradients_vs_materialised"] = (
+            row["peak_extra_beyond_gradients"] / base["peak_extra_beyond_gradients"]
+            if base["peak_extra_beyond_gradients"] else math.nan)
     print()
-    print(f"{'dtype':9s} {'task':6s} {'variant':40s} {'time/mat':>9s} {'mem/mat':>8s}")
+    print(f"{'dtype':9s} {'task':6s} {'variant':40s} {'time/mat':>9s} {'mem/mat':>8s} {'beyond grads':>12s}")
     for row in rows:
         print(f"{row['dtype']:9s} {row['task']:6s} {row['variant']:40s} {row['time_vs_materialised']:9.2f} "
-              f"{row['memory_vs_materialised']:8.3f}")
+              f"{row['memory_vs_materialised']:8.3f} {row['memory_beyond_gradients_vs_materialised']:12.3f}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"environment": environment(torch.device("cpu")),
                        "config": {"n": args.n, "d": args.d, "v": args.v, "ratio": args.ratio,
-                                  "k_ratio": args.k_ratio, "repeats": args.repeats,
+                                  "k_ratio": args.k_ratio, "repeats": args.repeats, "rounds": args.rounds,
                                   "peak_memory": "VmHWM growth of a fresh process over its first call",
+                                  "beyond_gradients": "peak minus the returned gradients' bytes, (N*D + V*D) "
+                                                      "in the inputs' dtype (loss only)",
                                   "baseline_variant": {t: VARIANTS[t][1] for t in VARIANTS}},
                        "results": rows}, f, indent=1)
 

@@ -346,13 +346,16 @@ def compile_job(job: dict) -> dict:
            "num_warps": job["options"]["num_warps"], "threads": 32 * job["options"]["num_warps"],
            "example": job["cases"][0], "cases": len(job["cases"])}
     t0, c0 = time.perf_counter(), _cpu_seconds()
-    try:
-        src = ASTSource(kern, job["signature"], job["constexprs"], job["attrs"])
-        compiled = triton.compile(src, target=GPUTarget("cuda", cc, 32), options=job["options"])
-    except Exception as e:  # noqa: BLE001 - a compile error is a result, reported per variant
-        rec.update(error=f"{type(e).__name__}: {e}", compile_s=round(time.perf_counter() - t0, 2),
-                   compile_cpu_s=round(_cpu_seconds() - c0, 2))
-        return rec
+    # A cold compile: an empty cache directory per job (a warm ~/.triton/cache would report ~0 s).
+    with tempfile.TemporaryDirectory() as cache:
+        os.environ["TRITON_CACHE_DIR"] = cache
+        try:
+            src = ASTSource(kern, job["signature"], job["constexprs"], job["attrs"])
+            compiled = triton.compile(src, target=GPUTarget("cuda", cc, 32), options=job["options"])
+        except Exception as e:  # noqa: BLE001 - a compile error is a result, reported per variant
+            rec.update(error=f"{type(e).__name__}: {e}", compile_s=round(time.perf_counter() - t0, 2),
+                       compile_cpu_s=round(_cpu_seconds() - c0, 2))
+            return rec
     rec["compile_s"] = round(time.perf_counter() - t0, 2)
     # CPU seconds (this process + the ptxas triton ran): on a busy shared machine the wall
     # time above measures the load; this measures the compile.

@@ -8,8 +8,11 @@ loss.  Then, from the same initialisation and for the same number of steps on th
 batches:
 
 * ``all_tokens``    -- cross-entropy on every token (the baseline);
-* ``rho1``          -- ``rk.selective_cross_entropy``: only the ``--ratio`` fraction of tokens with
-                       the highest excess loss (CE - reference CE) of each batch is trained on;
+* ``rho1``          -- ``rk.selective_linear_cross_entropy``: only the ``--ratio`` fraction of tokens
+                       with the highest excess loss (CE - reference CE) of each batch is trained
+                       on, computed from the hidden states and the LM head (the op's logits exist
+                       one chunk of tokens at a time, as they must at a real vocabulary; the
+                       reference loss comes from ``rk.linear_score`` the same way);
 * ``random_subset`` -- the same number of tokens chosen uniformly at random (control: is it the
                        choice of tokens, or just fewer tokens?).
 
@@ -88,12 +91,20 @@ class TinyLM(nn.Module):
         self.emb = nn.Embedding(vocab + 1, dim)  # id `vocab` = BOS padding
         self.mlp = nn.Sequential(nn.Linear(context * dim, hidden), nn.GELU(), nn.Linear(hidden, vocab))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x [B, T] -> logits [B, T, V]; position t predicts token t + 1."""
+    @property
+    def lm_head(self) -> nn.Linear:
+        """The output layer: hidden [.., hidden] -> logits [.., V]."""
+        return self.mlp[2]
+
+    def hidden_states(self, x: torch.Tensor) -> torch.Tensor:
+        """x [B, T] -> the hidden states [B, T, hidden] that the LM head maps to logits."""
         pad = torch.full((x.shape[0], self.context - 1), self.vocab, dtype=x.dtype)
         windows = torch.cat([pad, x], 1).unfold(1, self.context, 1)  # [B, T, context]
-        h = self.emb(windows).flatten(2)
-        return self.mlp(h)
+        return self.mlp[1](self.mlp[0](self.emb(windows).flatten(2)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [B, T] -> logits [B, T, V]; position t predicts token t + 1."""
+        return self.lm_head(self.hidden_states(x))
 
 
 def n_params(model: nn.Module) -> int:
@@ -135,23 +146,30 @@ def train(cfg, mode: str, text: MarkovText, reference: TinyLM, batches, eval_x, 
     t0 = time.perf_counter()
     for step, (x, replaced) in enumerate(batches):
         inputs, targets, noisy = x[:, :-1], x[:, 1:], replaced[:, 1:]
-        logits = model(inputs)
         if mode == "all_tokens":
-            loss = F.cross_entropy(logits.reshape(-1, text.vocab), targets.reshape(-1))
+            loss = F.cross_entropy(model(inputs).reshape(-1, text.vocab), targets.reshape(-1))
         elif mode == "rho1":
+            # Hidden states and the head only: no [B, T, V] logits, for either model.
+            head = model.lm_head
+            hidden = model.hidden_states(inputs)
             with torch.no_grad():
-                ref_loss = F.cross_entropy(reference(inputs).reshape(-1, text.vocab), targets.reshape(-1),
-                                           reduction="none").view_as(targets)
-            loss = rk.selective_cross_entropy(logits, targets, ref_loss, cfg.ratio)
+                ref_head = reference.lm_head
+                ref_loss = rk.linear_score(reference.hidden_states(inputs), ref_head.weight, targets,
+                                           bias=ref_head.bias, method="loss")
+            loss = rk.selective_linear_cross_entropy(hidden, head.weight, targets, ref_loss, cfg.ratio,
+                                                     bias=head.bias)
             with torch.no_grad():
-                mask = rk.select_mask(logits, targets, ref_loss, cfg.ratio)
+                # Which tokens the loss kept: its ratio rule on the same excess-loss scores.
+                excess = rk.linear_score(hidden, head.weight, targets, ref_loss, bias=head.bias).reshape(-1)
+                every = torch.ones_like(excess, dtype=torch.bool)
+                mask = rk.tokens.top_fraction_mask(excess, every, every, cfg.ratio).view_as(targets)
                 picked_noisy += int((mask & noisy).sum())
                 picked_total += int(mask.sum())
         elif mode == "random_subset":
             k = rk.tokens.kept_count(targets.numel(), cfg.ratio)  # the rounding rule of select_mask
             keep = torch.zeros(targets.numel(), dtype=torch.bool)
             keep[torch.randperm(targets.numel(), generator=g)[:k]] = True
-            ce = F.cross_entropy(logits.reshape(-1, text.vocab), targets.reshape(-1), reduction="none")
+            ce = F.cross_entropy(model(inputs).reshape(-1, text.vocab), targets.reshape(-1), reduction="none")
             loss = ce[keep].mean()
         else:
             raise ValueError(mode)

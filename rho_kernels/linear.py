@@ -40,9 +40,12 @@ __all__ = ["linear_score", "linear_select", "linear_select_sequences", "selectiv
 
 # Bytes of one [chunk, V] logits block when chunk_size is None: large enough that the matmul runs
 # at full speed, small next to the [N, V] logits it replaces.  CPU: above glibc's largest mmap
-# threshold (32 MiB), so that every freed block goes back to the OS; 32 MiB blocks measured a
-# 2-8x higher peak RSS (heap fragmentation, benchmarks/results/linear_cpu_*_budget32.json).
-CHUNK_BUDGET_BYTES: dict[str, int] = {"cpu": 64 << 20, "cuda": 1 << 30}
+# threshold (32 MiB), so that every block is its own mapping, returned to the OS when freed.  At
+# or below it, the dynamic threshold puts the blocks on the heap, where they sometimes pile up
+# instead of being reused: one run of linear_select at [8192, 1024] x [32000, 1024] float32 with
+# 32 MiB blocks peaked at 967 MiB of resident memory, the next identical run at 40 MiB (36 MiB
+# with MALLOC_MMAP_THRESHOLD_ fixed at 16 MiB).  48 MiB: a bf16 block is 786 rows at V = 32000.
+CHUNK_BUDGET_BYTES: dict[str, int] = {"cpu": 48 << 20, "cuda": 1 << 30}
 DEFAULT_CHUNK_BUDGET_BYTES = 256 << 20
 # Vocabulary rows per update of a float32 weight-gradient accumulator.
 _W_SLICE = 4096
@@ -309,6 +312,9 @@ class _SelectiveLinearCE(torch.autograd.Function):
             scores.append(s)
             lses.append(lse)
             eligibles.append(e)
+            # Free this block before the next one is computed: two would be alive during the
+            # next F.linear (the old one still bound to z), doubling the peak.
+            del z, pc
         acc = _contract.lse_dtype(hidden.dtype)
         if group is not None:  # vocabulary parallel: merged partials of every rank
             f = _score_chunks_sharded(p, hidden, weight, bias, chunk, vocab_start, group)
@@ -371,17 +377,26 @@ class _SelectiveLinearCE(torch.autograd.Function):
             if need_w:
                 # Unselected candidates add nothing, even a NaN/inf hidden state (0 * NaN would).
                 hc = torch.where(live, sel_h[r0:r1], 0.0)
-                if i == 0:
-                    grad_w = (gz.t() @ hc).to(w_acc)  # no zero fill of a [V, D] buffer
+                if i == 0 and w_acc == weight.dtype:
+                    grad_w = gz.t() @ hc  # no zero fill of a [V, D] buffer
                 elif w_acc == weight.dtype:
                     grad_w.addmm_(gz.t(), hc)
                 else:
                     # Half-precision products added to the float32 sum a vocabulary slice at a
-                    # time: no [V, D] temporary.
+                    # time: no [V, D] temporary in the weight's dtype next to the float32 sum.
+                    if i == 0:
+                        grad_w = torch.empty(weight.shape, dtype=w_acc, device=weight.device)
                     for v0 in range(0, weight.shape[0], _W_SLICE):
-                        grad_w[v0:v0 + _W_SLICE] += gz[:, v0:v0 + _W_SLICE].t() @ hc
+                        part = gz[:, v0:v0 + _W_SLICE].t() @ hc
+                        # add_ on the view: "grad_w[a:b] += part" would also copy the slice
+                        # onto itself (Python's setitem after the in-place add).
+                        if i == 0:
+                            grad_w[v0:v0 + _W_SLICE].copy_(part)
+                        else:
+                            grad_w[v0:v0 + _W_SLICE].add_(part)
             if need_b:
                 grad_b += gz.sum(0, dtype=acc)
+            del z, gz  # one [chunk, V] block alive at a time (see the forward)
         return (
             None if grad_h is None else grad_h.view(hidden.shape),
             None if grad_w is None else grad_w.to(weight.dtype),

@@ -10,6 +10,7 @@ from torch import nn
 import rho_kernels as rk
 from rho_kernels.training import (
     IrreducibleLossStore,
+    TokenLossStore,
     OnlineBatchSelector,
     SELECTOR_METHODS,
     constant_temperature,
@@ -507,3 +508,190 @@ def test_repr_says_what_the_selector_does():
                    "constant 0.5", "score_mode='train'", "restore_buffers=True", "step=0"):
         assert needle in r, (needle, r)
     assert "k=8" in repr(OnlineBatchSelector(_model(), None, "loss", k=8))
+
+
+# ---------------------------------------------------------------------------- language models
+# Sequence candidates scored from hidden states and the LM head (no [n_B * T, V] logits).
+B_LM, T_LM, D_LM, V_LM = 12, 6, 8, 37
+
+
+class _TinyLM(nn.Module):
+    def __init__(self, seed):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.embed = nn.Embedding(V_LM, D_LM)
+        self.body = nn.Sequential(nn.Linear(D_LM, D_LM), nn.Tanh())
+        self.lm_head = nn.Linear(D_LM, V_LM)
+
+    def hidden(self, x):
+        return self.body(self.embed(x))
+
+    def forward(self, x):
+        return self.lm_head(self.hidden(x))
+
+
+def _lm_batch(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(0, V_LM, (B_LM, T_LM), generator=g)
+    y = torch.randint(0, V_LM, (B_LM, T_LM), generator=g)
+    y[1, 3:] = -100  # padding
+    y[4] = -100      # a sequence without a counted token: never picked before the others
+    return torch.arange(B_LM), x, y
+
+
+def _token_store(y, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    ref = torch.rand(y.shape, generator=g) * 3
+    return TokenLossStore(torch.where(y == -100, math.nan, ref))
+
+
+class _HeadSpy:
+    """Records the row count of every F.linear call with the LM head's weight."""
+
+    def __init__(self, monkeypatch, head_weight):
+        self.rows, self.dtypes = [], []
+        real = F.linear
+
+        def spy(inp, weight, bias=None):
+            out = real(inp, weight, bias)
+            if weight.shape == head_weight.shape:
+                self.rows.append(out.reshape(-1, out.shape[-1]).shape[0])
+                self.dtypes.append(weight.dtype)
+            return out
+
+        monkeypatch.setattr(torch.nn.functional, "linear", spy)
+
+
+def _lm_selector(model, il, **kw):
+    return OnlineBatchSelector(model, il, head=lambda m: m.lm_head, forward=lambda m, x: m.hidden(x),
+                               score_mode="eval", **kw)
+
+
+@pytest.mark.parametrize("k", [3, B_LM])
+def test_lm_head_selection_equals_select_sequences_on_materialised_logits(k, monkeypatch):
+    idx, x, y = _lm_batch()
+    model = _TinyLM(0)
+    store = _token_store(y)
+    with torch.no_grad():
+        want = rk.select_sequences(model(x), y, store.values, k)
+    sel = _lm_selector(model, store, k=k, chunk_size=5, invalid="keep")
+    spy = _HeadSpy(monkeypatch, model.lm_head.weight)
+    got_idx, got_x, got_y = sel.select((idx, x, y))
+    assert torch.equal(got_idx, want.indices)
+    assert torch.equal(got_x, x[want.indices]) and torch.equal(got_y, y[want.indices])
+    torch.testing.assert_close(sel.last.scores, want.scores, rtol=1e-5, atol=1e-5, equal_nan=True)
+    assert torch.equal(sel.last.valid, want.valid)
+    # The head saw blocks of at most chunk_size tokens, covering every token once.
+    assert max(spy.rows) <= 5 and sum(spy.rows) == B_LM * T_LM, spy.rows
+    if k == B_LM:
+        assert not sel.last.valid[-1] and sel.last.positions[-1] == 4
+
+
+def test_lm_head_default_chunk_follows_the_memory_budget(monkeypatch):
+    import rho_kernels.linear as rk_linear
+
+    idx, x, y = _lm_batch(1)
+    model = _TinyLM(1)
+    store = _token_store(y, 2)
+    want = _lm_selector(model, store, k=4).select((idx, x, y))[0]
+    # A budget of 4 logits rows (float32): the op must cut the B*T tokens into blocks of 4.
+    monkeypatch.setitem(rk_linear.CHUNK_BUDGET_BYTES, "cpu", 4 * V_LM * 4)
+    spy = _HeadSpy(monkeypatch, model.lm_head.weight)
+    got = _lm_selector(model, store, k=4).select((idx, x, y))[0]
+    assert torch.equal(got, want)
+    assert max(spy.rows) == 4 and sum(spy.rows) == B_LM * T_LM, spy.rows
+
+
+def test_lm_sequence_scores_are_mean_token_reducible_loss_from_every_il_source():
+    idx, x, y = _lm_batch(2)
+    model, il_model = _TinyLM(2), _TinyLM(3)
+    counted = y != -100
+    with torch.no_grad():
+        ce = F.cross_entropy(model(x).transpose(1, 2), y, reduction="none")
+        il_tok = F.cross_entropy(il_model(x).transpose(1, 2), y, reduction="none")
+
+    def mean(t):
+        return torch.where(counted, t, 0).sum(1) / counted.sum(1)
+
+    # The IL model through its own head, per token (hidden states + head for it too).
+    by_model = _lm_selector(model, il_model).score((idx, x, y))
+    torch.testing.assert_close(by_model, mean(ce - il_tok), rtol=1e-5, atol=1e-5, equal_nan=True)
+    assert torch.isnan(by_model[4])  # no counted token
+    # A per-token store holding the same losses gives the same scores.
+    tok_store = TokenLossStore(torch.where(counted, il_tok, math.nan))
+    torch.testing.assert_close(_lm_selector(model, tok_store).score((idx, x, y)), by_model, equal_nan=True)
+    # A per-sequence store: one IL per sequence, for each of its tokens -> mean CE - IL.
+    seq_store = IrreducibleLossStore(torch.nan_to_num(mean(il_tok)))
+    want = mean(ce) - seq_store.losses
+    torch.testing.assert_close(_lm_selector(model, seq_store).score((idx, x, y)), want, rtol=1e-5, atol=1e-5,
+                               equal_nan=True)
+    # Without head=, the same sequence rule on materialised [n_B, T, V] logits.
+    plain = OnlineBatchSelector(model, seq_store, score_mode="eval").score((idx, x, y))
+    torch.testing.assert_close(plain, want, rtol=1e-5, atol=1e-5, equal_nan=True)
+    # Other methods: the op's token score, averaged per sequence.
+    ent = _lm_selector(model, None, method="entropy").score((idx, x, y))
+    with torch.no_grad():
+        want_ent = rk.select_sequences(model(x), y, k=B_LM, method="entropy")
+    torch.testing.assert_close(ent[want_ent.indices], want_ent.scores, rtol=1e-5, atol=1e-5, equal_nan=True)
+    irr = _lm_selector(model, tok_store, method="irreducible").score((idx, x, y))
+    torch.testing.assert_close(irr, mean(-il_tok), rtol=1e-5, atol=1e-5, equal_nan=True)
+
+
+def test_lm_head_tied_weight_bf16_autocast_and_classification_rows(monkeypatch):
+    idx, x, y = _lm_batch(3)
+    model = _TinyLM(3)
+    store = _token_store(y, 4)
+    # A [V, D] weight tensor as the head (tied embeddings have no bias).
+    tied = OnlineBatchSelector(model, store, k=4, head=lambda m: m.lm_head.weight,
+                               forward=lambda m, x: m.hidden(x), score_mode="eval").score((idx, x, y))
+    with torch.no_grad():
+        logits = F.linear(model.hidden(x), model.lm_head.weight)
+    want = rk.select_sequences(logits, y, store.values, B_LM)
+    torch.testing.assert_close(tied[want.indices], want.scores, rtol=1e-5, atol=1e-5, equal_nan=True)
+    # Under bf16 autocast the hidden states are bf16: the head is cast to them, as autocast does.
+    spy = _HeadSpy(monkeypatch, model.lm_head.weight)
+    amp = _lm_selector(model, store, k=4, autocast_dtype=torch.bfloat16).select((idx, x, y))[0]
+    assert amp.shape == (4,) and set(spy.dtypes) == {torch.bfloat16}
+    assert model.lm_head.weight.dtype == torch.float32  # the model is untouched
+    # Rows (targets [n_B]): hidden [n_B, D] and the head give select's ranking of the logits.
+    bidx, bx, by = _batch(5)
+    clf = _model(5)
+    sel = OnlineBatchSelector(clf, _store(), k=10, head=lambda m: m[2], forward=lambda m, x: m[1](m[0](x)),
+                              score_mode="eval")
+    with torch.no_grad():
+        want_rows = rk.select(clf(bx), by, _store().losses, 10).indices
+    assert torch.equal(sel.select((bidx, bx, by))[0], want_rows)
+
+
+def test_lm_head_bad_arguments():
+    idx, x, y = _lm_batch()
+    model = _TinyLM(0)
+    with pytest.raises(TypeError, match="head must be a function"):
+        OnlineBatchSelector(model, None, "loss", head=model.lm_head.weight)
+    with pytest.raises(ValueError, match="chunk_size"):
+        OnlineBatchSelector(model, None, "loss", head=lambda m: m.lm_head, chunk_size=0)
+    with pytest.raises(TypeError, match=r"head\(model\) must return"):
+        OnlineBatchSelector(model, None, "loss", head=lambda m: m.body, forward=lambda m, x: m.hidden(x)).select((x, y))
+    with pytest.raises(ValueError, match="TokenLossStore holds per-token"):
+        OnlineBatchSelector(_model(), TokenLossStore(torch.rand(N, 3)), k=4).select(_batch())
+    with pytest.raises(ValueError, match=r"\[n_B, T\]"):
+        OnlineBatchSelector(model, None, "loss", k=2).select((x, y[:, :, None]))
+    with pytest.raises(ValueError, match="does not match the leading dims"):  # hidden [n_B, D] for [n_B, T] targets
+        OnlineBatchSelector(model, None, "loss", k=2, head=lambda m: m.lm_head,
+                            forward=lambda m, x: m.hidden(x)[:, 0]).select((x, y))
+    r = repr(_lm_selector(model, _token_store(y), k=2, chunk_size=7))
+    assert "TokenLossStore(12 sequences)" in r and "chunk_size=7" in r
+
+
+def test_lm_head_hot_path_traces_without_graph_breaks():
+    # Fresh dynamo state: after the other hot-path test, this second compile of select would be
+    # traced with dynamic shapes (a fixed candidate count compiles once, with static ones).
+    torch._dynamo.reset()
+    idx, x, y = _lm_batch(6)
+    model = _TinyLM(6)
+    store = _token_store(y, 6)
+    sel = OnlineBatchSelector(model, store, k=4, invalid="keep", score_mode="current", backend="reference",
+                              head=lambda m: m.lm_head, forward=lambda m, x: m.hidden(x), chunk_size=16)
+    got = torch.compile(sel.select, fullgraph=True, backend="eager")((idx, x, y))
+    want = _lm_selector(model, store, k=4, invalid="keep").select((idx, x, y))
+    assert torch.equal(got[0], want[0])

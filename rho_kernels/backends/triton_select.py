@@ -476,6 +476,8 @@ def _plan(logits: Tensor, n: int, v: int) -> _Plan:
         # took 164-255 registers and spilled at [64, 64]).
         block_v = v_p2
         block_r = min(128, max(4, 512 // v_p2))
+        if esize == 8:  # float64 tiles of 4096 took ~240 registers (gradnorm, sm_80/90): <= 1024
+            block_r = max(1, min(block_r, 1024 // v_p2))
         warps = 4
     elif v_p2 <= whole_max:  # medium V: the whole row in one load
         block_v, block_r = v_p2, 1

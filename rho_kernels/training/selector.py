@@ -22,6 +22,18 @@ Selection keys per method (higher = picked first):
   (``key = score / T + Gumbel(0, 1)``; the top k keys are an exact sample without replacement
   of the Plackett-Luce distribution -- no duplicates, unlike the paper's code).
 
+Language models (sequence-level RHO-LOSS): with targets ``y`` of shape ``[n_B, T]`` a
+candidate is a sequence and its score is the mean of its token scores over the non-ignored
+tokens (the rule of :func:`rho_kernels.select_sequences`).  At vocabulary scale the scoring
+pass should not build ``[n_B, T, V]`` logits: pass ``head=`` (e.g. ``lambda m: m.lm_head``) and a
+``forward`` that returns the hidden states ``[n_B, T, D]`` before that head; the token scores
+then come from :func:`rho_kernels.linear_score`, which computes the logits one ``[chunk, V]``
+block at a time::
+
+    selector = OnlineBatchSelector(model, token_store, ratio=0.1, head=lambda m: m.lm_head,
+                                   forward=lambda m, x: m.backbone(x))   # hidden [n_B, T, D]
+    index, x, y = selector.select((index, x, y))                        # y: [n_B, T]
+
 Batches: ``(index, x, y)`` or ``(x, y)``; ``x`` (and ``index``) may be a tensor or a nested
 tuple/list/dict.  Every tensor in the batch must have the candidate count ``n_B`` (``len(y)``)
 as its first dimension (ValueError naming the field otherwise); a list or tuple of plain
@@ -41,10 +53,12 @@ import torch
 from torch import Tensor, nn
 
 from .. import api as rk  # the public op API only (the package imports this layer)
+from ..linear import linear_score
 from ..tokens import kept_count
 
 from .distributed import global_select, topk_by_key, world_info
 from .il_store import IrreducibleLossStore
+from .token_store import TokenLossStore
 
 __all__ = [
     "OnlineBatchSelector",
@@ -61,6 +75,8 @@ __all__ = [
 SELECTOR_METHODS: tuple[str, ...] = tuple(rk.METHODS) + ("uniform",)
 IL_METHODS = ("reducible", "irreducible")
 Temperature = Union[None, float, Callable[[int], float]]
+# head(model) -> the model's output layer: an nn.Linear, or a [V, D] weight (no bias).
+Head = Callable[[nn.Module], Union[nn.Linear, Tensor]]
 
 
 # ---------------------------------------------------------------------------- schedules
@@ -358,10 +374,14 @@ class OnlineBatchSelector:
 
     Args:
         model: the model being trained; it scores the candidates (``forward(model, x)`` gives
-            logits ``[n_B, V]``).
+            logits ``[n_B, V]``, or ``[n_B, T, V]`` for sequences; with ``head`` the hidden
+            states before the head instead).
         irreducible: where the irreducible loss comes from: an :class:`IrreducibleLossStore`
-            (looked up by the batch's dataset indices -- the usual, cheap way), an ``nn.Module``
-            IL model (run on every candidate batch under ``no_grad`` in eval mode), or None for
+            (looked up by the batch's dataset indices -- the usual, cheap way; for sequences it
+            holds one value per sequence, e.g. the IL model's mean token loss, used for every
+            token), a :class:`TokenLossStore` (sequences: the reference model's per-token loss,
+            ``[n_B, T]`` gathered by index), an ``nn.Module`` IL model (run on every candidate
+            batch under ``no_grad`` in eval mode; per-token loss for sequences), or None for
             methods that do not read it.
         method: one of :data:`SELECTOR_METHODS` (``reducible`` = RHO-LOSS).
         ratio: ``n_b / n_B`` (default 0.1: 32 of 320, the paper's setting).  ``n_b`` is
@@ -382,8 +402,19 @@ class OnlineBatchSelector:
             side effect: the scoring pass also updates the running statistics with the large
             candidate batch.  Other buffers a custom module changes in ``forward`` are not
             restored.
-        forward: ``forward(model, x) -> logits``, for models that need more than ``model(x)``.
+        forward: ``forward(model, x) -> logits``, for models that need more than ``model(x)``
+            (with ``head``: ``-> hidden states``).
         il_forward: the same for an IL model (default: ``forward``).
+        head: score from hidden states and the output layer without materialising the logits:
+            ``head(model)`` returns the layer, an ``nn.Linear`` ``V x D`` (weight and bias) or a
+            ``[V, D]`` weight tensor (e.g. tied embeddings: ``lambda m: m.embed.weight``); it is
+            applied to the IL model too when that is an ``nn.Module``.  ``forward`` then returns
+            hidden states ``[n_B, D]`` (targets ``[n_B]``) or ``[n_B, T, D]`` (targets
+            ``[n_B, T]``), and the scores come from :func:`rho_kernels.linear_score`: the logits
+            exist one ``[chunk, V]`` block at a time.  The head is cast to the hidden states'
+            dtype when they differ (bf16 hidden states under autocast), as autocast casts it.
+        chunk_size: rows (tokens) per logits block with ``head`` (None: from the op's memory
+            budget, ``rho_kernels.linear.CHUNK_BUDGET_BYTES``).
         autocast_dtype: run the scoring forward passes under ``torch.autocast`` with this
             dtype (e.g. ``torch.bfloat16``); None uses whatever autocast the caller is in.  The
             op accepts bf16/fp16 logits and accumulates in float32.
@@ -439,16 +470,25 @@ class OnlineBatchSelector:
         score_uniform: bool = False,
         score_method: str = "loss",
         backend: str = "auto",
+        head: Optional[Head] = None,
+        chunk_size: Optional[int] = None,
     ) -> None:
         k_arg = k
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
         if method not in SELECTOR_METHODS:
             raise ValueError(f"unknown method {method!r}; expected one of {list(SELECTOR_METHODS)}")
-        if irreducible is not None and not isinstance(irreducible, (IrreducibleLossStore, nn.Module)):
+        if irreducible is not None and not isinstance(irreducible, (IrreducibleLossStore, TokenLossStore, nn.Module)):
             raise TypeError(
-                f"irreducible must be an IrreducibleLossStore, an nn.Module or None, got {type(irreducible).__name__}"
+                f"irreducible must be an IrreducibleLossStore, a TokenLossStore, an nn.Module or None, "
+                f"got {type(irreducible).__name__}"
             )
+        if head is not None and not callable(head):
+            raise TypeError(f"head must be a function model -> nn.Linear or [V, D] weight (e.g. lambda m: m.lm_head), "
+                            f"got {type(head).__name__}")
+        if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
+                                       or chunk_size < 1):
+            raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
         needs_il = method in IL_METHODS or (method == "uniform" and score_uniform and score_method in IL_METHODS)
         if needs_il and irreducible is None:
             raise ValueError(f"method {method!r} needs an irreducible-loss store or IL model, got None")
@@ -497,6 +537,8 @@ class OnlineBatchSelector:
         self.score_uniform = score_uniform
         self.score_method = score_method
         self.backend = backend
+        self.head = head
+        self.chunk_size = chunk_size
         self.step = 0
         self.stats = SelectorStats()
         self.last: Optional[PickInfo] = None
@@ -523,17 +565,50 @@ class OnlineBatchSelector:
 
     @torch.no_grad()
     def irreducible_loss(self, x: Any, y: Tensor, index: Optional[Tensor]) -> Tensor:
-        """IL of the candidates: gathered from the store or computed by the IL model."""
+        """IL of the candidates, ``y``'s shape: gathered from the store or computed by the IL model."""
         src = self.irreducible
+        if isinstance(src, (IrreducibleLossStore, TokenLossStore)) and index is None:
+            raise ValueError("an IL store needs batches (index, x, y) with dataset indices, got (x, y)")
         if isinstance(src, IrreducibleLossStore):
-            if index is None:
-                raise ValueError("an IL store needs batches (index, x, y) with dataset indices")
-            return src.gather(torch.as_tensor(index), device=y.device)
+            il = src.gather(torch.as_tensor(index), device=y.device)
+            # Sequences: one IL per sequence, the same for each of its tokens (the mean token
+            # score is then mean CE - IL).
+            return il if y.dim() == 1 else il[:, None].expand(y.shape)
+        if isinstance(src, TokenLossStore):
+            if y.dim() != 2:
+                raise ValueError(f"a TokenLossStore holds per-token losses: it needs sequence targets y [n_B, T], "
+                                 f"got shape {tuple(y.shape)}")
+            return src.gather(torch.as_tensor(index), length=y.shape[1], device=y.device)
         assert isinstance(src, nn.Module)
         dev = _first_tensor(x).device
         with _mode(src, False), self._autocast(dev):
-            il_logits = self.il_forward(src, x)
-        return rk.score(il_logits, y, method="loss", ignore_index=self.ignore_index, backend=self.backend)
+            out = self.il_forward(src, x)
+        return self._op_score(src, out, y, None, "loss")
+
+    def _head(self, model: nn.Module, hidden: Tensor) -> tuple[Tensor, Optional[Tensor]]:
+        """(weight, bias) of ``head(model)``, in the hidden states' dtype."""
+        layer = self.head(model)
+        if isinstance(layer, nn.Linear):
+            weight, bias = layer.weight, layer.bias
+        elif isinstance(layer, Tensor):
+            weight, bias = layer, None
+        else:
+            raise TypeError(f"head(model) must return an nn.Linear or a [V, D] weight tensor, "
+                            f"got {type(layer).__name__}")
+        if weight.dtype != hidden.dtype and hidden.dtype.is_floating_point:
+            # What autocast does to F.linear's weight: a copy of the head in the compute dtype.
+            weight = weight.to(hidden.dtype)
+            bias = None if bias is None else bias.to(hidden.dtype)
+        return weight, bias
+
+    def _op_score(self, model: nn.Module, out: Tensor, y: Tensor, il: Optional[Tensor], method: str) -> Tensor:
+        """Per-row (per-token for sequences) scores, ``y``'s shape, of the model output ``out``:
+        logits, or hidden states and the model's head (never the full logits)."""
+        if self.head is None:
+            return rk.score(out, y, il, method=method, ignore_index=self.ignore_index, backend=self.backend)
+        weight, bias = self._head(model, out)
+        return linear_score(out, weight, y, il, bias=bias, method=method, ignore_index=self.ignore_index,
+                            chunk_size=self.chunk_size, backend=self.backend)
 
     @torch.no_grad()
     def score(self, batch: Any, method: Optional[str] = None) -> Tensor:
@@ -545,16 +620,26 @@ class OnlineBatchSelector:
         il = self.irreducible_loss(x, y, index) if method in IL_METHODS else None
         if method == "irreducible":
             # -IL needs no forward pass of the model; the op masks ignored targets.
-            logits = il.new_zeros((1, 1)).expand(y.shape[0], 1)
-            return rk.score(logits, torch.where(y == self.ignore_index, y, torch.zeros_like(y)), il,
-                            method="irreducible", ignore_index=self.ignore_index, backend=self.backend)
+            logits = il.new_zeros((1,) * (y.dim() + 1)).expand(*y.shape, 1)
+            tok = rk.score(logits, torch.where(y == self.ignore_index, y, torch.zeros_like(y)), il,
+                           method="irreducible", ignore_index=self.ignore_index, backend=self.backend)
+            return self._per_candidate(tok, y)
         train = {"train": True, "eval": False, "current": None}[self.score_mode]
         dev = _first_tensor(x).device
         restore = self.restore_buffers and self.score_mode != "eval"
         with torch.no_grad(), _restore_norm_buffers(self.model, restore), _mode(self.model, train), \
                 self._autocast(dev):
-            logits = self.forward(self.model, x)
-        return rk.score(logits, y, il, method=method, ignore_index=self.ignore_index, backend=self.backend)
+            out = self.forward(self.model, x)
+        return self._per_candidate(self._op_score(self.model, out, y, il, method), y)
+
+    def _per_candidate(self, tok: Tensor, y: Tensor) -> Tensor:
+        """Rows: the scores as they are.  Sequences: the mean token score over the non-ignored
+        tokens, as ``select_sequences`` computes it (float64 sum; NaN without such tokens)."""
+        if y.dim() == 1:
+            return tok
+        counted = y != self.ignore_index
+        total = torch.where(counted, tok.to(torch.float64), 0.0).sum(1)
+        return (total / counted.sum(1)).to(torch.float32)
 
     @staticmethod
     def _unpack(batch: Any) -> tuple[Optional[Tensor], Any, Tensor]:
@@ -564,8 +649,9 @@ class OnlineBatchSelector:
             index, x, y = batch
         else:
             index, (x, y) = None, batch
-        if not isinstance(y, Tensor) or y.dim() != 1:
-            raise ValueError(f"targets y must be a 1-D tensor [n_B], got {getattr(y, 'shape', type(y).__name__)}")
+        if not isinstance(y, Tensor) or y.dim() not in (1, 2):
+            raise ValueError(f"targets y must be [n_B] (examples) or [n_B, T] (sequences), "
+                             f"got {getattr(y, 'shape', type(y).__name__)}")
         return index, x, y
 
     # ------------------------------------------------------------------ the step
@@ -588,6 +674,8 @@ class OnlineBatchSelector:
         k = self.num_picks(n)
         dev = y.device
         eligible = y != self.ignore_index
+        if y.dim() == 2:  # a sequence counts when it has a non-ignored token
+            eligible = eligible.any(1)
         if noisy is not None:
             noisy = torch.as_tensor(noisy, device=dev).to(torch.bool)
             if noisy.shape != (n,):
@@ -654,7 +742,8 @@ class OnlineBatchSelector:
             return (f"{head} (ignored targets, y == ignore_index={self.ignore_index}, or NaN scores). "
                     f"Check the targets and the irreducible loss{tail}")
         bad_pos = info.positions[bad]
-        ignored = int((y.index_select(0, bad_pos) == self.ignore_index).sum())
+        ign = y.index_select(0, bad_pos) == self.ignore_index
+        ignored = int((ign if y.dim() == 1 else ign.all(1)).sum())
         nan = int(bad_pos.numel()) - ignored
         causes, fixes = [], []
         if ignored:
@@ -712,6 +801,8 @@ class OnlineBatchSelector:
             il = "None"
         elif isinstance(src, IrreducibleLossStore):
             il = f"IrreducibleLossStore({len(src)} examples)"
+        elif isinstance(src, TokenLossStore):
+            il = f"TokenLossStore({len(src)} sequences)"
         else:
             il = f"{type(src).__name__} (IL model)"
         size = f"k={self.k}" if self.k is not None else f"ratio={self.ratio}"
@@ -724,6 +815,9 @@ class OnlineBatchSelector:
             parts.append(f"distributed={self.distributed!r}")
         if self.method == "uniform" and self.score_uniform:
             parts.append(f"score_method={self.score_method!r}")
+        if self.head is not None:
+            parts.append("head=<hidden states + LM head>" + ("" if self.chunk_size is None
+                                                            else f", chunk_size={self.chunk_size}"))
         parts += [f"backend={self.backend!r}", f"step={self.step}"]
         return f"OnlineBatchSelector({', '.join(parts)})"
 
