@@ -172,12 +172,15 @@ def _finalize(m, d, t, dx, s2x, bad, zy, il, ignored, oor,
     inf = float("inf")
     m_finite = (m != inf) & (m != -inf)
     safe_d = tl.where(m_finite, d, 1.0)
-    lse = tl.where(bad != 0, float("nan"), tl.where(m_finite, m + _log(safe_d, IS_F64), m))
+    log_d = _log(safe_d, IS_F64)
+    lse = tl.where(bad != 0, float("nan"), tl.where(m_finite, m + log_d, m))
     lse_finite = (lse == lse) & (lse != inf) & (lse != -inf)
+    # CE = (m - z_y) + log d where lse is finite: lse's rounding at |m| ~ 3e38 would swallow log d.
+    ce = tl.where(lse_finite, (m - zy) + log_d, lse - zy)
     if METHOD == 0:
-        s = (lse - zy) - il
+        s = ce - il
     elif METHOD == 1:
-        s = lse - zy
+        s = ce
     elif METHOD == 2:
         s = -il
         lse = tl.full(m.shape, float("nan"), m.dtype)
@@ -186,7 +189,7 @@ def _finalize(m, d, t, dx, s2x, bad, zy, il, ignored, oor,
         g = tl.sqrt(s2x / (safe_d * safe_d) + q * q)
         s = tl.where(lse_finite, g, float("nan"))
     else:
-        h = _log(safe_d, IS_F64) - t / safe_d
+        h = log_d - t / safe_d
         s = tl.where(lse_finite, h, float("nan"))
     s = s.to(tl.float32)
     s = tl.where(oor, float("nan"), s)
