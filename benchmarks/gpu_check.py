@@ -17,11 +17,13 @@ Steps, in priority order:
   4 bench_small  [3200, 1000] fp32, [320, 10] fp32, the same columns
   5 memcheck     compute-sanitizer memcheck on a few CUDA and Triton cases
   6 selective_ce selective CE forward + backward at [8, 4096, 128256] bf16
-  7 suite        the conformance suite (and the Triton path / selective CE tests), pytest -n
+  7 linear       linear_select / selective_linear_cross_entropy from hidden states at
+                 [8 * 4096, 4096] x [128256, 4096] bf16 vs F.linear + the op (benchmarks/bench_linear.py)
+  8 suite        the conformance suite (and the Triton path / selective CE tests), pytest -n
 
 ``--wheels DIR`` first installs the pure-Python wheels in DIR (e.g. liger_kernel) with
 ``pip --no-index --no-deps``.  Files written (at most 8, one folder): gpu_check.json, logs.txt,
-bench.json, bench.png, bench_small.json, bench_small.png, selective_ce.json.
+bench.json, bench.png, bench_small.json, bench_small.png, selective_ce.json, linear.json.
 """
 
 from __future__ import annotations
@@ -109,6 +111,12 @@ def steps_for(args: argparse.Namespace, py: str, ncpu: int) -> list[Step]:
     ce += ["--cases", "2x16x100:float32", "--repeats", "2", "--backends", "auto,reference"] if dry else \
         ["--cases", "8x4096x128256:bfloat16", "--repeats", "3"]
     steps.append(Step("selective_ce", ce, 5 if dry else 30, 120))
+
+    # The LM-head ops (hidden states x head, logits never materialised) against F.linear + the op.
+    lin = [py, "benchmarks/bench_linear.py", "--device", dev, "--json", os.path.join(out, "linear.json")]
+    lin += (["--n", "64", "--d", "32", "--v", "100", "--dtypes", "float32", "--repeats", "1", "--tasks", "loss"] if dry else
+            ["--n", str(8 * 4096), "--d", "4096", "--v", "128256", "--dtypes", "bfloat16", "--repeats", "3"])
+    steps.append(Step("linear", lin, 5 if dry else 40, 180))
 
     suite_k = ["-k", "test_special_values or test_layouts"] if dry else []
     steps.append(Step("suite", pytest + xdist + [*SUITE, *suite_k], 10 if dry else 30, 600))
@@ -214,7 +222,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         if step.name == "build" and res["status"] in ("failed", "timeout"):
             summary["note"] = "build failed: later steps run on whatever extension was there before"
 
-    for name in ("bench", "bench_small", "selective_ce"):
+    for name in ("bench", "bench_small", "selective_ce", "linear"):
         path = os.path.join(args.out, f"{name}.json")
         if os.path.exists(path):
             with open(path) as f:

@@ -144,12 +144,39 @@ def _cases() -> Iterable[tuple[str, tuple[int, ...], str, int, int]]:
         if n % 8 == 0 and n > 8:  # [B, T, V]: other strides (64-bit ones at large sizes)
             yield "score", (8, n // 8, v), dtype, 3, 0
             yield "select", (8, n // 8, v), dtype, 3, max(1, n // 10)
+    for rows, v, dtype, what in _linear_blocks():
+        if what == "score":
+            for method in METHODS:
+                yield "score", (rows, v), dtype, method, 0
+
+
+# The linear ops (hidden states x LM head) launch the same kernels on [chunk, V] logits blocks,
+# chunk as rho_kernels.linear picks it on a GPU: the GPU check's [8 * 4096, 4096] x [128256, 4096]
+# bf16 case (score and select: every chunk; the Rho-1 loss's backward: its selected rows).
+LINEAR_CASES = ((8 * 4096, 128256, "bfloat16", 0.6), (8 * 4096, 32000, "float32", 0.6))
+
+
+def _linear_blocks() -> Iterable[tuple[int, int, str, str]]:
+    """(rows, V, dtype, "score" | "ce_grad") of every distinct logits block of LINEAR_CASES."""
+    import torch
+
+    from rho_kernels import linear
+
+    for n, v, dtype, ratio in LINEAR_CASES:
+        dt = getattr(torch, dtype)
+        for rows, what in ((n, "score"), (linear.max_selected(n, ratio), "ce_grad")):
+            chunk = linear.chunk_rows(rows, v, dt, torch.device("cuda"), None)
+            for r in sorted({chunk, rows - (rows // chunk) * chunk} - {0}):
+                yield r, v, dtype, what
 
 
 def _ce_cases() -> Iterable[tuple[tuple[int, ...], str]]:
     for dtype, v, n in itertools.product(DTYPES, VS, (1, 4096)):
         yield (n, v), dtype
         yield (2, max(n // 2, 1), v), dtype
+    for rows, v, dtype, what in _linear_blocks():
+        if what == "ce_grad":
+            yield (rows, v), dtype
 
 
 def record_launches(cc: int) -> list[tuple[str, Any, tuple, dict, str]]:

@@ -26,6 +26,8 @@
 // Special values (the reference follows the same rules):
 //   * a NaN logit makes lse NaN; an all -inf row has lse = -inf; a +inf logit gives lse = +inf;
 //     CE = lse - z_y then follows IEEE (e.g. all -inf -> NaN, z_y = -inf -> +inf);
+//   * with a finite max m, CE = (m - z_y) + log d, not lse - z_y: at |m| ~ 3e38 the rounding of
+//     lse = m + log d would swallow log d, and CE = lse - z_y would lose it (e.g. 0 for log 2);
 //   * gradnorm and entropy are NaN whenever lse is not finite;
 //   * a -inf logit is an impossible class: it contributes exactly 0 to every sum;
 //   * target == ignore_index -> score -inf; target outside [0, V) -> score NaN (never read).
@@ -181,18 +183,25 @@ RHO_HD T finalize_lse(const RowAcc<T>& a) {
 
 RHO_HD bool is_finite_value(double x) { return x == x && x != pos_inf<double>() && x != -pos_inf<double>(); }
 
+// CE = lse - z_y, taken as (m - z_y) + log d where the max is finite (see the header comment).
+template <typename T>
+RHO_HD T finalize_ce(const RowAcc<T>& a, T lse, T z_y, T log_d) {
+  const bool finite_max = a.m == a.m && a.m != pos_inf<T>() && a.m != -pos_inf<T>();
+  return finite_max ? (a.m - z_y) + log_d : lse - z_y;
+}
+
 // The score of one row.  `lse` comes from finalize_lse, `z_y` is the target logit (in the
 // accumulation type), `il` the irreducible loss (ignored by methods that do not use it), log_d =
-// log(a.d) (read by the entropy only, when lse is finite).
+// log(a.d) (read where the max is finite, by CE and the entropy).
 template <typename T>
 RHO_HD T finalize_score_from_log(int method, const RowAcc<T>& a, T lse, T z_y, T il, int tstate, T log_d) {
   if (tstate == kTargetIgnored) return -pos_inf<T>();
   if (tstate == kTargetOutOfRange) return quiet_nan<T>();
   switch (method) {
     case kReducible:
-      return (lse - z_y) - il;
+      return finalize_ce(a, lse, z_y, log_d) - il;
     case kLoss:
-      return lse - z_y;
+      return finalize_ce(a, lse, z_y, log_d);
     case kIrreducible:
       return -il;
     case kGradNorm: {
@@ -211,7 +220,9 @@ RHO_HD T finalize_score_from_log(int method, const RowAcc<T>& a, T lse, T z_y, T
 
 template <typename T>
 RHO_HD T finalize_score(int method, const RowAcc<T>& a, T lse, T z_y, T il, int tstate) {
-  const bool need_log = method == kEntropy && tstate == kTargetOk && is_finite_value(static_cast<double>(lse));
+  const bool finite_max = a.m == a.m && a.m != pos_inf<T>() && a.m != -pos_inf<T>();
+  const bool need_log = (method == kEntropy || method == kReducible || method == kLoss) && tstate == kTargetOk &&
+                        finite_max;
   return finalize_score_from_log(method, a, lse, z_y, il, tstate, need_log ? std::log(a.d) : T(0));
 }
 

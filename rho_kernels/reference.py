@@ -58,7 +58,9 @@ def score_rows(p: RowProblem) -> tuple[Tensor, Tensor]:
         lse = torch.where(m_finite, shift + d.log(), m)
         safe_t = torch.where(ignored | out_of_range, torch.zeros_like(t), t)
         z_y = z.gather(1, safe_t[:, None]).squeeze(1)
-        ce = lse - z_y
+        # CE = (m - z_y) + log d where the max is finite: lse = m + log d rounds log d away at
+        # |m| ~ 3e38, so lse - z_y would lose it (csrc/rho_math.h, finalize_ce).
+        ce = torch.where(m_finite, (shift - z_y) + d.log(), lse - z_y)
         if method in ("reducible", "loss"):
             score = ce
             if method in IL_METHODS:

@@ -66,3 +66,17 @@ def device() -> torch.device:
 def is_slow_backend(name: str) -> bool:
     """Triton under the CPU interpreter runs every program in numpy: keep its shapes small."""
     return name == "triton" and INTERPRETED
+
+
+# Minutes-long tests first, so that pytest-xdist's other worker runs the many short ones beside
+# them instead of one worker finishing alone at the end (the order of the rest is unchanged).
+_LONG_FIRST = ("tests/test_triton_aot.py", "tests/test_gpu_check.py", "tests/test_integration_demos.py",
+               "tests/test_demo.py", "tests/test_integration_transformers.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    def rank(item) -> int:
+        path = item.nodeid.split("::")[0]
+        return _LONG_FIRST.index(path) if path in _LONG_FIRST else len(_LONG_FIRST)
+
+    items.sort(key=rank)

@@ -53,6 +53,13 @@ def cached_case(n: int, v: int, dtype: torch.dtype, method: str):
     return logits, targets, il, truth_scores(logits, targets, il, method), eager_scores(logits, targets, il, method)
 
 
+@functools.lru_cache(maxsize=None)
+def cached_reference_selection(n: int, v: int, dtype: torch.dtype, method: str, k: int):
+    """The reference's selection of cached_case(n, v, dtype, method) (read-only, shared)."""
+    logits, targets, il, _, _ = cached_case(n, v, dtype, method)
+    return rk.select(logits, targets, il, k, method=method, backend="reference")
+
+
 def truth_scores(logits, targets, il, method, ignore_index=-100):
     """Scores from the reference computed in float64 (the ground truth)."""
     p = _contract.prepare(logits.double(), targets, il, method, ignore_index)
@@ -150,7 +157,7 @@ def test_scores_and_selection(backend, method, dtype, shape):
         sel = rk.select(logits, targets, il, k, method=method, backend=backend)
         what = f"{backend}/{method}/{dtype}/{shape}/k={k}"
         assert_selection_consistent(sel, got, eligible_of(targets, got, v), k, what)
-        ref_sel = rk.select(logits, targets, il, k, method=method, backend="reference")
+        ref_sel = cached_reference_selection(n, v, dtype, method, k)
         assert_selection_matches_reference(sel, ref_sel, truth, tol, what)
 
 
@@ -347,6 +354,101 @@ def test_rows_spanning_more_than_float_max(backend, method, dtype, spread):
         assert got[i].item() == pytest.approx(want, rel=1e-6, abs=1e-6), f"{backend}, row {i}: {got[i]}"
     sel = rk.select(logits, targets, il, 4, method=method, backend=backend)
     assert_selection_consistent(sel, got.float(), eligible_of(targets, got, logits.shape[-1]), 4, method)
+
+
+# The lse of these rows is ~3e38, where lse = m + log d rounds log d away: CE must be taken as
+# (m - z_y) + log d.  (logits, target, exact CE); the spread variant puts the row on the row path.
+CE_AT_FLOAT_MAX_ROWS = [
+    ([3.4e38, 3.4e38, -math.inf, 0.0], 0, math.log(2)),
+    ([3e38, 3e38, 3e38, -3e38], 2, math.log(3)),
+    ([-3e38] * 4, 1, math.log(4)),
+    ([-math.inf, 3e38, 1.0, 3e38], 3, math.log(2)),
+]
+
+
+@pytest.mark.parametrize("spread", [False, True], ids=["v4", "spread"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("method", ["reducible", "loss"])
+def test_ce_keeps_log_d_at_float_max(backend, method, dtype, spread):
+    rows = torch.tensor([r for r, _, _ in CE_AT_FLOAT_MAX_ROWS], dtype=torch.float64)
+    targets = torch.tensor([t for _, t, _ in CE_AT_FLOAT_MAX_ROWS])
+    il = torch.tensor([0.25, 0.5, 1.0, 0.0])
+    if spread:
+        wide = torch.full((len(CE_AT_FLOAT_MAX_ROWS), SPREAD_V), -math.inf, dtype=torch.float64)
+        wide[:, SPREAD_COLS] = rows
+        rows, targets = wide, torch.tensor(SPREAD_COLS)[targets]
+    logits = rows.to(dtype).to(DEVICE)
+    targets, il = targets.to(DEVICE), il.to(DEVICE)
+    got = rk.score(logits, targets, il, method=method, backend=backend).cpu().double()
+    truth = truth_scores(logits, targets, il, method).cpu()
+    for i, (_, _, ce) in enumerate(CE_AT_FLOAT_MAX_ROWS):
+        want = ce - il[i].item() if method == "reducible" else ce
+        assert truth[i].item() == pytest.approx(want, rel=1e-6, abs=1e-6), f"truth, row {i}"
+        assert got[i].item() == pytest.approx(want, rel=1e-6, abs=1e-6), f"{backend}, row {i}: {got[i]}"
+
+
+# Short rows are scored a tile of rows at a time (one row per SIMD lane; 8 to 64 rows per tile
+# on the CPU, gathered by hardware where rows are evenly spaced) and finalised a vector of rows at
+# a time: every V up to past the CPU's column block, row counts that end tiles anywhere, special
+# rows and ignored targets in the middle of a tile, and row strides other than V.
+TILE_VS = list(range(1, 71))  # contiguous rows
+TILE_VS_FEW = [1, 2, 3, 10, 16, 33, 64, 65, 70]  # the other layouts
+TILE_VS_SLOW = [1, 10, 65]  # the Triton interpreter: a few, contiguous layout only
+
+
+def _tile_case(n: int, v: int, dtype, layout: str, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(n, v + 3, generator=g) * 3
+    targets = torch.randint(0, v, (n,), generator=g)
+    il = torch.rand(n, generator=g) * 2
+    for r in range(5, n, 29):  # specials spread over the tiles, different lanes
+        kind = (r // 29) % 5
+        if kind == 0:
+            base[r, (r * 7) % v] = math.nan
+        elif kind == 1:
+            base[r, :v] = -math.inf
+        elif kind == 2:
+            base[r, (r * 3) % v] = math.inf
+        elif kind == 3:
+            targets[r] = -100
+        else:
+            base[r, :v] = -math.inf
+            base[r, (r * 5) % v] = 2.0  # one possible class
+    targets[n - 1] = -100
+    if layout == "padded":  # rows V + 3 apart
+        logits = base.to(dtype)[:, :v]
+    elif layout == "btv":  # [B, T, V], evenly spaced rows
+        logits = base[:, :v].contiguous().to(dtype).view(1, n, v)
+        targets, il = targets.view(1, n), il.view(1, n)
+    else:
+        logits = base[:, :v].contiguous().to(dtype)
+    return logits.to(DEVICE), targets.to(DEVICE), il.to(DEVICE)
+
+
+@functools.lru_cache(maxsize=None)
+def _tile_expected(n: int, v: int, dtype, layout: str, method: str):
+    """Inputs, fp64 truth and eager-reference scores, shared by every backend's test."""
+    logits, targets, il = _tile_case(n, v, dtype, layout, seed=v)
+    return logits, targets, il, truth_scores(logits, targets, il, method), eager_scores(logits, targets, il, method)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "padded", "btv"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("method", ["reducible", "loss", "gradnorm", "entropy"])
+def test_short_rows_every_v(backend, method, dtype, layout):
+    if is_slow_backend(backend) and layout != "contiguous":
+        pytest.skip("the Triton interpreter runs the contiguous layout only (its strides are covered by test_layouts)")
+    vs = TILE_VS_SLOW if is_slow_backend(backend) else TILE_VS if layout == "contiguous" else TILE_VS_FEW
+    for v in vs:
+        n = 61 + 3 * v if v != 10 else 128  # 128: every tile full
+        logits, targets, il, truth, eager = _tile_expected(n, v, dtype, layout, method)
+        got = rk.score(logits, targets, il, method=method, backend=backend)
+        assert_accurate(got, eager, truth, f"V={v} N={n}")
+        if v % 9 == 1:
+            k = n // 3
+            sel = rk.select(logits, targets, il, k, method=method, backend=backend)
+            flat = got.reshape(-1)
+            assert_selection_consistent(sel, flat, eligible_of(targets, flat, v), k, f"V={v} k={k}")
 
 
 # --------------------------------------------------------------------------- ties

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-ORDER = ["build", "smoke", "bench", "bench_small", "memcheck", "selective_ce", "suite"]
+ORDER = ["build", "smoke", "bench", "bench_small", "memcheck", "selective_ce", "linear", "suite"]
 
 
 def _run(out: Path, budget: float, *extra: str) -> tuple[dict, float]:

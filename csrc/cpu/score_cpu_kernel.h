@@ -17,10 +17,12 @@
 //    Blocks of kTileCols columns are gathered into a transposed L1 buffer (for column-major
 //    logits a column of the tile is contiguous memory), then per lane: block max, rescale of
 //    the running sums (rho::acc_rescale's rule, vectorised), exp sums of the block.  A 10-class
-//    row costs a few vector instructions instead of one under-filled vector plus set-up.
+//    row costs a few vector instructions instead of one under-filled vector plus set-up.  Evenly
+//    spaced fp32/bf16 rows are loaded with hardware gathers; the tile is finalised a vector of
+//    rows at a time (tile_finish: inline log, lane masks for the special values).
 //
-// Sums are in fp32 (fp64 for fp64 logits); the per-row finalisation (lse, CE - IL, gradnorm,
-// entropy) runs in double and is rounded once.  bf16/fp16 logits are widened in registers;
+// Sums are in fp32 (fp64 for fp64 logits).  The row path's finalisation (lse, CE - IL, gradnorm,
+// entropy) runs in double and is rounded once; the tile path's in the accumulation type.  bf16/fp16 logits are widened in registers;
 // fp32 exp is an inline ~1-ulp routine (exp_nonpos below); fp64 uses Sleef's exp via at::vec.
 //
 // Parallelism: rows (or tiles) are handed to the at::parallel_for threads in chunks from an
@@ -182,6 +184,46 @@ inline Vec<A> exp_nonpos(const Vec<A>& x) {
   if constexpr (std::is_same_v<A, float>) return Vec<float>(exp_nonpos_ps(x));
 #endif
   return x.exp();
+}
+
+// log(x) for finite x >= 1 (a row's d), fp32, inline (Sleef's logf is an out-of-line call, ~10x
+// the instructions): x = mant * 2^e with mant in [sqrt(1/2), sqrt(2)), s = (mant - 1) / (mant + 1),
+// log(mant) = 2 atanh(s) = 2s (1 + s^2/3 + s^4/5 + s^6/7 + s^8/9) (|s| < 0.172: the next term is
+// ~1e-9 relative), plus e ln 2.  About 2 ulp; fp64 and the baseline build use Vectorized::log.
+#if defined(CPU_CAPABILITY_AVX512)
+inline __m512 log_ge1_ps(__m512 x) {
+  // getmant in [0.75, 1.5) (near enough to [sqrt(1/2), sqrt(2)) for the series); e = the exponents' difference.
+  const __m512 mant = _mm512_getmant_ps(x, _MM_MANT_NORM_p75_1p5, _MM_MANT_SIGN_src);
+  const __m512 e = _mm512_sub_ps(_mm512_getexp_ps(x), _mm512_getexp_ps(mant));
+#elif defined(CPU_CAPABILITY_AVX2)
+inline __m256 log_ge1_ps(__m256 x) {
+  const __m256i xi = _mm256_castps_si256(x);
+  const __m256 m1 = _mm256_castsi256_ps(
+      _mm256_or_si256(_mm256_and_si256(xi, _mm256_set1_epi32(0x007fffff)), _mm256_set1_epi32(0x3f800000)));  // [1, 2)
+  const __m256 big = _mm256_cmp_ps(m1, _mm256_set1_ps(1.41421356f), _CMP_GT_OQ);
+  const __m256 mant = _mm256_blendv_ps(m1, _mm256_mul_ps(m1, _mm256_set1_ps(0.5f)), big);
+  const __m256 e = _mm256_add_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_srli_epi32(xi, 23), _mm256_set1_epi32(127))),
+                                 _mm256_and_ps(big, _mm256_set1_ps(1.0f)));
+#endif
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+  const Vec<float> one(1.0f), m(mant);
+  const Vec<float> sv = (m - one) / (m + one);
+  const Vec<float> z = sv * sv;
+  Vec<float> q = at::vec::fmadd(z, Vec<float>(1.0f / 9), Vec<float>(1.0f / 7));
+  q = at::vec::fmadd(q, z, Vec<float>(1.0f / 5));
+  q = at::vec::fmadd(q, z, Vec<float>(1.0f / 3));
+  const Vec<float> two_s = sv + sv;
+  const Vec<float> logm = at::vec::fmadd(two_s * z, q, two_s);
+  return at::vec::fmadd(Vec<float>(e), Vec<float>(0.693147180559945309f), logm);
+}
+#endif
+
+template <typename A>
+inline Vec<A> log_ge1(const Vec<A>& x) {
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+  if constexpr (std::is_same_v<A, float>) return Vec<float>(log_ge1_ps(x));
+#endif
+  return x.log();
 }
 
 template <typename A>
@@ -360,15 +402,80 @@ void parallel_chunks(int64_t n, int64_t grain, const F& f) {
   });
 }
 
+// Tile path: kTileVecs * W rows side by side, one row per SIMD lane.
+
+// Whether a tile column can be loaded with one hardware gather per vector (fp32 and bf16 under
+// AVX2 / AVX-512).  bf16 is gathered as 32-bit words whose low half is the logit, so each
+// gather reads 2 bytes past its last logit: callers use it only where that is still inside the
+// tensor (another row follows, see score_kernel).
+template <typename scalar_t>
+constexpr bool kCanGather =
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+    std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, c10::BFloat16>;
+#else
+    false;
+#endif
+
+#if defined(CPU_CAPABILITY_AVX512)
+using GatherIdx = __m512i;
+inline GatherIdx gather_lanes(int64_t first, int64_t stride) {  // first + lane * stride
+  return _mm512_add_epi32(_mm512_set1_epi32(static_cast<int>(first)),
+                          _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+                                             _mm512_set1_epi32(static_cast<int>(stride))));
+}
+template <typename scalar_t>
+inline Vec<float> gather_acc(const scalar_t* base, GatherIdx idx) {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    return Vec<float>(_mm512_i32gather_ps(idx, base, 4));
+  } else {
+    const __m512i w = _mm512_i32gather_epi32(idx, base, 2);
+    return Vec<float>(_mm512_castsi512_ps(_mm512_slli_epi32(w, 16)));
+  }
+}
+#elif defined(CPU_CAPABILITY_AVX2)
+using GatherIdx = __m256i;
+inline GatherIdx gather_lanes(int64_t first, int64_t stride) {
+  return _mm256_add_epi32(_mm256_set1_epi32(static_cast<int>(first)),
+                          _mm256_mullo_epi32(_mm256_set_epi32(7, 6, 5, 4, 3, 2, 1, 0),
+                                             _mm256_set1_epi32(static_cast<int>(stride))));
+}
+template <typename scalar_t>
+inline Vec<float> gather_acc(const scalar_t* base, GatherIdx idx) {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    return Vec<float>(_mm256_i32gather_ps(reinterpret_cast<const float*>(base), idx, 4));
+  } else {
+    const __m256i w = _mm256_i32gather_epi32(reinterpret_cast<const int*>(base), idx, 2);
+    return Vec<float>(_mm256_castsi256_ps(_mm256_slli_epi32(w, 16)));
+  }
+}
+#endif
+
+// What a tile knows of its rows before the logits are read (lanes >= g: an all -inf row with
+// no target, never written out).
+template <typename scalar_t, int64_t R>
+struct TileRows {
+  using A = acc_t<scalar_t>;
+  const scalar_t* row[R];
+  __at_align__ A tf[R];  // target column as a value (exact: V < 2^24); -1 ignored, -2 out of range
+  __at_align__ A zy[R];  // the target's logit (column 0's where there is no target column)
+};
+
+// The running sums of a tile, one row per lane (rho::RowAcc's fields as vectors).
+template <typename A>
+struct TileSums {
+  Vec<A> m[kTileVecs], d[kTileVecs], t[kTileVecs], dx[kTileVecs], s2[kTileVecs];
+};
+
 // The accumulators of the g (<= kTileVecs * W) rows r0 .. r0+g-1, one row per SIMD lane.
-// tgt[i] is row i's target column, or -1.  buf holds kTileVecs * W * kTileCols values.
+// buf holds kTileVecs * W * kTileCols values.  `gather`: the rows are evenly spaced
+// (p.stride0 apart), contiguous along V, and the tile may be loaded with gather_acc.
 // Per lane this is the row path's rule: block max m_b, new max m' = max(m, m_b), running sums
 // rescaled by exp(m - m') (acc_rescale), block sums relative to m' added (two-level sum).
 // A lane whose max is still -inf shifts against 0 instead, so its sums stay exactly 0 (all its
 // logits are -inf); a lane with a NaN or +inf max carries unused sums (its lse is decided by m).
 template <typename scalar_t, int M>
-void tile_acc(const Problem& p, int64_t r0, int64_t g, const int64_t* tgt, acc_t<scalar_t>* buf,
-              RowAcc<acc_t<scalar_t>>* acc) {
+void tile_acc(const Problem& p, int64_t r0, int64_t g, bool gather, const TileRows<scalar_t, kTileVecs * Vec<acc_t<scalar_t>>::size()>& tr,
+              acc_t<scalar_t>* buf, TileSums<acc_t<scalar_t>>& s) {
   using A = acc_t<scalar_t>;
   using V = Vec<A>;
   constexpr int64_t W = V::size();
@@ -382,15 +489,14 @@ void tile_acc(const Problem& p, int64_t r0, int64_t g, const int64_t* tgt, acc_t
   // Column-major [N, V]: column j of the tile is the g consecutive values at r0 + j * sv.
   const bool col_contig = p.rank == 2 && p.stride0 == 1;
 
-  const scalar_t* rows[R];
-  __at_align__ A tf[R];  // target column as a value (exact: V < 2^24), -1 for none
-  for (int64_t i = 0; i < R; ++i) {
-    rows[i] = i < g ? logits + row_offset(p, r0 + i) : nullptr;
-    tf[i] = (i < g && tgt[i] >= 0) ? static_cast<A>(tgt[i]) : A(-1);
-  }
-  V vt[U], m[U], d[U], t[U], dx[U], s2[U];
+  V vt[U];
+  V (&m)[U] = s.m;
+  V (&d)[U] = s.d;
+  V (&t)[U] = s.t;
+  V (&dx)[U] = s.dx;
+  V (&s2)[U] = s.s2;
   for (int u = 0; u < U; ++u) {
-    vt[u] = V::loadu(tf + u * W);
+    vt[u] = V::loadu(tr.tf + u * W);
     m[u] = V(kNegInf);
     d[u] = t[u] = dx[u] = s2[u] = V(A(0));
   }
@@ -399,21 +505,37 @@ void tile_acc(const Problem& p, int64_t r0, int64_t g, const int64_t* tgt, acc_t
   for (int64_t c0 = 0; c0 < nv; c0 += kTileCols) {
     const int64_t n = std::min(kTileCols, nv - c0);
     // Gather (and widen) the block, transposed: buf[c * R + i] = row i, column c0 + c.
-    if (col_contig) {
-      for (int64_t c = 0; c < n; ++c) {
-        const scalar_t* col = logits + r0 + (c0 + c) * sv;
-        A* b = buf + c * R;
-        for (int64_t i = 0; i < g; ++i) b[i] = to_acc(col[i]);
-      }
-    } else {
-      for (int64_t i = 0; i < g; ++i) {
-        const scalar_t* q = rows[i] + c0 * sv;
-        for (int64_t c = 0; c < n; ++c) buf[c * R + i] = to_acc(q[c * sv]);
+    bool filled = false;
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+    if constexpr (kCanGather<scalar_t>) {
+      if (gather) {
+        GatherIdx idx[U];
+        for (int u = 0; u < U; ++u) idx[u] = gather_lanes(u * W * p.stride0, p.stride0);
+        const scalar_t* base = tr.row[0] + c0;
+        for (int64_t c = 0; c < n; ++c) {
+          for (int u = 0; u < U; ++u) gather_acc(base + c, idx[u]).store(buf + c * R + u * W);
+        }
+        filled = true;
       }
     }
-    if (g < R) {  // idle lanes read -inf: an all -inf row, whose result is never used
-      for (int64_t c = 0; c < n; ++c) {
-        for (int64_t i = g; i < R; ++i) buf[c * R + i] = kNegInf;
+#endif
+    if (!filled) {
+      if (col_contig) {
+        for (int64_t c = 0; c < n; ++c) {
+          const scalar_t* col = logits + r0 + (c0 + c) * sv;
+          A* b = buf + c * R;
+          for (int64_t i = 0; i < g; ++i) b[i] = to_acc(col[i]);
+        }
+      } else {
+        for (int64_t i = 0; i < g; ++i) {
+          const scalar_t* q = tr.row[i] + c0 * sv;
+          for (int64_t c = 0; c < n; ++c) buf[c * R + i] = to_acc(q[c * sv]);
+        }
+      }
+      if (g < R) {  // idle lanes read -inf: an all -inf row, whose result is never used
+        for (int64_t c = 0; c < n; ++c) {
+          for (int64_t i = g; i < R; ++i) buf[c * R + i] = kNegInf;
+        }
       }
     }
 
@@ -467,16 +589,65 @@ void tile_acc(const Problem& p, int64_t r0, int64_t g, const int64_t* tgt, acc_t
       }
     }
   }
+}
 
-  __at_align__ A lm[R], ld[R], lt[R], ldx[R], ls2[R];
-  for (int u = 0; u < U; ++u) {
-    m[u].store(lm + u * W);
-    d[u].store(ld + u * W);
-    t[u].store(lt + u * W);
-    dx[u].store(ldx + u * W);
-    s2[u].store(ls2 + u * W);
+// The scores (lse, keys) of a tile's rows r0 .. r0+g-1 from its sums, a vector of rows at a time:
+// rho::finalize_lse / finalize_score's rules written with lane masks.  In the accumulation type:
+// log d has ~1 ulp (on log d <= log V), CE = (m - z_y) + log d two more roundings -- the
+// reference's own order of error.  A lane with a finite max has d >= 1 (its max term is 1).
+template <typename scalar_t, int M>
+void tile_finish(int64_t r0, int64_t g, const float* il, const TileRows<scalar_t, kTileVecs * Vec<acc_t<scalar_t>>::size()>& tr,
+                 const TileSums<acc_t<scalar_t>>& s, const Outputs& out) {
+  using A = acc_t<scalar_t>;
+  using V = Vec<A>;
+  constexpr int64_t W = V::size();
+  constexpr A kInf = std::numeric_limits<A>::infinity();
+  const V vzero(A(0)), vone(A(1)), vnan(std::numeric_limits<A>::quiet_NaN());
+  __at_align__ A sc[kTileVecs * W];
+  A* lse = static_cast<A*>(out.lse);
+  for (int u = 0; u < kTileVecs && u * W < g; ++u) {
+    const int64_t cnt = std::min<int64_t>(W, g - u * W);
+    const V m = s.m[u], d = s.d[u];
+    const V fin = m.abs() < V(kInf);                         // the max is finite (not NaN, not +-inf)
+    const V logd = log_ge1(V::blendv(vone, d, fin)) & fin;    // log d; 0 where the max is not finite
+    if (lse != nullptr) (m + logd).store(lse + r0 + u * W, cnt);  // NaN / +-inf max: lse = m
+    V v;
+    if constexpr (M == rho::kReducible || M == rho::kLoss) {
+      // Finite max: (m - z_y) + log d.  Else m - z_y = lse - z_y (IEEE: +inf - +inf = NaN, ...).
+      v = (m - V::loadu(tr.zy + u * W)) + logd;
+      if constexpr (M == rho::kReducible) {
+        if constexpr (std::is_same_v<A, float>) {
+          v = v - V::loadu(il + r0 + u * W, cnt);
+        } else {
+          __at_align__ A w[W];
+          for (int64_t i = 0; i < cnt; ++i) w[i] = static_cast<A>(il[r0 + u * W + i]);
+          v = v - V::loadu(w);
+        }
+      }
+    } else if constexpr (M == rho::kGradNorm) {
+      const V q = s.dx[u] / d;
+      v = V::blendv(vnan, (s.s2[u] / (d * d) + q * q).sqrt(), fin);
+    } else if constexpr (M == rho::kEntropy) {
+      v = V::blendv(vnan, logd - s.t[u] / d, fin);
+    } else {
+      v = vnan;  // kIrreducible never reaches the tile path (it reads no logits)
+    }
+    // No target column: -inf where ignored (tf = -1), NaN where out of range (tf = -2).
+    const V tf = V::loadu(tr.tf + u * W);
+    v = V::blendv(V::blendv(vnan, V(-kInf), tf == V(A(-1))), v, tf >= vzero);
+    if constexpr (std::is_same_v<A, float>) {
+      v.store(out.score + r0 + u * W, cnt);
+    } else {
+      v.store(sc + u * W);
+      for (int64_t i = 0; i < cnt; ++i) out.score[r0 + u * W + i] = static_cast<float>(sc[u * W + i]);
+    }
   }
-  for (int64_t i = 0; i < g; ++i) acc[i] = RowAcc<A>{lm[i], ld[i], lt[i], ldx[i], ls2[i]};
+  if (out.keys != nullptr) {
+    for (int64_t i = 0; i < g; ++i) {
+      const float sv = out.score[r0 + i];
+      out.keys[r0 + i] = rho::select_key(sv, tr.tf[i] >= A(0) && sv == sv, static_cast<uint32_t>(r0 + i));
+    }
+  }
 }
 
 // Score (and optionally lse, select keys) of every row.
@@ -525,21 +696,39 @@ void score_kernel(const Problem& p, const Outputs& out) {
     constexpr int64_t R = kTileVecs * Vec<A>::size();
     const int64_t ntiles = (N + R - 1) / R;
     const int64_t grain = std::max<int64_t>(1, kChunkElems / (R * nv));
+    // Hardware gathers for evenly spaced rows along contiguous V, with 32-bit lane offsets.  A
+    // bf16 gather reads 2 bytes past its logit: only in tiles followed by another row that
+    // starts after this row's end (stride0 >= V), so those bytes belong to the tensor.
+    const bool gatherable = kCanGather<scalar_t> && p.rank == 2 && p.stride_v == 1 && p.stride0 >= nv &&
+                            R * p.stride0 + nv < (int64_t(1) << 31);
+    const bool tail_ok = sizeof(scalar_t) == 4;  // the last row may be gathered (no over-read)
+    const int64_t* targets = p.targets;
+    const int64_t ignore_index = p.ignore_index, stride0 = p.stride0, sv = p.stride_v;
+    const bool rank2 = p.rank == 2;
     parallel_chunks(ntiles, grain, [&](int64_t begin, int64_t end) {
       __at_align__ A buf[R * kTileCols];
-      int64_t tgt[R];
-      RowAcc<A> acc[R];
-      __at_align__ A logd[R];
+      TileRows<scalar_t, R> tr;
+      TileSums<A> sums;
       for (int64_t tile = begin; tile < end; ++tile) {
         const int64_t r0 = tile * R, g = std::min(R, N - r0);
-        for (int64_t i = 0; i < g; ++i) tgt[i] = state(r0 + i) == rho::kTargetOk ? p.targets[r0 + i] : -1;
-        tile_acc<scalar_t, M>(p, r0, g, tgt, buf, acc);
-        // log(d) a vector at a time, in the accumulation type: its ~1-ulp error (on log d <=
-        // log V) is far below the rounding of lse itself.  Lanes with a non-finite max compute a
-        // value nobody reads.
-        for (int64_t i = 0; i < R; ++i) logd[i] = i < g ? acc[i].d : A(1);
-        for (int64_t i = 0; i < R; i += Vec<A>::size()) Vec<A>::loadu(logd + i).log().store(logd + i);
-        for (int64_t i = 0; i < g; ++i) finish_log(r0 + i, acc[i], state(r0 + i), static_cast<double>(logd[i]));
+        // Branch-free, with the loop invariants in locals (the stores into tr may alias p).
+        for (int64_t i = 0; i < g; ++i) {
+          const int64_t r = r0 + i, y = targets[r];
+          const bool ign = y == ignore_index;
+          const bool ok = !ign && static_cast<uint64_t>(y) < static_cast<uint64_t>(nv);
+          const scalar_t* row = logits + (rank2 ? r * stride0 : row_offset(p, r));
+          tr.row[i] = row;
+          tr.tf[i] = ok ? static_cast<A>(y) : (ign ? A(-1) : A(-2));
+          tr.zy[i] = to_acc(row[(ok ? y : 0) * sv]);
+        }
+        for (int64_t i = g; i < R; ++i) {
+          tr.row[i] = nullptr;
+          tr.tf[i] = A(-2);
+          tr.zy[i] = A(0);
+        }
+        const bool gather = gatherable && g == R && (tail_ok || r0 + R < N);
+        tile_acc<scalar_t, M>(p, r0, g, gather, tr, buf, sums);
+        tile_finish<scalar_t, M>(r0, g, p.il, tr, sums, out);
       }
     });
     return;

@@ -165,6 +165,14 @@ Problem make_problem(const at::Tensor& logits, const at::Tensor& targets, const 
   p.stride_v = logits.stride(-1);
   p.num_rows = rows;
   p.num_classes = V;
+  // [B, T, V] whose rows are evenly spaced is the [B * T, V] matrix: the kernel then finds a
+  // row with one multiply (and may gather a tile of rows at fixed offsets).
+  if (p.rank == 3 && (logits.size(0) <= 1 || p.stride0 == p.inner_rows * p.stride1)) {
+    p.rank = 2;
+    p.stride0 = p.stride1;
+    p.stride1 = 0;
+    p.inner_rows = 1;
+  }
   p.targets = targets.data_ptr<int64_t>();
   p.il = il_ptr;
   p.ignore_index = ignore_index;

@@ -172,12 +172,15 @@ def _finalize(m, d, t, dx, s2x, bad, zy, il, ignored, oor,
     inf = float("inf")
     m_finite = (m != inf) & (m != -inf)
     safe_d = tl.where(m_finite, d, 1.0)
-    lse = tl.where(bad != 0, float("nan"), tl.where(m_finite, m + _log(safe_d, IS_F64), m))
+    log_d = _log(safe_d, IS_F64)
+    lse = tl.where(bad != 0, float("nan"), tl.where(m_finite, m + log_d, m))
     lse_finite = (lse == lse) & (lse != inf) & (lse != -inf)
+    # CE = (m - z_y) + log d where lse is finite: lse's rounding at |m| ~ 3e38 would swallow log d.
+    ce = tl.where(lse_finite, (m - zy) + log_d, lse - zy)
     if METHOD == 0:
-        s = (lse - zy) - il
+        s = ce - il
     elif METHOD == 1:
-        s = lse - zy
+        s = ce
     elif METHOD == 2:
         s = -il
         lse = tl.full(m.shape, float("nan"), m.dtype)
@@ -186,7 +189,7 @@ def _finalize(m, d, t, dx, s2x, bad, zy, il, ignored, oor,
         g = tl.sqrt(s2x / (safe_d * safe_d) + q * q)
         s = tl.where(lse_finite, g, float("nan"))
     else:
-        h = _log(safe_d, IS_F64) - t / safe_d
+        h = log_d - t / safe_d
         s = tl.where(lse_finite, h, float("nan"))
     s = s.to(tl.float32)
     s = tl.where(oor, float("nan"), s)
@@ -323,6 +326,23 @@ def _split_merge_kernel(logits_ptr, tgt_ptr, il_ptr, score_ptr, lse_ptr, key_ptr
 
 
 @triton.jit
+def _sort_desc(keys):
+    return tl.sort(keys, descending=True)
+
+
+if _interpreter_requested():
+    # Under TRITON_INTERPRET=1 the kernels run op by op in numpy, and tl.sort's bitonic network
+    # (Triton's library code, tens of thousands of interpreted ops) took ~4 s per 1024 keys: most
+    # of the CPU test suite's time.  There the same descending sort of the int64 keys is done by
+    # numpy in one call.  Compiled kernels (GPU, the AOT test) run tl.sort.
+    def _sort_desc(keys):  # noqa: F811 - the interpreter's stand-in, called from interpreted kernels
+        import numpy as np
+
+        h = keys.handle
+        return tl.tensor(type(h)(np.ascontiguousarray(np.sort(h.data)[::-1]), h.dtype), keys.type)
+
+
+@triton.jit
 def _emit_topk(score_ptr, key_ptr, out_idx_ptr, out_score_ptr, out_valid_ptr, N, k,
                N_P2: tl.constexpr, FROM_OTHER_SMS: tl.constexpr):
     """Sort all N keys on chip (N <= N_P2) and write the first k as indices/scores/valid."""
@@ -333,7 +353,7 @@ def _emit_topk(score_ptr, key_ptr, out_idx_ptr, out_score_ptr, out_valid_ptr, N,
                        cache_modifier=".cg")
     else:
         keys = tl.load(key_ptr + offs, mask=offs < N, other=-9223372036854775808)
-    keys = tl.sort(keys, descending=True)
+    keys = _sort_desc(keys)
     rows = 4294967295 - (keys & 4294967295)
     valid = (keys >> 32) != -2147483648
     omask = (offs < k) & (offs < N)  # k <= N by contract; never gather a padding key
@@ -384,7 +404,7 @@ def _block_topk_kernel(key_ptr, cand_ptr, N, kc, CB: tl.constexpr):
     pid = tl.program_id(0).to(tl.int64)
     offs = pid * CB + tl.arange(0, CB)
     keys = tl.load(key_ptr + offs, mask=offs < N, other=-9223372036854775808)
-    keys = tl.sort(keys, descending=True)
+    keys = _sort_desc(keys)
     j = tl.arange(0, CB)
     tl.store(cand_ptr + pid * kc + j, keys, mask=j < kc)
 
