@@ -422,13 +422,14 @@ def _vocab_slices(num_rows: int, vocab: int, chunk: int, elem: int) -> Optional[
     """Vocabulary slices of the half-precision backward, or None where the row path is smaller.
 
     A ``[num_rows, width]`` slice lives as the logits, their float32 working copy and the
-    gradient (``2 * elem + 4`` bytes an entry): as many columns as keep that within one forward
-    block (``chunk x vocab`` entries of ``elem`` bytes).  The slices need a float32
+    gradient (``2 * elem + 4`` bytes an entry): as many columns as keep that within half a
+    forward block (``chunk x vocab`` entries of ``elem`` bytes), so that the backward's peak,
+    with hidden's float32 sum and the gathered rows next to it, stays near the forward's.  The slices need a float32
     ``[num_rows, D]`` sum (hidden's gradient), the row path a float32 ``[V, D]`` one (weight's):
     more candidate rows than classes, None."""
     if num_rows > vocab:
         return None
-    width = max(1, chunk * vocab * elem // (num_rows * (2 * elem + 4)))
+    width = max(1, chunk * vocab * elem // (2 * num_rows * (2 * elem + 4)))
     return _ranges(vocab, width)
 
 
@@ -461,7 +462,7 @@ def _backward_by_vocab_slice(h, weight, bias, rows, sel_h, sel_t, sel_lse, sel_s
     if need_h:
         # Exact zeros on every unselected row, even against non-finite weights (where()).
         grad_h = torch.zeros_like(h)
-        grad_h[rows] = torch.where(live, acc_h, 0.0).to(h.dtype)
+        grad_h[rows] = acc_h.masked_fill_(~live, 0.0).to(h.dtype)
     return grad_h, grad_w, grad_b
 
 

@@ -327,8 +327,8 @@ def test_half_precision_backward_by_vocabulary_slice(dtype, with_bias, monkeypat
         mask = tokens.select_mask(materialise(h, w, b), targets, il, 0.4, backend="reference")
         assert bool((gh[~mask] == 0).all()) and bool((gh[mask] != 0).any(dim=-1).all())
     assert seen and all(sl is not None and len(sl) > 3 for sl in seen), seen
-    # Widths chosen from the block: 36 candidate rows x width x (2 * 2 + 4) bytes <= 6 x 203 x 2.
-    assert seen[0][0] == (0, 8) and seen[0][-1][1] == 203
+    # Widths chosen from the block: 36 candidate rows x width x (2 * 2 + 4) bytes <= 6 x 203 x 2 / 2.
+    assert seen[0][0] == (0, 4) and seen[0][-1][1] == 203
 
     # A NaN hidden state makes its row ineligible; it stays a zero row of hidden's gradient and
     # adds nothing to the weight's.  Same for an unselected candidate row.
