@@ -54,21 +54,23 @@ DTYPES = ("float32", "bfloat16")
 
 
 def run_variant(task: str, variant: str, n: int, d: int, v: int, dtype_name: str, repeats: int, ratio: float,
-                k_ratio: float) -> dict:
+                k_ratio: float, device_name: str = "cpu") -> dict:
     """Runs in the child process."""
     import torch
     import torch.nn.functional as F
 
     import rho_kernels as rk
-    from rho_kernels.benchmark import CpuPeakMemory
+    from rho_kernels.benchmark import _sync, peak_extra_memory
 
     dtype = getattr(torch, dtype_name)
+    device = torch.device(device_name)
     g = torch.Generator().manual_seed(0)
-    hidden = torch.randn(n, d, generator=g).to(dtype)
-    weight = (torch.randn(v, d, generator=g) / d ** 0.5).to(dtype)
+    hidden = torch.randn(n, d, generator=g).to(dtype).to(device)
+    weight = (torch.randn(v, d, generator=g) / d ** 0.5).to(dtype).to(device)
     targets = torch.randint(0, v, (n,), generator=g)
     targets[:16] = -100
-    il = torch.rand(n, generator=g) * 4
+    targets = targets.to(device)
+    il = (torch.rand(n, generator=g) * 4).to(device)
     k = max(1, int(k_ratio * n))
 
     if task == "select":
@@ -95,22 +97,24 @@ def run_variant(task: str, variant: str, n: int, d: int, v: int, dtype_name: str
             gh, gw = torch.autograd.grad(loss, (h, w))
             del gh, gw, loss
 
-    with CpuPeakMemory() as mem:
-        t0 = time.perf_counter()
-        fn()
-        first_ms = (time.perf_counter() - t0) * 1e3
+    # First call: peak extra memory (CPU: VmHWM growth; CUDA: the caching allocator's peak).
+    t0 = time.perf_counter()
+    peak = peak_extra_memory(fn, device)
+    first_ms = (time.perf_counter() - t0) * 1e3
     times = []
     for _ in range(repeats):
+        _sync(device)
         t0 = time.perf_counter()
         fn()
+        _sync(device)
         times.append((time.perf_counter() - t0) * 1e3)
     times.sort()
     size = torch.empty((), dtype=dtype).element_size()
     grad_bytes = (n * d + v * d) * size if task == "loss" else 0  # the returned gradients
     return {"task": task, "variant": variant, "dtype": dtype_name, "n": n, "d": d, "v": v,
             "ms": times[len(times) // 2] if times else first_ms, "first_ms": first_ms, "all_ms": times,
-            "peak_extra_bytes": mem.peak, "gradient_output_bytes": grad_bytes,
-            "peak_extra_beyond_gradients": None if mem.peak is None else max(0, mem.peak - grad_bytes),
+            "device": device_name, "peak_extra_bytes": peak, "gradient_output_bytes": grad_bytes,
+            "peak_extra_beyond_gradients": None if peak is None else max(0, peak - grad_bytes),
             "logits_bytes": n * v * size}
 
 
@@ -126,6 +130,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=1, help="fresh processes per variant, interleaved")
     ap.add_argument("--ratio", type=float, default=0.6, help="Rho-1 keep ratio of the loss")
     ap.add_argument("--k-ratio", type=float, default=0.1, help="k / N of the selection")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda")
     ap.add_argument("--json", default=None)
     ap.add_argument("--child", nargs=2, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -134,7 +139,7 @@ def main() -> None:
         task, rest = args.child
         variant, dtype_name = rest.rsplit("|", 1)
         print(json.dumps(run_variant(task, variant, args.n, args.d, args.v, dtype_name, args.repeats, args.ratio,
-                                     args.k_ratio)))
+                                     args.k_ratio, args.device)))
         return
 
     import torch
@@ -144,7 +149,7 @@ def main() -> None:
     def child(task: str, variant: str, dtype_name: str) -> dict:
         cmd = [sys.executable, os.path.abspath(__file__), "--n", str(args.n), "--d", str(args.d), "--v",
                str(args.v), "--repeats", str(args.repeats), "--ratio", str(args.ratio), "--k-ratio",
-               str(args.k_ratio), "--child", task, f"{variant}|{dtype_name}"]
+               str(args.k_ratio), "--device", args.device, "--child", task, f"{variant}|{dtype_name}"]
         out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": ROOT})
         if out.returncode != 0:
             print(out.stderr[-2000:], file=sys.stderr)
@@ -197,10 +202,12 @@ def main() -> None:
               f"{row['memory_vs_materialised']:8.3f} {row['memory_beyond_gradients_vs_materialised']:12.3f}")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"environment": environment(torch.device("cpu")),
+            json.dump({"environment": environment(torch.device(args.device)),
                        "config": {"n": args.n, "d": args.d, "v": args.v, "ratio": args.ratio,
                                   "k_ratio": args.k_ratio, "repeats": args.repeats, "rounds": args.rounds,
-                                  "peak_memory": "VmHWM growth of a fresh process over its first call",
+                                  "peak_memory": ("VmHWM growth of a fresh process over its first call" if args.device == "cpu"
+                                                  else "CUDA caching allocator's peak over the first call, "
+                                                       "beyond what was allocated before"),
                                   "beyond_gradients": "peak minus the returned gradients' bytes, (N*D + V*D) "
                                                       "in the inputs' dtype (loss only)",
                                   "baseline_variant": {t: VARIANTS[t][1] for t in VARIANTS}},
