@@ -3,7 +3,9 @@
 # which triton 3.6's interpreter needs) in a second environment under build/, kept between runs.
 # There the CPU kernels are built against torch 2.11 in a copy of the sources (the main build's
 # rho_kernels/_C stays as it is), then the CPU kernel tests, the Triton interpreter suite and the
-# Triton ahead-of-time compile test run.
+# Triton ahead-of-time compile test run.  The reference backend is not run as a backend under test
+# of the big conformance grid here (it still computes every test's expected values, under torch
+# 2.11, and its compile/gradient tests run): the main environment covers it.
 #
 #   .ci/gpu_versions.sh PYTHON ENV_DIR
 #
@@ -52,4 +54,5 @@ echo "gpu-versions env: CPU kernels built in $((SECONDS - t1)) s"
 cd "$SRC"
 TRITON_INTERPRET=1 RHO_KERNELS_REQUIRE_EXT=1 RHO_KERNELS_BUILD_LOG="$SRC/build.log" RHO_KERNELS_AOT_CC="${RHO_KERNELS_AOT_CC:-90}" \
     RHO_KERNELS_TEST_LOWER_ISAS=0 "$EPY" -m pytest -q -p no:cacheprovider -n "${TEST_JOBS:-2}" \
-    tests/test_build.py tests/test_conformance.py tests/test_triton_paths.py tests/test_selective.py tests/test_triton_aot.py
+    tests/test_build.py tests/test_conformance.py tests/test_triton_paths.py tests/test_selective.py tests/test_triton_aot.py \
+    -k "not (test_scores_and_selection and reference)"
