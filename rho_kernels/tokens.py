@@ -218,13 +218,19 @@ def select_sequences(
     return top_sequences(score, _nonignored(p), num_seq, seq_len, k)
 
 
+def sequence_means(score: Tensor, counted: Tensor) -> tuple[Tensor, Tensor]:
+    """Per sequence of ``[B, T]`` token scores: the float32 mean of its ``counted`` tokens (NaN
+    where it has none) and how many it has."""
+    # float64 sum: the mean is exact to float32 rounding.  A NaN token score (NaN logits /
+    # reference loss, target out of range) makes the mean NaN.
+    total = torch.where(counted, score.to(torch.float64), 0.0).sum(-1)
+    count = counted.sum(-1)
+    return (total / count).to(torch.float32), count
+
+
 def top_sequences(score: Tensor, counted: Tensor, num_seq: int, seq_len: int, k: int) -> Selection:
     """The ``k`` best sequences by the mean of their ``counted`` token scores (flat ``[B*T]``)."""
-    # Mean over the non-ignored tokens (float64 sum: the mean is exact to float32 rounding).  A
-    # NaN token score (NaN logits / reference loss, target out of range) makes the mean NaN.
-    total = torch.where(counted, score.to(torch.float64), 0.0).view(num_seq, seq_len).sum(1)
-    count = counted.view(num_seq, seq_len).sum(1)
-    mean = (total / count).to(torch.float32)
+    mean, count = sequence_means(score.reshape(num_seq, seq_len), counted.reshape(num_seq, seq_len))
     eligible = (count > 0) & ~torch.isnan(mean)
     order = torch.topk(ordering_key(mean, eligible), k).indices
     return Selection(order, mean[order], eligible[order])

@@ -54,7 +54,7 @@ from torch import Tensor, nn
 
 from .. import api as rk  # the public op API only (the package imports this layer)
 from ..linear import linear_score
-from ..tokens import kept_count
+from ..tokens import kept_count, sequence_means
 
 from .distributed import global_select, topk_by_key, world_info
 from .il_store import IrreducibleLossStore
@@ -637,9 +637,7 @@ class OnlineBatchSelector:
         tokens, as ``select_sequences`` computes it (float64 sum; NaN without such tokens)."""
         if y.dim() == 1:
             return tok
-        counted = y != self.ignore_index
-        total = torch.where(counted, tok.to(torch.float64), 0.0).sum(1)
-        return (total / counted.sum(1)).to(torch.float32)
+        return sequence_means(tok, y != self.ignore_index)[0]
 
     @staticmethod
     def _unpack(batch: Any) -> tuple[Optional[Tensor], Any, Tensor]:
