@@ -38,7 +38,7 @@ class Finalized(NamedTuple):
     score: Tensor  # float32 [N]
     lse: Tensor  # accumulation dtype [N]
     eligible: Tensor  # bool [N]
-    target_logit: Tensor  # accumulation dtype [N] (0 where no rank owns the target)
+    ce: Tensor  # accumulation dtype [N]: lse - z_y by rho::finalize_ce's rule (meaningless where no rank owns y)
 
 
 def check_shard(process_group, vocab_start_index) -> None:
@@ -111,12 +111,16 @@ def merge_and_finalize(parts: Tensor, targets: Tensor, il: Optional[Tensor], met
     z_y = zy_w.sum(0)  # one owner at most
     owned = own_w.sum(0) > 0
     nan = torch.full_like(m, math.nan)
+    finite_m = torch.isfinite(m)
     lse = torch.where(torch.isnan(m), nan, torch.where(torch.isinf(m), m, m + torch.log(d)))
+    # rho::finalize_ce: (m - z_y) + log d where the max is finite (at |m| ~ 3e38, lse = m + log d
+    # rounds log d away and lse - z_y would lose it).
+    ce = torch.where(finite_m, (m - z_y) + torch.log(d), lse - z_y)
     finite = torch.isfinite(lse)
     if method == METHOD_IDS["reducible"]:
-        score = (lse - z_y) - il.to(lse.dtype)
+        score = ce - il.to(lse.dtype)
     elif method == METHOD_IDS["loss"]:
-        score = lse - z_y
+        score = ce
     elif method == _IRREDUCIBLE:
         score = -il.to(lse.dtype)
         lse = nan
@@ -133,7 +137,7 @@ def merge_and_finalize(parts: Tensor, targets: Tensor, il: Optional[Tensor], met
         raise ValueError(f"target {int(targets[where])} at flat row {where} is in no rank's vocabulary shard "
                          f"and is not ignore_index={ignore_index}")
     eligible = ~ignored & ~out_of_range & ~torch.isnan(score)
-    return Finalized(score, lse, eligible, z_y)
+    return Finalized(score, lse, eligible, ce)
 
 
 def score_rows(p: _contract.RowProblem, vocab_start: int, process_group) -> Finalized:
@@ -173,7 +177,7 @@ class SelectiveCE(torch.autograd.Function):
         p = prepare(logits, targets, reference_loss, "reducible", ignore_index)
         f = score_rows(p, vocab_start, group)
         mask = mask_fn(f.score, f.eligible, p.targets != ignore_index, ratio)
-        ce = torch.where(mask, f.lse - f.target_logit, torch.zeros_like(f.lse))
+        ce = torch.where(mask, f.ce, torch.zeros_like(f.lse))
         n_sel = mask.sum()
         if reduction == "mean":
             out = ce.sum() / n_sel.clamp_min(1).to(ce.dtype)

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 import rho_kernels as rk
 from rho_kernels import backends, linear, tokens
+from rho_kernels._contract import METHOD_IDS
 
 from conftest import DEVICE, is_slow_backend
 from test_conformance import (
@@ -100,6 +101,7 @@ def test_default_chunk_from_budget(backend, monkeypatch):
     assert linear.chunk_rows(40, 300, torch.float32, h.device, None) == 40  # 64 MiB: one block
     one_block = rk.linear_score(h, w, targets, il, bias=b, backend=backend)
     monkeypatch.setitem(linear.CHUNK_BUDGET_BYTES, DEVICE.type, 3 * 300 * 4)
+    monkeypatch.setattr(linear, "_TILE_ROWS", 3)  # 3 full rows fill the budget: row chunks (cpu tiles: below)
     assert linear.chunk_rows(40, 300, torch.float32, h.device, None) == 3
     assert linear.chunk_rows(40, 300, torch.bfloat16, h.device, None) == 6
     assert torch.equal(rk.linear_score(h, w, targets, il, bias=b, backend=backend), one_block)
@@ -447,3 +449,164 @@ def test_torch_compile_inductor_training_step():
     assert torch.allclose(loss, want, rtol=1e-5, atol=1e-6)
     for a, c in zip(got_in, want_in):
         assert torch.allclose(a.grad, c.grad, rtol=1e-4, atol=1e-6)
+
+
+# --------------------------------------------------------------------------- cpu tiled forward
+# With chunk_size=None on the cpu backend, rows wider than the budget allows in tall blocks are
+# scored from [rows, width] tiles folded by the partial_rows kernel (linear._score_tiles).  The
+# budget is shrunk here so that small shapes take that path with uneven tiles.
+
+# (N, V, rows, width, bias): N and V not multiples of the tile, one-row tiles, a single row block.
+TILE_SHAPES = [(37, 50, 8, 7, True), (5, 1001, 2, 300, False), (120, 301, 64, 32, True), (1, 77, 1, 10, True)]
+
+
+def _tiled_backend(backend: str) -> None:
+    if backend.partition("-")[0] != "cpu":
+        pytest.skip("the tiled forward is the cpu backend's")
+    reason = backends.get("cpu").partials_unavailable_reason(torch.device("cpu"))
+    if reason is not None:
+        pytest.skip(reason)
+
+
+def _force_tiles(monkeypatch, rows: int, width: int, dtype: torch.dtype) -> list:
+    """Shrink the budget to [rows, width] tiles of ``dtype``; returns the list of plans used."""
+    monkeypatch.setattr(linear, "_TILE_ROWS", rows)
+    monkeypatch.setitem(linear.CHUNK_BUDGET_BYTES, "cpu", rows * width * torch.empty((), dtype=dtype).element_size())
+    used, real = [], linear._score_tiles
+    monkeypatch.setattr(linear, "_score_tiles", lambda p, h, w, b, plan: used.append(plan) or real(p, h, w, b, plan))
+    return used
+
+
+@pytest.mark.parametrize("shape", TILE_SHAPES, ids=[f"{n}x{v}/t{r}x{c}/{'bias' if b else 'no_bias'}"
+                                                     for n, v, r, c, b in TILE_SHAPES])
+@pytest.mark.parametrize("dtype", DTYPES + [torch.float64], ids=str)
+@pytest.mark.parametrize("method", rk.METHODS)
+def test_tiled_forward_scores_and_selection(backend, method, dtype, shape, monkeypatch):
+    _tiled_backend(backend)
+    n, v, rows, width, with_bias = shape
+    h, w, b, targets, il = exact_inputs((n,), v, dtype, seed=6, bias=with_bias)
+    if n > 3:
+        targets[2] = -100
+        targets[3] = v - 1  # the last (ragged) slice
+    used = _force_tiles(monkeypatch, rows, width, dtype)
+    logits = materialise(h, w, b)
+    truth = truth_scores(logits, targets, il, method)
+    eager = rk.score(logits, targets, il, method=method, backend="reference").double()
+    got = rk.linear_score(h, w, targets, il, bias=b, method=method, backend=backend)
+    assert used == ([] if method == "irreducible" else [(rows, width)]), used
+    assert got.dtype == torch.float32 and got.shape == targets.shape
+    what = f"tiles/{backend}/{method}/{dtype}/{shape}"
+    tol = assert_accurate(got, eager, truth, what)
+    for k in sorted({0, 1, max(1, n // 10), n}):
+        sel = rk.linear_select(h, w, targets, il, k, bias=b, method=method, backend=backend)
+        assert_selection_consistent(sel, got, eligible_of(targets, got, v), k, f"{what}/k={k}")
+        assert_selection_matches_reference(sel, rk.select(logits, targets, il, k, method=method, backend="reference"),
+                                           truth, tol, f"{what}/k={k}")
+
+
+def test_tiled_forward_special_values_and_sequences(backend, monkeypatch):
+    """NaN / +inf / -inf in one vocabulary slice only, a custom ignore_index, ties, targets in the
+    first and the last slice, [B, T, D] inputs and sequence selection: as on the logits."""
+    _tiled_backend(backend)
+    bsz, t, v = 4, 9, 60
+    h, w, b, targets, il = exact_inputs((bsz, t), v, torch.float32, seed=7)
+    used = _force_tiles(monkeypatch, 5, 13, torch.float32)
+    targets[1, :2] = 7  # ignore_index below
+    targets[0, 0], targets[0, 1] = 0, v - 1
+    h[2, 4] = h[0, 5]  # a tie with a lower flat row
+    targets[2, 4], il[2, 4] = targets[0, 5], il[0, 5]
+    h[3, 2, 4] = math.nan  # one NaN row
+    b[40] = -math.inf  # an impossible class in the fourth slice
+    targets[targets == 40] = 41
+    b2, b3 = b.clone(), b.clone()
+    b2[50] = math.inf  # +inf in the last slice only
+    b3[20] = math.nan  # NaN in the second slice only
+    for bias in (b, b2, b3):
+        logits = materialise(h, w, bias)
+        for method in rk.METHODS:
+            got = rk.linear_score(h, w, targets, il, bias=bias, method=method, ignore_index=7, backend=backend)
+            truth = truth_scores(logits, targets, il, method, ignore_index=7)
+            eager = rk.score(logits, targets, il, method=method, ignore_index=7, backend="reference").double()
+            assert_accurate(got, eager, truth, f"tiles/{method}")
+            assert_same_nonfinite(got.view(-1), truth.view(-1), f"tiles/{method}")
+            sel = rk.linear_select(h, w, targets, il, bsz * t, bias=bias, method=method, ignore_index=7,
+                                   backend=backend)
+            assert_selection_consistent(sel, got.view(-1), eligible_of(targets.view(-1), got.view(-1), v, ignore_index=7),
+                                        bsz * t, f"tiles/{method}")
+        seq = rk.linear_select_sequences(h, w, targets, il, bsz, bias=bias, ignore_index=7, backend=backend)
+        want = rk.select_sequences(logits, targets, il, bsz, ignore_index=7, backend="reference")
+        assert torch.equal(seq.indices, want.indices) and torch.equal(seq.valid, want.valid)
+    assert used and all(plan == (5, 13) for plan in used)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("dtype", DTYPES + [torch.float64], ids=str)
+def test_tiled_forward_loss_and_gradients(backend, dtype, reduction, monkeypatch):
+    _tiled_backend(backend)
+    h, w, b, targets, il = _loss_case(dtype, v=301)
+    used = _force_tiles(monkeypatch, 16, 40, dtype)
+    _compare_loss(h, w, b, targets, il, 0.3, reduction, backend, None, f"tiles/{dtype}/{reduction}")
+    assert used == [(16, 40)]
+
+
+def test_partial_rows_kernel_against_torch_partials(backend):
+    """The kernel's folded partials of consecutive slices equal vocab_parallel's torch partials
+    of each slice merged: same scores after finalisation, every method; bad input is refused."""
+    _tiled_backend(backend)
+    from rho_kernels import vocab_parallel as vp
+    g = torch.Generator().manual_seed(8)
+    n, v = 23, 157
+    for dtype in DTYPES + [torch.float64]:
+        z = (torch.randn(n, v, generator=g) * 4).to(dtype)
+        z[3, 100] = math.nan
+        z[4] = -math.inf
+        z[5, 17] = math.inf
+        targets = torch.randint(0, v, (n,), generator=g)
+        targets[6] = -100
+        il = torch.rand(n, generator=g)
+        for method in ("reducible", "loss", "gradnorm", "entropy"):
+            mid = METHOD_IDS[method]
+            part, torch_parts = None, []
+            for v0, v1 in ((0, 40), (40, 41), (41, 157)):
+                zs = z[:, v0:v1]
+                part = backends.get("cpu").partial_rows(zs.t().contiguous().t() if v0 == 41 else zs, targets, part,
+                                                        v0, mid, -100)
+                torch_parts.append(vp.local_stats(zs, targets, v0, mid, -100))
+            got = vp.merge_and_finalize(part[None], targets, il, mid, -100)
+            want = vp.merge_and_finalize(torch.stack(torch_parts), targets, il, mid, -100)
+            truth = truth_scores(z, targets, il, method)
+            eager = rk.score(z, targets, il, method=method, backend="reference").double()
+            assert_accurate(got.score, eager, truth, f"partial_rows/{dtype}/{method}")
+            assert torch.equal(got.eligible, want.eligible)
+            assert torch.allclose(got.lse, want.lse, rtol=1e-5, equal_nan=True), f"{dtype}/{method}"
+    z = torch.zeros(4, 5)
+    t = torch.zeros(4, dtype=torch.long)
+    with pytest.raises(RuntimeError, match=r"partials must be a contiguous Float \[4, 7\] CPU tensor, got Float \[4, 6\]"):
+        backends.get("cpu").partial_rows(z, t, torch.zeros(4, 6), 0, 0, -100)
+    with pytest.raises(RuntimeError, match="vocab_start must be >= 0, got -1"):
+        backends.get("cpu").partial_rows(z, t, None, -1, 0, -100)
+    with pytest.raises(RuntimeError, match=r"takes \[n, V_slice\] logits"):
+        backends.get("cpu").partial_rows(z[None], t, None, 0, 0, -100)
+    torch.library.opcheck(torch.ops.rho_kernels.partial_rows.default, (z.normal_(), t, None, 0, 1, -100))
+    torch.library.opcheck(torch.ops.rho_kernels.partial_rows.default,
+                          (z, t, torch.ops.rho_kernels.partial_rows(z, t, None, 5, 3, -100), 0, 3, -100))
+
+
+def test_tiled_forward_under_torch_compile(monkeypatch):
+    reason = backends.get("cpu").partials_unavailable_reason(torch.device("cpu"))
+    if reason is not None or DEVICE.type != "cpu":
+        pytest.skip(reason or "cpu tensors only")
+    h, w, b, targets, il = exact_inputs((30,), 70, torch.float32, seed=9)
+    used = _force_tiles(monkeypatch, 8, 16, torch.float32)
+    torch._dynamo.reset()
+
+    @torch.compile(fullgraph=True, backend="eager")
+    def f(h, w, b):
+        return (rk.linear_score(h, w, targets, il, bias=b, backend="cpu"),
+                rk.linear_select(h, w, targets, il, 6, bias=b, backend="cpu").indices)
+
+    s, idx = f(h, w, b)
+    assert torch.allclose(s, rk.linear_score(h, w, targets, il, bias=b, chunk_size=30, backend="cpu"), rtol=1e-6,
+                          atol=1e-6)
+    assert torch.equal(idx, rk.linear_select(h, w, targets, il, 6, bias=b, chunk_size=30, backend="cpu").indices)
+    assert used

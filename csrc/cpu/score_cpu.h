@@ -39,9 +39,27 @@ struct Outputs {
 
 using ScoreFn = void (*)(const Problem&, const Outputs&);
 
+// Partials of one vocabulary slice (the logits are columns [vocab_start, vocab_start + V) of the
+// full rows; targets are full-vocabulary ids): per row, rho::RowAcc of these columns folded into
+// the row's partials from the slices before (`in`, null for the first), then the target logit
+// where the target is in this slice.  [N, kNumPartials] in the accumulation type (float; double
+// for float64), fields m, d, t, dx, s2x, z_y, owned: rho_kernels/vocab_parallel.py's layout,
+// merged and finalised there.  Only the method's sums are kept (the others stay 0).
+constexpr int kNumPartials = 7;
+struct Partials {
+  const void* in;
+  void* out;
+  int64_t vocab_start;
+};
+
+using PartialsFn = void (*)(const Problem&, const Partials&);
+
 // One per compiled instruction set (select_cpu.cpp only references those setup.py built).
 void score_rows_scalar(const Problem& p, const Outputs& out);
 void score_rows_avx2(const Problem& p, const Outputs& out);
 void score_rows_avx512(const Problem& p, const Outputs& out);
+void partial_rows_scalar(const Problem& p, const Partials& io);
+void partial_rows_avx2(const Problem& p, const Partials& io);
+void partial_rows_avx512(const Problem& p, const Partials& io);
 
 }  // namespace rho_cpu

@@ -1,6 +1,6 @@
 // score_cpu_kernel.h -- the fused CPU scoring kernel (per-row score, lse and select key), written
 // once and compiled once per instruction set: csrc/cpu/isa/score_cpu_<isa>.cpp define
-// CPU_CAPABILITY (at::vec's ISA switch), RHO_ISA_NAMESPACE and RHO_SCORE_ROWS_FN, include this
+// CPU_CAPABILITY (at::vec's ISA switch), RHO_ISA_NAMESPACE, RHO_SCORE_ROWS_FN and RHO_PARTIAL_ROWS_FN, include this
 // file, and setup.py gives each its own -march.  select_cpu.cpp picks one at run time.
 //
 // All per-row math comes from rho_math.h.  Two code paths, chosen from the shapes alone:
@@ -33,7 +33,8 @@
 // CPU_CAPABILITY, rho_math.h's RHO_ISA_NAMESPACE): an inline function with external linkage
 // compiled with AVX-512 here could otherwise replace the baseline copy program-wide.  For the
 // same reason no std container or TORCH_CHECK is instantiated here (select_cpu.cpp checks).
-#if !defined(CPU_CAPABILITY) || !defined(RHO_ISA_NAMESPACE) || !defined(RHO_SCORE_ROWS_FN)
+#if !defined(CPU_CAPABILITY) || !defined(RHO_ISA_NAMESPACE) || !defined(RHO_SCORE_ROWS_FN) || \
+    !defined(RHO_PARTIAL_ROWS_FN)
 #error "score_cpu_kernel.h is included by csrc/cpu/isa/score_cpu_<isa>.cpp only"
 #endif
 
@@ -793,7 +794,74 @@ void score_dispatch(const Problem& p, const Outputs& out) {
   }
 }
 
+// Partials of a vocabulary slice (score_cpu.h: Partials): the row path's range_acc per row, folded
+// into the partials of the slices before with the block fold's rule.  The linear ops call it on
+// [rows, width] tiles of hidden @ weight.T, so that the head's weight is read once per row block.
+template <typename scalar_t, int M>
+void partials_kernel(const Problem& p, const Partials& io) {
+  using A = acc_t<scalar_t>;
+  const scalar_t* logits = static_cast<const scalar_t*>(p.logits);
+  const A* in = static_cast<const A*>(io.in);
+  A* out = static_cast<A*>(io.out);
+  const int64_t nv = p.num_classes, v0 = io.vocab_start;
+  parallel_chunks(p.num_rows, std::max<int64_t>(1, kChunkElems / nv), [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t y = p.targets[r];
+      // The target's column in this slice, or -1 (ignored, or a class of another slice).
+      const int64_t col = (y != p.ignore_index && y >= v0 && y - v0 < nv) ? y - v0 : int64_t(-1);
+      RowAcc<A> acc = rho::acc_empty<A>();
+      A zy = A(0), owned = A(0);
+      if (in != nullptr) {
+        const A* a = in + r * kNumPartials;
+        acc = RowAcc<A>{a[0], a[1], a[2], a[3], a[4]};
+        zy = a[5];
+        owned = a[6];
+      }
+      const scalar_t* row = logits + row_offset(p, r);
+      fold_block(acc, range_acc<scalar_t, M>(row, p.stride_v, 0, nv, col));
+      if (acc.m != acc.m) acc = RowAcc<A>{acc.m, A(0), A(0), A(0), A(0)};  // a NaN row's sums are never read
+      if (col >= 0) {
+        zy = to_acc(row[col * p.stride_v]);
+        owned = A(1);
+      }
+      A* o = out + r * kNumPartials;
+      o[0] = acc.m;
+      o[1] = acc.d;
+      o[2] = acc.t;
+      o[3] = acc.dx;
+      o[4] = acc.s2x;
+      o[5] = zy;
+      o[6] = owned;
+    }
+  });
+}
+
+template <typename scalar_t>
+void partials_dispatch(const Problem& p, const Partials& io) {
+  switch (p.method) {
+    case rho::kGradNorm:
+      return partials_kernel<scalar_t, rho::kGradNorm>(p, io);
+    case rho::kEntropy:
+      return partials_kernel<scalar_t, rho::kEntropy>(p, io);
+    default:
+      return partials_kernel<scalar_t, rho::kLoss>(p, io);  // the other methods' sums: d alone
+  }
+}
+
 }  // namespace
+
+void RHO_PARTIAL_ROWS_FN(const Problem& p, const Partials& io) {
+  switch (p.dtype) {
+    case LogitsType::kFloat32:
+      return partials_dispatch<float>(p, io);
+    case LogitsType::kFloat64:
+      return partials_dispatch<double>(p, io);
+    case LogitsType::kBFloat16:
+      return partials_dispatch<c10::BFloat16>(p, io);
+    case LogitsType::kFloat16:
+      return partials_dispatch<c10::Half>(p, io);
+  }
+}
 
 void RHO_SCORE_ROWS_FN(const Problem& p, const Outputs& out) {
   switch (p.dtype) {

@@ -1,4 +1,4 @@
-// select_cpu.cpp -- the CPU op layer of rho_kernels::score_rows and rho_kernels::select_rows:
+// select_cpu.cpp -- the CPU op layer of rho_kernels::score_rows, select_rows and partial_rows:
 // argument checks, the choice of the scoring kernel's instruction set, the top-k, and the
 // registrations.  Compiled for the baseline instruction set; the scoring kernel itself
 // (score_cpu_kernel.h) is compiled once per instruction set (csrc/cpu/isa/) and chosen here.
@@ -36,16 +36,17 @@ namespace {
 struct Isa {
   const char* name;
   ScoreFn fn;
+  PartialsFn partials;
 };
 
 // Built variants, lowest first.
 constexpr Isa kIsas[] = {
-    {"scalar", &score_rows_scalar},
+    {"scalar", &score_rows_scalar, &partial_rows_scalar},
 #if defined(RHO_CPU_HAVE_AVX2)
-    {"avx2", &score_rows_avx2},
+    {"avx2", &score_rows_avx2, &partial_rows_avx2},
 #endif
 #if defined(RHO_CPU_HAVE_AVX512)
-    {"avx512", &score_rows_avx512},
+    {"avx512", &score_rows_avx512, &partial_rows_avx512},
 #endif
 };
 constexpr int kNumIsas = static_cast<int>(sizeof(kIsas) / sizeof(kIsas[0]));
@@ -291,10 +292,38 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> select_rows_cpu(const at::Tensor&
   return {indices, scores, valid};
 }
 
+// Partials of a vocabulary slice [n, V_slice], folded into `partials` (score_cpu.h: Partials).
+at::Tensor partial_rows_cpu(const at::Tensor& logits, const at::Tensor& targets,
+                            const std::optional<at::Tensor>& partials, int64_t vocab_start, int64_t method,
+                            int64_t ignore_index) {
+  TORCH_CHECK(logits.dim() == 2, "rho_kernels: partial_rows takes [n, V_slice] logits, got ", logits.sizes());
+  TORCH_CHECK(method >= 0 && method < rho::kNumMethods, "rho_kernels: unknown method id ", method);
+  TORCH_CHECK(vocab_start >= 0, "rho_kernels: vocab_start must be >= 0, got ", vocab_start);
+  // Methods other than gradnorm and entropy keep d alone (as loss does); none reads the IL here.
+  const bool own_sums = method == rho::kGradNorm || method == rho::kEntropy;
+  const Problem p = make_problem(logits, targets, std::nullopt, own_sums ? method : int64_t(rho::kLoss), ignore_index);
+  const auto acc = logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  if (partials.has_value() && partials->defined()) {
+    TORCH_CHECK(partials->device().is_cpu() && partials->scalar_type() == acc && partials->dim() == 2 &&
+                    partials->size(0) == p.num_rows && partials->size(1) == kNumPartials && partials->is_contiguous(),
+                "rho_kernels: partials must be a contiguous ", acc, " [", p.num_rows, ", ", kNumPartials,
+                "] CPU tensor, got ", partials->scalar_type(), " ", partials->sizes());
+  }
+  at::Tensor out = at::empty({p.num_rows, kNumPartials}, logits.options().dtype(acc));
+  const void* in = partials.has_value() && partials->defined() ? partials->data_ptr() : nullptr;
+  kIsas[current_isa()].partials(p, Partials{in, out.data_ptr(), vocab_start});
+  return out;
+}
+
 }  // namespace
 }  // namespace rho_cpu
 
 TORCH_LIBRARY_FRAGMENT(rho_kernels, m) {
+  // Partials (m, d, t, dx, s2x, z_y, owned per row) of a vocabulary slice of the logits, folded
+  // into those of the slices before it: the linear ops' tiled CPU forward.
+  m.def(
+      "partial_rows(Tensor logits, Tensor targets, Tensor? partials, int vocab_start, int method, "
+      "int ignore_index) -> Tensor");
   // The instruction set of the CPU scoring kernel in use ("scalar", "avx2" or "avx512").
   m.def("cpu_isa() -> str", &rho_cpu::cpu_isa);
   // Switch it in this process ("" = the default choice); returns the one now in use.  For tests.
@@ -304,4 +333,5 @@ TORCH_LIBRARY_FRAGMENT(rho_kernels, m) {
 TORCH_LIBRARY_IMPL(rho_kernels, CPU, m) {
   m.impl("score_rows", &rho_cpu::score_rows_cpu);
   m.impl("select_rows", &rho_cpu::select_rows_cpu);
+  m.impl("partial_rows", &rho_cpu::partial_rows_cpu);
 }

@@ -76,7 +76,7 @@ else:
 # until it has, backend="auto" never picks it.  Flip only with committed GPU results.
 CUDA_VERIFIED = False
 
-OPS = ("score_rows", "select_rows", "ce_grad_rows")
+OPS = ("score_rows", "select_rows", "ce_grad_rows", "partial_rows")
 
 
 def _query_kernel(dispatch_key: str, op: str) -> bool:
@@ -129,6 +129,13 @@ def ce_grad_rows(logits: Tensor, targets: Tensor, lse: Tensor, row_scale: Tensor
     return torch.ops.rho_kernels.ce_grad_rows(logits, targets, lse, row_scale, ignore_index)
 
 
+def partial_rows(logits: Tensor, targets: Tensor, partials: Optional[Tensor], vocab_start: int, method: int,
+                 ignore_index: int) -> Tensor:
+    """Per-row partials ``[n, 7]`` (vocab_parallel's layout) of the vocabulary slice ``logits``
+    (``[n, V_slice]``, its first column is class ``vocab_start``), folded into ``partials``."""
+    return torch.ops.rho_kernels.partial_rows(logits, targets, partials, vocab_start, method, ignore_index)
+
+
 if LOAD_ERROR is None:
 
     @torch.library.register_fake("rho_kernels::score_rows")
@@ -156,3 +163,9 @@ if LOAD_ERROR is None:
         @torch.library.register_fake("rho_kernels::ce_grad_rows_")
         def _ce_grad_rows_inplace_fake(logits, targets, lse, row_scale, ignore_index):
             return None
+
+    if hasattr(torch.ops.rho_kernels, "partial_rows"):
+
+        @torch.library.register_fake("rho_kernels::partial_rows")
+        def _partial_rows_fake(logits, targets, partials, vocab_start, method, ignore_index):
+            return logits.new_empty((targets.shape[0], 7), dtype=lse_dtype(logits.dtype))

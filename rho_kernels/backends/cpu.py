@@ -14,6 +14,7 @@ import torch
 
 from . import _extension
 from ._extension import ce_grad_rows, score_rows, select_rows  # noqa: F401  (the backend interface)
+from ._extension import partial_rows  # noqa: F401  (this backend only: the linear ops' tiled forward)
 
 NAME = "cpu"
 
@@ -44,3 +45,8 @@ def instruction_set() -> Optional[str]:
 def ce_grad_unavailable_reason(device: torch.device) -> Optional[str]:
     """None where this backend's ``ce_grad_rows`` kernel can run on ``device``, else why not."""
     return _extension.unavailable_reason("CPU", "cpu", device, op="ce_grad_rows")
+
+
+def partials_unavailable_reason(device: torch.device) -> Optional[str]:
+    """None where ``partial_rows`` (per-row partials of a vocabulary slice) runs on ``device``."""
+    return _extension.unavailable_reason("CPU", "cpu", device, op="partial_rows")

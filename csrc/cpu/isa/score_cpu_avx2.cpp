@@ -7,4 +7,5 @@
 #define CPU_CAPABILITY_AVX2 1
 #define RHO_ISA_NAMESPACE isa_avx2
 #define RHO_SCORE_ROWS_FN score_rows_avx2
+#define RHO_PARTIAL_ROWS_FN partial_rows_avx2
 #include "../score_cpu_kernel.h"

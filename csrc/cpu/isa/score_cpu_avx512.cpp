@@ -8,4 +8,5 @@
 #define CPU_CAPABILITY_AVX512 1
 #define RHO_ISA_NAMESPACE isa_avx512
 #define RHO_SCORE_ROWS_FN score_rows_avx512
+#define RHO_PARTIAL_ROWS_FN partial_rows_avx512
 #include "../score_cpu_kernel.h"

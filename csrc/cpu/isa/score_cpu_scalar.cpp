@@ -3,4 +3,5 @@
 #define CPU_CAPABILITY DEFAULT
 #define RHO_ISA_NAMESPACE isa_scalar
 #define RHO_SCORE_ROWS_FN score_rows_scalar
+#define RHO_PARTIAL_ROWS_FN partial_rows_scalar
 #include "../score_cpu_kernel.h"
