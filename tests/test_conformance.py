@@ -274,6 +274,50 @@ def _special_inputs(dtype):
     return logits.to(dtype).to(DEVICE), targets.to(DEVICE), il.to(DEVICE)
 
 
+def _nan_inf_rows(v: int, dtype):
+    """Rows whose NaN a max that drops NaN (one pass, then another) could miss: a NaN beside
+    -inf only, beside +inf, first, last, in the ragged tail, in a late block of a long row, at
+    the target; and +inf / all -inf rows without one."""
+    g = torch.Generator().manual_seed(v)
+    n = 12
+    logits = torch.randn(n, v, generator=g) * 2
+    targets = torch.randint(0, v, (n,), generator=g)
+    targets[8] = v - 1
+    logits[0, :] = -math.inf
+    logits[0, v // 2] = math.nan  # NaN among -inf only
+    logits[1, 0] = math.nan  # first column
+    logits[2, v - 1] = math.nan  # last column (the ragged tail where V is not a vector multiple)
+    logits[3, (3 * v) // 4] = math.nan  # a late block of a long row
+    logits[3, v // 5] = math.inf  # ... next to +inf
+    logits[4, v // 3] = math.inf  # +inf, no NaN
+    logits[5, :] = -math.inf  # all -inf, no NaN
+    logits[6, targets[6]] = math.nan  # NaN at the target
+    logits[7, -1] = math.nan
+    logits[7, :-1] = -math.inf  # -inf then NaN last
+    logits[8, targets[8]] = math.inf  # +inf at the (last) target
+    logits[9, 0] = math.inf
+    logits[9, v - 1] = math.nan  # +inf first, NaN last
+    return logits.to(dtype).to(DEVICE), targets.to(DEVICE), torch.rand(n, generator=g).to(DEVICE)
+
+
+@pytest.mark.parametrize("v", [2, 10, 37, 100, 600, 5000], ids=lambda v: f"V{v}")
+@pytest.mark.parametrize("dtype", DTYPES + [torch.float64], ids=str)
+@pytest.mark.parametrize("method", ["reducible", "loss", "gradnorm", "entropy"])
+def test_nan_anywhere_in_a_row(backend, method, dtype, v):
+    """NaN anywhere makes the row NaN (ineligible), +inf / all -inf rows follow IEEE: short rows
+    (tiles), rows of one block and rows of several blocks."""
+    if is_slow_backend(backend) and v > 100:
+        pytest.skip("long rows are too slow for the Triton CPU interpreter (covered on GPU)")
+    logits, targets, il = _nan_inf_rows(v, dtype)
+    truth = truth_scores(logits, targets, il, method)
+    got = rk.score(logits, targets, il, method=method, backend=backend)
+    assert_accurate(got, eager_scores(logits, targets, il, method), truth, f"{method}/{dtype}/V={v}")
+    for r in (0, 1, 2, 3, 6, 7, 9):
+        assert math.isnan(got[r].item()), f"row {r}: {got[r].item()} is not NaN"
+    sel = rk.select(logits, targets, il, 12, method=method, backend=backend)
+    assert_selection_consistent(sel, got, eligible_of(targets, got, v), 12, f"{method}/{dtype}/V={v}")
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("method", METHODS)
 def test_special_values(backend, method, dtype):

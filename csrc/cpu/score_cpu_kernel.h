@@ -74,6 +74,9 @@ constexpr int64_t kTileMaxV = 512;
 // under AVX-512).
 constexpr int kTileVecs = 4;
 constexpr int64_t kTileCols = 64;
+// AVX-512 tiles of rows contiguous along V: transposed in registers from this V on (hardware
+// gathers below it, where a 16 x 16 transpose would move mostly padding).
+constexpr int64_t kTransposeMinV = 8;
 
 template <typename scalar_t>
 using acc_t = typename rho::AccOf<scalar_t>::type;
@@ -139,8 +142,9 @@ inline acc_t<scalar_t> to_acc(scalar_t x) {
 // polynomial with p(0) = 1 (max relative error 9.2e-8, coefficients fitted for this file;
 // they coincide with those in ATen's exp_u20), and the product with 2^n.  Inputs below
 // ln(FLT_MIN) -- -inf included -- give exactly 0 (masked; no clamp needed because masked lanes
-// may hold garbage).  The value for x > 0 or NaN is unspecified and never used: such blocks
-// have a NaN or +inf max, which alone decides the row's lse.
+// may hold garbage).  NaN gives NaN (the unordered compare keeps it), as Sleef's exp does: the
+// block passes find a NaN logit from their sums (see max_plain).  The value for x > 0 is
+// unspecified and never used: such blocks have a +inf max, which alone decides the row's lse.
 constexpr float kLog2e = 1.44269504088896341f;
 constexpr float kLn2 = 0.693147180559945309f;
 constexpr float kShifter = 12582912.0f;         // 1.5 * 2^23: adding it rounds to an integer
@@ -159,7 +163,7 @@ inline __m512 exp_nonpos_ps(__m512 x) {
   q = _mm512_fmadd_ps(q, r, _mm512_set1_ps(kP1));
   q = _mm512_fmadd_ps(q, r, _mm512_set1_ps(1.0f));
   // q * 2^n in one instruction, zero where x < ln(FLT_MIN).
-  return _mm512_maskz_scalef_ps(_mm512_cmp_ps_mask(x, _mm512_set1_ps(kLnFltMin), _CMP_GE_OQ), q, n);
+  return _mm512_maskz_scalef_ps(_mm512_cmp_ps_mask(x, _mm512_set1_ps(kLnFltMin), _CMP_NLT_UQ), q, n);
 }
 #elif defined(CPU_CAPABILITY_AVX2)
 inline __m256 exp_nonpos_ps(__m256 x) {
@@ -175,7 +179,7 @@ inline __m256 exp_nonpos_ps(__m256 x) {
   // shifting n + 127 into the exponent field pushes the shifter's own bits out.
   const __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_castps_si256(t), _mm256_set1_epi32(127)), 23);
   const __m256 e = _mm256_mul_ps(q, _mm256_castsi256_ps(bits));
-  return _mm256_and_ps(e, _mm256_cmp_ps(x, _mm256_set1_ps(kLnFltMin), _CMP_GE_OQ));
+  return _mm256_and_ps(e, _mm256_cmp_ps(x, _mm256_set1_ps(kLnFltMin), _CMP_NLT_UQ));
 }
 #endif
 
@@ -238,6 +242,40 @@ inline A hsum(const Vec<A>& v) {
   return lanes[0];
 }
 
+// Lane-wise max by the bare instruction (one uop; at::vec::maximum's NaN propagation costs three
+// more, a quarter of a block's work per logit).  Where a lane sees a NaN the result may be
+// either operand, so the block passes recover NaN from their exp sums instead: exp_nonpos(NaN)
+// = NaN, and a NaN in d marks the row (rows with an infinite max are looked at exactly).
+template <typename A>
+inline Vec<A> max_plain(const Vec<A>& a, const Vec<A>& b) {
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<A, float>) {
+    return Vec<float>(_mm512_max_ps(a, b));
+  } else {
+    return Vec<double>(_mm512_max_pd(a, b));
+  }
+#elif defined(CPU_CAPABILITY_AVX2)
+  if constexpr (std::is_same_v<A, float>) {
+    return Vec<float>(_mm256_max_ps(a, b));
+  } else {
+    return Vec<double>(_mm256_max_pd(a, b));
+  }
+#else
+  return at::vec::maximum(a, b);
+#endif
+}
+
+// Whether n logits p[0], p[stride], ... hold a NaN (the exact check behind max_plain, for the
+// rare rows whose max is infinite).
+template <typename scalar_t>
+inline bool has_nan(const scalar_t* p, int64_t n, int64_t stride) {
+  for (int64_t i = 0; i < n; ++i) {
+    const auto x = to_acc(p[i * stride]);
+    if (x != x) return true;
+  }
+  return false;
+}
+
 template <typename A>
 inline A hmax(const Vec<A>& v) {
   __at_align__ A lanes[Vec<A>::size()];
@@ -265,24 +303,28 @@ RowAcc<acc_t<scalar_t>> block_acc(const scalar_t* p, int64_t n, int64_t tgt) {
     for (int64_t i = 0; i < W; ++i) tail[i] = i < rem ? to_acc(p[nfull + i]) : kNegInf;
   }
 
-  // Pass 1: block max; at::vec::maximum propagates NaN.
+  // Pass 1: block max by the bare max instruction, which may pass over a NaN (max_plain): pass 2
+  // finds it in d.  An infinite max (all -inf, or a +inf) gets the exact NaN check instead.
   V mx0(kNegInf), mx1(kNegInf);
   int64_t j = 0;
   for (; j + 2 * W <= nfull; j += 2 * W) {
     V x0, x1;
     load_pair(p + j, x0, x1);
-    mx0 = at::vec::maximum(mx0, x0);
-    mx1 = at::vec::maximum(mx1, x1);
+    mx0 = max_plain(mx0, x0);
+    mx1 = max_plain(mx1, x1);
   }
-  if (j < nfull) mx0 = at::vec::maximum(mx0, load_acc(p + j));
-  if (rem) mx1 = at::vec::maximum(mx1, V::loadu(tail));
+  if (j < nfull) mx0 = max_plain(mx0, load_acc(p + j));
+  if (rem) mx1 = max_plain(mx1, V::loadu(tail));
   const A bm = hmax(at::vec::maximum(mx0, mx1));
-  if (bm != bm) {
-    RowAcc<A> r = rho::acc_empty<A>();
+  RowAcc<A> nan_acc = rho::acc_empty<A>();
+  nan_acc.m = std::numeric_limits<A>::quiet_NaN();
+  if (bm != bm) return nan_acc;
+  if (bm == kNegInf || bm == -kNegInf) {
+    if (has_nan(p, n, 1)) return nan_acc;
+    RowAcc<A> r = rho::acc_empty<A>();  // a +inf max alone decides the lse; the sums are unused
     r.m = bm;
     return r;
   }
-  if (bm == kNegInf) return rho::acc_empty<A>();
 
   // Pass 2: sums of exp(z - bm) (and the method's extra sums), two interleaved accumulator
   // sets for instruction-level parallelism.  For gradnorm, `d` accumulates dx (every column
@@ -304,9 +346,15 @@ RowAcc<acc_t<scalar_t>> block_acc(const scalar_t* p, int64_t n, int64_t tgt) {
     }
     if constexpr (kGrad) s2[s] = at::vec::fmadd(e, e, s2[s]);
   };
+  // Pass 2 reads L1 only, so the memory would idle through it: it prefetches the logits that
+  // follow this block (the next block of the row, or the next row of a contiguous [N, V]), the
+  // same offset ahead as it reads, so that pass 1 of the next block finds them in cache.
+  const char* ahead = reinterpret_cast<const char*>(p + n);
+  constexpr int64_t kStepBytes = 2 * W * static_cast<int64_t>(sizeof(scalar_t));
   auto run = [&](int64_t from, int64_t to) {  // the full chunks in [from, to)
     int64_t c = from;
     for (; c + 2 * W <= to; c += 2 * W) {
+      for (int64_t b = 0; b < kStepBytes; b += 64) __builtin_prefetch(ahead + c * sizeof(scalar_t) + b, 0, 3);
       V x0, x1;
       load_pair(p + c, x0, x1);
       step(x0, 0);
@@ -338,6 +386,7 @@ RowAcc<acc_t<scalar_t>> block_acc(const scalar_t* p, int64_t n, int64_t tgt) {
   r.m = bm;
   const A dsum = hsum(d[0] + d[1]);
   r.d = kGrad ? dsum + e_y : dsum;
+  if (r.d != r.d) return nan_acc;  // a NaN logit (the max is finite: nothing else makes d NaN)
   r.t = rho::needs_entropy_sum(M) ? hsum(t[0] + t[1]) : A(0);
   r.dx = kGrad ? dsum : A(0);
   r.s2x = kGrad ? hsum(s2[0] + s2[1]) : A(0);
@@ -451,6 +500,49 @@ inline Vec<float> gather_acc(const scalar_t* base, GatherIdx idx) {
 }
 #endif
 
+#if defined(CPU_CAPABILITY_AVX512)
+// Columns [0, 16) of one row widened to fp32, the lanes outside mask k zero (and never read).
+template <typename scalar_t>
+inline __m512 load16_acc(const scalar_t* p, __mmask16 k) {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    return _mm512_maskz_loadu_ps(k, p);
+  } else if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+    const __m512i w = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(k, p));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(w, 16));
+  } else {
+    static_assert(std::is_same_v<scalar_t, c10::Half>, "unsupported logits dtype");
+    return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(k, p));
+  }
+}
+
+// In-register transpose of a 16 x 16 fp32 block (a[i] = row i in, column i out): pairs of rows
+// interleaved, then 4 x 4 blocks within each 128-bit lane, then the lanes themselves.
+inline void transpose16(__m512 (&a)[16]) {
+  __m512 b[16], c[16];
+  for (int i = 0; i < 16; i += 2) {
+    b[i] = _mm512_unpacklo_ps(a[i], a[i + 1]);
+    b[i + 1] = _mm512_unpackhi_ps(a[i], a[i + 1]);
+  }
+  for (int i = 0; i < 16; i += 4) {
+    c[i] = _mm512_shuffle_ps(b[i], b[i + 2], 0x44);
+    c[i + 1] = _mm512_shuffle_ps(b[i], b[i + 2], 0xEE);
+    c[i + 2] = _mm512_shuffle_ps(b[i + 1], b[i + 3], 0x44);
+    c[i + 3] = _mm512_shuffle_ps(b[i + 1], b[i + 3], 0xEE);
+  }
+  // c[4q + j], 128-bit lane l: column 4l + j of rows 4q .. 4q+3.
+  for (int j = 0; j < 4; ++j) {
+    const __m512 d0 = _mm512_shuffle_f32x4(c[j], c[4 + j], 0x88);
+    const __m512 d1 = _mm512_shuffle_f32x4(c[j], c[4 + j], 0xDD);
+    const __m512 d2 = _mm512_shuffle_f32x4(c[8 + j], c[12 + j], 0x88);
+    const __m512 d3 = _mm512_shuffle_f32x4(c[8 + j], c[12 + j], 0xDD);
+    a[j] = _mm512_shuffle_f32x4(d0, d2, 0x88);
+    a[4 + j] = _mm512_shuffle_f32x4(d1, d3, 0x88);
+    a[8 + j] = _mm512_shuffle_f32x4(d0, d2, 0xDD);
+    a[12 + j] = _mm512_shuffle_f32x4(d1, d3, 0xDD);
+  }
+}
+#endif
+
 // What a tile knows of its rows before the logits are read (lanes >= g: an all -inf row with
 // no target, never written out).
 template <typename scalar_t, int64_t R>
@@ -502,14 +594,46 @@ void tile_acc(const Problem& p, int64_t r0, int64_t g, bool gather, const TileRo
     d[u] = t[u] = dx[u] = s2[u] = V(A(0));
   }
   const V vzero(A(0)), vninf(kNegInf), vlowest(std::numeric_limits<A>::lowest());
+  // Pass 2 reads L1 only, so the memory would idle through it: for evenly spaced rows (one
+  // contiguous span per tile) it prefetches the next tile's span, a few lines per step, so that
+  // the next tile's loads find it in cache.  (Prefetches never fault: past the end is harmless.)
+  const bool pf = p.rank == 2 && sv == 1 && p.stride0 >= nv;
+  const uintptr_t next = reinterpret_cast<uintptr_t>(logits) + static_cast<uintptr_t>((r0 + R) * p.stride0) * sizeof(scalar_t);
+  const int64_t pf_lines = pf ? (R * p.stride0 * static_cast<int64_t>(sizeof(scalar_t)) + 63) / 64 : 0;
+  const int64_t pf_steps = nv * U;
+  // Lines per step, rounded up (fp32: exactly one at stride0 = V); 0 = no prefetch.
+  const int64_t pf_step = (pf_lines + pf_steps - 1) / pf_steps;
 
   for (int64_t c0 = 0; c0 < nv; c0 += kTileCols) {
     const int64_t n = std::min(kTileCols, nv - c0);
     // Gather (and widen) the block, transposed: buf[c * R + i] = row i, column c0 + c.
     bool filled = false;
+#if defined(CPU_CAPABILITY_AVX512)
+    if constexpr (std::is_same_v<A, float>) {
+      if (sv == 1 && nv >= kTransposeMinV) {
+        // Rows contiguous along V: 16 x 16 blocks read row by row (masked at the block's ragged
+        // end) and transposed in registers -- 4 shuffles per 16 logits, where a hardware gather
+        // costs 16 loads.  Idle lanes (rows >= g) read -inf.
+        for (int u = 0; u < U; ++u) {
+          for (int64_t c = 0; c < n; c += 16) {
+            const int64_t m = std::min<int64_t>(16, n - c);
+            const __mmask16 k = static_cast<__mmask16>((1u << m) - 1u);
+            __m512 a[16];
+            for (int i = 0; i < 16; ++i) {
+              const int64_t r = u * 16 + i;
+              a[i] = r < g ? load16_acc(tr.row[r] + c0 + c, k) : _mm512_set1_ps(kNegInf);
+            }
+            transpose16(a);
+            for (int64_t j = 0; j < m; ++j) _mm512_storeu_ps(buf + (c + j) * R + u * 16, a[j]);
+          }
+        }
+        filled = true;
+      }
+    }
+#endif
 #if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
     if constexpr (kCanGather<scalar_t>) {
-      if (gather) {
+      if (gather && !filled) {
         GatherIdx idx[U];
         for (int u = 0; u < U; ++u) idx[u] = gather_lanes(u * W * p.stride0, p.stride0);
         const scalar_t* base = tr.row[0] + c0;
@@ -540,11 +664,12 @@ void tile_acc(const Problem& p, int64_t r0, int64_t g, bool gather, const TileRo
       }
     }
 
-    // Pass 1: block max per lane (NaN-propagating), new running max, rescale of the sums.
+    // Pass 1: block max per lane (max_plain: a NaN may be passed over; it shows in d, which is
+    // NaN from then on), new running max, rescale of the sums.
     V mx[U];
     for (int u = 0; u < U; ++u) mx[u] = vninf;
     for (int64_t c = 0; c < n; ++c) {
-      for (int u = 0; u < U; ++u) mx[u] = at::vec::maximum(mx[u], V::loadu(buf + c * R + u * W));
+      for (int u = 0; u < U; ++u) mx[u] = max_plain(mx[u], V::loadu(buf + c * R + u * W));
     }
     V ref[U];  // what the block's logits are shifted by
     for (int u = 0; u < U; ++u) {
@@ -570,6 +695,14 @@ void tile_acc(const Problem& p, int64_t r0, int64_t g, bool gather, const TileRo
     for (int64_t c = 0; c < n; ++c) {
       const V col(static_cast<A>(c0 + c));
       for (int u = 0; u < U; ++u) {
+        if (pf_step == 1) {  // step i fetches line i * pf_lines / pf_steps: each line once or twice
+          const int64_t l = ((c0 + c) * U + u) * pf_lines / pf_steps;
+          __builtin_prefetch(reinterpret_cast<const char*>(next + static_cast<uintptr_t>(l) * 64), 0, 3);
+        } else {
+          for (int64_t l = ((c0 + c) * U + u) * pf_step, e = l + pf_step; l < e; ++l) {
+            __builtin_prefetch(reinterpret_cast<const char*>(next + static_cast<uintptr_t>(l) * 64), 0, 3);
+          }
+        }
         const V shifted = V::loadu(buf + c * R + u * W) - ref[u];
         const V e = exp_nonpos<A>(shifted);
         bd[u] = bd[u] + e;
@@ -588,6 +721,24 @@ void tile_acc(const Problem& p, int64_t r0, int64_t g, bool gather, const TileRo
         dx[u] = dx[u] + bdx[u];
         s2[u] = s2[u] + bs2[u];
       }
+    }
+  }
+
+  // NaN rows from the sums (pass 1's max_plain may have passed over a NaN; exp_nonpos did not,
+  // and a NaN in d stays).  A +inf max makes d NaN by itself (inf - inf): those rows, rare, are
+  // looked at exactly.
+  const V vpinf(-kNegInf), vnan(std::numeric_limits<A>::quiet_NaN());
+  for (int u = 0; u < U; ++u) {
+    const V m0 = m[u];
+    const V is_inf = m0 == vpinf;
+    m[u] = V::blendv(V::blendv(m0, vnan, d[u].isnan()), m0, is_inf);
+    if (is_inf.zero_mask() != (1 << W) - 1) {
+      __at_align__ A lanes[W];
+      m[u].store(lanes);
+      for (int64_t i = 0; i < W && u * W + i < g; ++i) {
+        if (lanes[i] == -kNegInf && has_nan(tr.row[u * W + i], nv, sv)) lanes[i] = std::numeric_limits<A>::quiet_NaN();
+      }
+      m[u] = V::loadu(lanes);
     }
   }
 }

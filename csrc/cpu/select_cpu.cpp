@@ -20,6 +20,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <functional>
+#include <memory>
 #include <optional>
 #include <string>
 #include <tuple>
@@ -225,16 +226,18 @@ void top_keys(const uint64_t* keys, int64_t n, int64_t k, uint64_t* out) {
     std::copy(a.begin(), a.end(), out);
     return;
   }
-  // LSD radix sort of ~key (ascending = keys descending), 8-bit digits; a digit that is the same
-  // for all k keys (common in the high score bits) costs no pass.
+  // LSD radix sort of ~key (ascending = keys descending), 8-bit digits of the high word only:
+  // the winners were collected in row order and the sort is stable, so equal scores stay in
+  // ascending row order -- the low word's order -- without its 4 passes.  A digit that is the
+  // same for all k keys (common in the high score bits) costs no pass.
   std::vector<uint32_t> counts(8 * 256, 0u);
   for (int64_t i = 0; i < k; ++i) {
     const uint64_t x = ~a[i];
-    for (int d = 0; d < 8; ++d) ++counts[d * 256 + ((x >> (8 * d)) & 255)];
+    for (int d = 4; d < 8; ++d) ++counts[d * 256 + ((x >> (8 * d)) & 255)];
   }
   uint64_t* src = a.data();
   uint64_t* dst = tmp.data();
-  for (int d = 0; d < 8; ++d) {
+  for (int d = 4; d < 8; ++d) {
     uint32_t* c = counts.data() + d * 256;
     if (*std::max_element(c, c + 256) == static_cast<uint32_t>(k)) continue;
     uint32_t sum = 0;
@@ -275,10 +278,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> select_rows_cpu(const at::Tensor&
   if (k == 0) return {indices, scores, valid};
 
   at::Tensor score = at::empty({N}, logits.options().dtype(at::kFloat));
-  std::vector<uint64_t> keys(static_cast<size_t>(N));
-  kIsas[current_isa()].fn(p, Outputs{score.data_ptr<float>(), nullptr, keys.data(), false});
+  // Every key is written by the kernel: no zero fill (a pass over 8 bytes a row).
+  std::unique_ptr<uint64_t[]> keys_buf(new uint64_t[static_cast<size_t>(N)]);
+  uint64_t* keys = keys_buf.get();
+  kIsas[current_isa()].fn(p, Outputs{score.data_ptr<float>(), nullptr, keys, false});
   std::vector<uint64_t> top(static_cast<size_t>(k));
-  top_keys(keys.data(), N, k, top.data());
+  top_keys(keys, N, k, top.data());
   const float* sc_all = score.data_ptr<float>();
   int64_t* idx = indices.data_ptr<int64_t>();
   float* sc = scores.data_ptr<float>();
