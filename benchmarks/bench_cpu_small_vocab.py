@@ -5,12 +5,17 @@
 Per shape and dtype, in one process: rk.score (cpu) against torch.compile(reference score), and
 rk.select (cpu, k = 10%) against the same compiled score followed by torch.topk; plus the read
 floor (logits.sum()).  One compile per case (the compiled score is reused for select).
+
+The variants run in turn, ``--rounds`` times over (``--repeats`` calls each per round), and each
+time is the median of all its calls: on a shared machine a change of load then hits every
+variant alike instead of whichever ran during it.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 
 import torch
 
@@ -23,6 +28,7 @@ def main() -> None:
     ap.add_argument("--shapes", default="1048576x10,131072x100,16384x1000")
     ap.add_argument("--dtypes", default="float32,bfloat16")
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     dev = torch.device("cpu")
@@ -35,15 +41,23 @@ def main() -> None:
             il = torch.rand(n, generator=g) * 2
             k = n // 10
             compiled = torch.compile(reference_score, dynamic=False)
-            res = {
-                "read_floor": measure(lambda: x.sum(), dev, args.repeats, 1),
-                "cpu_score": measure(lambda: rk.score(x, y, il, backend="cpu"), dev, args.repeats, 1),
-                "compiled_score": measure(lambda: compiled(x, y, il, "reducible"), dev, args.repeats, 2),
-                "cpu_select": measure(lambda: rk.select(x, y, il, k, backend="cpu"), dev, args.repeats, 1),
-                "compiled_score_plus_topk": measure(
-                    lambda: torch.topk(compiled(x, y, il, "reducible"), k), dev, args.repeats, 1),
+            fns = {
+                "read_floor": lambda: x.sum(),
+                "cpu_score": lambda: rk.score(x, y, il, backend="cpu"),
+                "compiled_score": lambda: compiled(x, y, il, "reducible"),
+                "cpu_select": lambda: rk.select(x, y, il, k, backend="cpu"),
+                "compiled_score_plus_topk": lambda: torch.topk(compiled(x, y, il, "reducible"), k),
             }
-            row = {"N": n, "V": v, "dtype": d, "k": k, **{f"{key}_ms": r["ms"] for key, r in res.items()}}
+            for fn in fns.values():  # warm-up (and the compile)
+                fn()
+                fn()
+            times = {key: [] for key in fns}
+            for _ in range(args.rounds):
+                for key, fn in fns.items():
+                    times[key].append(measure(fn, dev, args.repeats, 0)["ms"])
+            row = {"N": n, "V": v, "dtype": d, "k": k, "rounds": args.rounds, "repeats": args.repeats,
+                   **{f"{key}_ms": statistics.median(t) for key, t in times.items()},
+                   **{f"{key}_round_ms": t for key, t in times.items()}}
             row["score_speedup_vs_compiled"] = row["compiled_score_ms"] / row["cpu_score_ms"]
             row["select_speedup_vs_compiled_topk"] = row["compiled_score_plus_topk_ms"] / row["cpu_select_ms"]
             row["score_pct_of_read_floor"] = 100 * row["read_floor_ms"] / row["cpu_score_ms"]

@@ -596,7 +596,8 @@ void tile_acc(const Problem& p, int64_t r0, int64_t g, bool gather, const TileRo
   const V vzero(A(0)), vninf(kNegInf), vlowest(std::numeric_limits<A>::lowest());
   // Pass 2 reads L1 only, so the memory would idle through it: for evenly spaced rows (one
   // contiguous span per tile) it prefetches the next tile's span, a few lines per step, so that
-  // the next tile's loads find it in cache.  (Prefetches never fault: past the end is harmless.)
+  // the next tile's loads find it in cache; for column-major logits, whose columns the hardware
+  // prefetcher cannot follow, the next column block of these rows.  (Prefetches never fault.)
   const bool pf = p.rank == 2 && sv == 1 && p.stride0 >= nv;
   const uintptr_t next = reinterpret_cast<uintptr_t>(logits) + static_cast<uintptr_t>((r0 + R) * p.stride0) * sizeof(scalar_t);
   const int64_t pf_lines = pf ? (R * p.stride0 * static_cast<int64_t>(sizeof(scalar_t)) + 63) / 64 : 0;
@@ -695,7 +696,11 @@ void tile_acc(const Problem& p, int64_t r0, int64_t g, bool gather, const TileRo
     for (int64_t c = 0; c < n; ++c) {
       const V col(static_cast<A>(c0 + c));
       for (int u = 0; u < U; ++u) {
-        if (pf_step == 1) {  // step i fetches line i * pf_lines / pf_steps: each line once or twice
+        if (col_contig) {  // column-major: these rows of the next column block, a vector's worth
+          const uintptr_t at = reinterpret_cast<uintptr_t>(logits) +
+                               static_cast<uintptr_t>(r0 + u * W + (c0 + kTileCols + c) * sv) * sizeof(scalar_t);
+          __builtin_prefetch(reinterpret_cast<const char*>(at), 0, 3);
+        } else if (pf_step == 1) {  // step i fetches line i * pf_lines / pf_steps: each line once or twice
           const int64_t l = ((c0 + c) * U + u) * pf_lines / pf_steps;
           __builtin_prefetch(reinterpret_cast<const char*>(next + static_cast<uintptr_t>(l) * 64), 0, 3);
         } else {
