@@ -596,6 +596,9 @@ def test_lm_head_default_chunk_follows_the_memory_budget(monkeypatch):
     want = _lm_selector(model, store, k=4).select((idx, x, y))[0]
     # A budget of 4 logits rows (float32): the op must cut the B*T tokens into blocks of 4.
     monkeypatch.setitem(rk_linear.CHUNK_BUDGET_BYTES, "cpu", 4 * V_LM * 4)
+    # Full-width blocks (the cpu backend's [4096, width] tiles, which F.linear does not see,
+    # are for budgets too small for tall full rows; test_linear covers them).
+    monkeypatch.setattr(rk_linear, "_TILE_ROWS", 4)
     spy = _HeadSpy(monkeypatch, model.lm_head.weight)
     got = _lm_selector(model, store, k=4).select((idx, x, y))[0]
     assert torch.equal(got, want)
