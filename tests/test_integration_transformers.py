@@ -344,12 +344,24 @@ def _ddp_worker(rank, port, tmpdir, world):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
                       WORLD_SIZE=str(world))
     torch.set_num_threads(1)
+    import torch.distributed as dist
+
+    try:
+        _ddp_checks(tmpdir, world)
+    finally:
+        # Tear the group down before exit: a gloo group left to the interpreter's shutdown can
+        # abort the process ("terminate called without an active exception") after a pass.
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _ddp_checks(tmpdir, world):
+    import torch.distributed as dist
+
     model, ref = tiny_llama(0), tiny_llama(1)
     tr = Recording(model=model, args=args(__import__("pathlib").Path(tmpdir), max_steps=2, ddp_backend="gloo"),
                    train_dataset=lm_dataset(8), reference_model=ref, keep_ratio=RATIO)
     tr.train()
-    import torch.distributed as dist
-
     assert dist.get_world_size() == world
     # each rank selected within its own micro-batch
     for rec in tr.records:
