@@ -108,7 +108,7 @@ def chunk_rows(num_rows: int, num_classes: int, dtype: torch.dtype, device: torc
     """Rows per logits block: ``chunk_size``, or as many as fit the device's memory budget."""
     if chunk_size is None:
         budget = CHUNK_BUDGET_BYTES.get(device.type, DEFAULT_CHUNK_BUDGET_BYTES)
-        per_row = max(1, num_classes) * torch.empty((), dtype=dtype).element_size()
+        per_row = max(1, num_classes) * dtype.itemsize
         chunk = budget // per_row
     else:
         if isinstance(chunk_size, bool) or not isinstance(chunk_size, int):
@@ -169,7 +169,7 @@ def _tile_plan(num_rows: int, vocab: int, dtype: torch.dtype, device: torch.devi
         return None
     if backends.get("cpu").partials_unavailable_reason(device) is not None:
         return None
-    elems = CHUNK_BUDGET_BYTES["cpu"] // torch.empty((), dtype=dtype).element_size()
+    elems = CHUNK_BUDGET_BYTES["cpu"] // dtype.itemsize
     rows = min(num_rows, _TILE_ROWS)
     width = max(1, elems // rows)
     return None if width >= vocab else (rows, width)

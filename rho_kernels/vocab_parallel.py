@@ -111,11 +111,11 @@ def merge_and_finalize(parts: Tensor, targets: Tensor, il: Optional[Tensor], met
     z_y = zy_w.sum(0)  # one owner at most
     owned = own_w.sum(0) > 0
     nan = torch.full_like(m, math.nan)
-    finite_m = torch.isfinite(m)
-    lse = torch.where(torch.isnan(m), nan, torch.where(torch.isinf(m), m, m + torch.log(d)))
+    log_d = torch.log(d)
+    lse = torch.where(torch.isnan(m), nan, torch.where(torch.isinf(m), m, m + log_d))
     # rho::finalize_ce: (m - z_y) + log d where the max is finite (at |m| ~ 3e38, lse = m + log d
     # rounds log d away and lse - z_y would lose it).
-    ce = torch.where(finite_m, (m - z_y) + torch.log(d), lse - z_y)
+    ce = torch.where(torch.isfinite(m), (m - z_y) + log_d, lse - z_y)
     finite = torch.isfinite(lse)
     if method == METHOD_IDS["reducible"]:
         score = ce - il.to(lse.dtype)

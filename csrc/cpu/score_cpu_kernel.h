@@ -1004,32 +1004,29 @@ void partials_dispatch(const Problem& p, const Partials& io) {
   }
 }
 
-}  // namespace
-
-void RHO_PARTIAL_ROWS_FN(const Problem& p, const Partials& io) {
-  switch (p.dtype) {
+// f(scalar_t{}) for the logits' dtype: one switch for both entry points below.
+template <typename F>
+void with_logits_type(LogitsType dtype, const F& f) {
+  switch (dtype) {
     case LogitsType::kFloat32:
-      return partials_dispatch<float>(p, io);
+      return f(float{});
     case LogitsType::kFloat64:
-      return partials_dispatch<double>(p, io);
+      return f(double{});
     case LogitsType::kBFloat16:
-      return partials_dispatch<c10::BFloat16>(p, io);
+      return f(c10::BFloat16{});
     case LogitsType::kFloat16:
-      return partials_dispatch<c10::Half>(p, io);
+      return f(c10::Half{});
   }
 }
 
+}  // namespace
+
+void RHO_PARTIAL_ROWS_FN(const Problem& p, const Partials& io) {
+  with_logits_type(p.dtype, [&](auto tag) { partials_dispatch<decltype(tag)>(p, io); });
+}
+
 void RHO_SCORE_ROWS_FN(const Problem& p, const Outputs& out) {
-  switch (p.dtype) {
-    case LogitsType::kFloat32:
-      return score_dispatch<float>(p, out);
-    case LogitsType::kFloat64:
-      return score_dispatch<double>(p, out);
-    case LogitsType::kBFloat16:
-      return score_dispatch<c10::BFloat16>(p, out);
-    case LogitsType::kFloat16:
-      return score_dispatch<c10::Half>(p, out);
-  }
+  with_logits_type(p.dtype, [&](auto tag) { score_dispatch<decltype(tag)>(p, out); });
 }
 
 }  // namespace rho_cpu
