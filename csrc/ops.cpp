@@ -24,10 +24,11 @@ PyObject* PyInit__C(void) {
 
 TORCH_LIBRARY(rho_kernels, m) {
   // Per-row score (float32 [N]) and log-sum-exp ([N]; float64 for float64 logits, else
-  // float32; NaN for methods that do not read the logits).
+  // float32; NaN for methods that do not read the logits).  with_lse=False: the lse is an empty
+  // [0] tensor and is never written -- at small V that output is as large as the logits read.
   m.def(
       "score_rows(Tensor logits, Tensor targets, Tensor? irreducible_loss, int method, "
-      "int ignore_index) -> (Tensor, Tensor)");
+      "int ignore_index, bool with_lse=True) -> (Tensor, Tensor)");
   // Fused score + top-k: (indices int64 [k], scores float32 [k], valid bool [k]) in the
   // order of rho::select_key (score descending, ties to the lower row, ineligible last).
   m.def(

@@ -118,7 +118,7 @@ def score(
     impl = backends.resolve(backend, logits.device)
     if _autograd.needs_grad(p):
         return _autograd.scores_with_grad(p, impl.NAME, backend).view(p.lead_shape)
-    s, _ = impl.score_rows(p)
+    s, _ = impl.score_rows(p, with_lse=False)
     return s.view(p.lead_shape)
 
 

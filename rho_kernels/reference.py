@@ -30,8 +30,9 @@ def row_logits(p: RowProblem) -> Tensor:
     return p.logits.reshape(p.num_rows, p.num_classes).to(lse_dtype(p.logits.dtype))
 
 
-def score_rows(p: RowProblem) -> tuple[Tensor, Tensor]:
-    """Per-row score (float32 ``[N]``) and log-sum-exp (``[N]``, NaN for ``irreducible``)."""
+def score_rows(p: RowProblem, with_lse: bool = True) -> tuple[Tensor, Tensor]:
+    """Per-row score (float32 ``[N]``) and log-sum-exp (``[N]``, NaN for ``irreducible``; an
+    empty ``[0]`` tensor when ``with_lse`` is False)."""
     method = METHODS[p.method]
     acc = lse_dtype(p.logits.dtype)
     t = p.targets
@@ -84,7 +85,7 @@ def score_rows(p: RowProblem) -> tuple[Tensor, Tensor]:
     # to a dead output slot: all-zero gradients (pytorch/pytorch#180642, fixed in torch 2.12).
     if score.dtype != torch.float32:
         score = score.to(torch.float32)
-    return score, lse
+    return score, (lse if with_lse else lse.new_empty((0,)))
 
 
 def eligible_rows(p: RowProblem, score: Tensor) -> Tensor:

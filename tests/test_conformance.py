@@ -318,6 +318,39 @@ def test_nan_anywhere_in_a_row(backend, method, dtype, v):
     assert_selection_consistent(sel, got, eligible_of(targets, got, v), 12, f"{method}/{dtype}/V={v}")
 
 
+@pytest.mark.parametrize("dtype", DTYPES + [torch.float64], ids=str)
+@pytest.mark.parametrize("method", ["reducible", "gradnorm", "entropy"])
+def test_column_major_many_rows(backend, method, dtype):
+    """Column-major logits with rows for several groups of tiles and several column blocks
+    (the CPU kernel walks such tiles block by block, taking turns): _nan_inf_rows' special rows
+    spread over the tiles, ignored rows, a ragged last tile."""
+    n, v = 2125, 130
+    _skip_if_too_big(backend, n * v)
+    g = torch.Generator().manual_seed(21)
+    logits = torch.randn(n, v, generator=g) * 3
+    targets = torch.randint(0, v, (n,), generator=g)
+    il = torch.rand(n, generator=g)
+    special, special_t, _ = _nan_inf_rows(v, torch.float32)
+    rows = torch.linspace(0, n - 1, special.shape[0]).round().long()  # first and last row included
+    logits[rows] = special.cpu()
+    targets[rows] = special_t.cpu()
+    ignored = torch.rand(n, generator=g) < 0.05
+    ignored[rows] = False
+    targets[ignored] = -100
+    logits = logits.to(dtype).t().contiguous().t().to(DEVICE)
+    targets, il = targets.to(DEVICE), il.to(DEVICE)
+    truth = truth_scores(logits, targets, il, method)
+    got = rk.score(logits, targets, il, method=method, backend=backend)
+    tol = assert_accurate(got, eager_scores(logits, targets, il, method), truth, f"{method}/{dtype}")
+    for r in (0, 1, 2, 3, 6, 7, 9):
+        assert math.isnan(got[rows[r]].item()), f"row {int(rows[r])}: {got[rows[r]].item()} is not NaN"
+    k = n // 10
+    sel = rk.select(logits, targets, il, k, method=method, backend=backend)
+    assert_selection_consistent(sel, got, eligible_of(targets, got, v), k, f"{method}/{dtype}")
+    ref_sel = rk.select(logits, targets, il, k, method=method, backend="reference")
+    assert_selection_matches_reference(sel, ref_sel, truth, tol, f"{method}/{dtype}")
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("method", METHODS)
 def test_special_values(backend, method, dtype):
@@ -659,6 +692,27 @@ def test_target_out_of_range_without_check_is_nan_not_oob(backend):
     assert idx.cpu().tolist()[-2:] == [1, 4] and valid.cpu().tolist()[-2:] == [False, False]
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_score_rows_without_lse(backend, dtype):
+    """with_lse=False (what rk.score asks for): the same scores, bit for bit, and an empty lse
+    of the lse's dtype -- on the tile and the row paths, every method, an ignored row."""
+    impl = backends.resolve(backend, DEVICE)
+    for n, v in ((37, 10), (5, 700)):
+        x, t, il = make_inputs(n, v, dtype)
+        t = t.clone()
+        t[1] = -100
+        for method in METHODS:
+            p = _contract.prepare(x, t, il, method, -100)
+            s1, lse1 = impl.score_rows(p)
+            s0, lse0 = impl.score_rows(p, with_lse=False)
+            what = f"{backend} {dtype} [{n}, {v}] {method}"
+            assert lse1.shape == (n,) and lse0.shape == (0,) and lse0.dtype == lse1.dtype, what
+            assert lse0.device == lse1.device == x.device, what
+            assert torch.equal(s0.isnan(), s1.isnan()), what
+            assert torch.equal(s0[~s0.isnan()], s1[~s1.isnan()]), what
+            assert bool(torch.isneginf(s0[1])), what
+
+
 # --------------------------------------------------------------------------- ops, compile
 
 
@@ -677,9 +731,11 @@ def test_opcheck_extension_ops():
         logits, targets, il = make_inputs(33, 70, dtype)
         for method in range(len(METHODS)):
             utils = OPCHECK_NO_AOT if METHODS[method] == "irreducible" else OPCHECK_ALL
-            torch.library.opcheck(
-                torch.ops.rho_kernels.score_rows.default, (logits, targets, il, method, -100), test_utils=utils
-            )
+            for with_lse in (True, False):
+                torch.library.opcheck(
+                    torch.ops.rho_kernels.score_rows.default, (logits, targets, il, method, -100, with_lse),
+                    test_utils=utils,
+                )
             torch.library.opcheck(torch.ops.rho_kernels.select_rows.default, (logits, targets, il, 7, method, -100))
         torch.library.opcheck(torch.ops.rho_kernels.select_rows.default, (logits, targets, None, 7, 1, -100))
 

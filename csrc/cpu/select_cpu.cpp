@@ -257,12 +257,12 @@ void top_keys(const uint64_t* keys, int64_t n, int64_t k, uint64_t* out) {
 
 std::tuple<at::Tensor, at::Tensor> score_rows_cpu(const at::Tensor& logits, const at::Tensor& targets,
                                                   const std::optional<at::Tensor>& il, int64_t method,
-                                                  int64_t ignore_index) {
+                                                  int64_t ignore_index, bool with_lse) {
   const Problem p = make_problem(logits, targets, il, method, ignore_index);
   const auto lse_dtype = logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   at::Tensor score = at::empty({p.num_rows}, logits.options().dtype(at::kFloat));
-  at::Tensor lse = at::empty({p.num_rows}, logits.options().dtype(lse_dtype));
-  kIsas[current_isa()].fn(p, Outputs{score.data_ptr<float>(), lse.data_ptr(), nullptr, true});
+  at::Tensor lse = at::empty({with_lse ? p.num_rows : 0}, logits.options().dtype(lse_dtype));
+  kIsas[current_isa()].fn(p, Outputs{score.data_ptr<float>(), with_lse ? lse.data_ptr() : nullptr, nullptr, true});
   return {score, lse};
 }
 

@@ -851,16 +851,16 @@ void launch_rows(const RowParams& p, const RowOut& o, size_t smem, cudaStream_t 
 
 std::tuple<at::Tensor, at::Tensor> score_rows_cuda(const at::Tensor& logits, const at::Tensor& targets,
                                                    const std::optional<at::Tensor>& il, int64_t method,
-                                                   int64_t ignore_index) {
+                                                   int64_t ignore_index, bool with_lse) {
   check_inputs(logits, targets, il, method);
   const c10::cuda::OptionalCUDAGuard guard(logits.device());
   const int64_t n = targets.numel();
   const auto lse_dtype = logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   at::Tensor score = at::empty({n}, logits.options().dtype(at::kFloat));
-  at::Tensor lse = at::empty({n}, logits.options().dtype(lse_dtype));
+  at::Tensor lse = at::empty({with_lse ? n : 0}, logits.options().dtype(lse_dtype));
   if (n == 0) return {score, lse};
   const RowParams p = make_params(logits, targets, il, method, ignore_index);
-  const RowOut o{score.data_ptr<float>(), lse.data_ptr(), nullptr, false, nullptr, 0, SelOut{}};
+  const RowOut o{score.data_ptr<float>(), with_lse ? lse.data_ptr() : nullptr, nullptr, false, nullptr, 0, SelOut{}};
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   dispatch(logits.scalar_type(), static_cast<int>(method), [&](auto tag, auto kind) {
     launch_rows<typename decltype(tag)::type, decltype(kind)::value>(p, o, 0, stream, logits);

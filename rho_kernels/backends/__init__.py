@@ -4,7 +4,9 @@ Every backend is a module with the same small interface:
 
 * ``NAME``;
 * ``unavailable_reason(device) -> str | None`` (None where it runs on ``device``);
-* ``score_rows(p: RowProblem) -> (score float32 [N], lse [N])``;
+* ``score_rows(p: RowProblem, with_lse=True) -> (score float32 [N], lse [N])``; with
+  ``with_lse=False`` the lse is an empty ``[0]`` tensor (the extension's kernels then skip
+  writing it: at small V it is as many bytes as the logits);
 * ``select_rows(p: RowProblem, k) -> (indices, scores, valid)``;
 * ``ce_grad_unavailable_reason(device)`` and
   ``ce_grad_rows(logits, targets, lse, row_scale, ignore_index, inplace=False)``, the

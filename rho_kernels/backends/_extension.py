@@ -109,8 +109,8 @@ def unavailable_reason(dispatch_key: str, device_type: str, device: torch.device
     return None
 
 
-def score_rows(p: RowProblem) -> tuple[Tensor, Tensor]:
-    return torch.ops.rho_kernels.score_rows(p.logits, p.targets, p.il, p.method, p.ignore_index)
+def score_rows(p: RowProblem, with_lse: bool = True) -> tuple[Tensor, Tensor]:
+    return torch.ops.rho_kernels.score_rows(p.logits, p.targets, p.il, p.method, p.ignore_index, with_lse)
 
 
 def select_rows(p: RowProblem, k: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -139,11 +139,11 @@ def partial_rows(logits: Tensor, targets: Tensor, partials: Optional[Tensor], vo
 if LOAD_ERROR is None:
 
     @torch.library.register_fake("rho_kernels::score_rows")
-    def _score_rows_fake(logits, targets, irreducible_loss, method, ignore_index):
+    def _score_rows_fake(logits, targets, irreducible_loss, method, ignore_index, with_lse=True):
         n = targets.shape[0]
         return (
             logits.new_empty((n,), dtype=torch.float32),
-            logits.new_empty((n,), dtype=lse_dtype(logits.dtype)),
+            logits.new_empty((n if with_lse else 0,), dtype=lse_dtype(logits.dtype)),
         )
 
     @torch.library.register_fake("rho_kernels::select_rows")

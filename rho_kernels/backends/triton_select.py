@@ -691,10 +691,14 @@ if _INTERPRETED:
 # ----------------------------------------------------------------------------------------------
 
 
-def score_rows(p: RowProblem) -> tuple[Tensor, Tensor]:
-    """Per-row score (float32 ``[N]``) and log-sum-exp (``[N]``, NaN for ``irreducible``)."""
-    return torch.ops.rho_kernels.triton_score_rows(p.logits, p.targets, p.il, p.method,
-                                                   p.ignore_index)
+def score_rows(p: RowProblem, with_lse: bool = True) -> tuple[Tensor, Tensor]:
+    """Per-row score (float32 ``[N]``) and log-sum-exp (``[N]``, NaN for ``irreducible``; an
+    empty ``[0]`` tensor when ``with_lse`` is False)."""
+    score, lse = torch.ops.rho_kernels.triton_score_rows(p.logits, p.targets, p.il, p.method,
+                                                         p.ignore_index)
+    # The kernels always write the lse (one compiled variant; an N-sized write is noise on a
+    # GPU next to the N x V read), so it is only dropped here.
+    return score, (lse if with_lse else lse.new_empty((0,)))
 
 
 def select_rows(p: RowProblem, k: int) -> tuple[Tensor, Tensor, Tensor]:
