@@ -15,7 +15,8 @@
 //  * Tile path (short rows, V < kTileMaxV, and every row whose columns are strided, e.g.
 //    transposed logits): kTileVecs vectors' worth of rows side by side, one row per SIMD lane.
 //    Blocks of kTileCols columns are gathered into a transposed L1 buffer (for column-major
-//    logits a column of the tile is contiguous memory), then per lane: block max, rescale of
+//    logits a column of the tile is contiguous memory, and a page's worth of tiles take turns
+//    block by block so that each column is read a page at a time), then per lane: block max, rescale of
 //    the running sums (rho::acc_rescale's rule, vectorised), exp sums of the block.  A 10-class
 //    row costs a few vector instructions instead of one under-filled vector plus set-up.  Evenly
 //    spaced fp32/bf16 rows are loaded with hardware gathers; the tile is finalised a vector of
@@ -237,6 +238,21 @@ inline Vec<A> log_ge1(const Vec<A>& x) {
 
 template <typename A>
 inline A hsum(const Vec<A>& v) {
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+  if constexpr (std::is_same_v<A, float>) {
+    // The pairwise tree below, in registers (lane i + lane i + w, w = 8, 4, 2, 1: the same sums).
+#if defined(CPU_CAPABILITY_AVX512)
+    const __m512 x = v;
+    const __m256 h = _mm256_add_ps(_mm512_castps512_ps256(x), _mm512_extractf32x8_ps(x, 1));
+#else
+    const __m256 h = v;
+#endif
+    __m128 q = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+    q = _mm_add_ps(q, _mm_movehl_ps(q, q));
+    q = _mm_add_ss(q, _mm_movehdup_ps(q));
+    return _mm_cvtss_f32(q);
+  }
+#endif
   __at_align__ A lanes[Vec<A>::size()];
   v.store(lanes);
   // Pairwise, so the lane order does not bias the last bits.
@@ -282,6 +298,22 @@ inline bool has_nan(const scalar_t* p, int64_t n, int64_t stride) {
 
 template <typename A>
 inline A hmax(const Vec<A>& v) {
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+  if constexpr (std::is_same_v<A, float>) {  // NaN if any lane is, else the max (in registers)
+#if defined(CPU_CAPABILITY_AVX512)
+    const __m512 x = v;
+    if (_mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q) != 0) return std::numeric_limits<float>::quiet_NaN();
+    const __m256 h = _mm256_max_ps(_mm512_castps512_ps256(x), _mm512_extractf32x8_ps(x, 1));
+#else
+    const __m256 h = v;
+    if (_mm256_movemask_ps(_mm256_cmp_ps(h, h, _CMP_UNORD_Q)) != 0) return std::numeric_limits<float>::quiet_NaN();
+#endif
+    __m128 q = _mm_max_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+    q = _mm_max_ps(q, _mm_movehl_ps(q, q));
+    q = _mm_max_ss(q, _mm_movehdup_ps(q));
+    return _mm_cvtss_f32(q);
+  }
+#endif
   __at_align__ A lanes[Vec<A>::size()];
   v.store(lanes);
   A m = lanes[0];
