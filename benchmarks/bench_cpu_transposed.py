@@ -1,9 +1,10 @@
 """Transposed (column-major) vs contiguous logits on the CPU kernel, one run.
 
-    python benchmarks/bench_cpu_transposed.py [--json PATH]
+    python benchmarks/bench_cpu_transposed.py [--json PATH] [--rounds N]
 
 Times rk.score and rk.select (k = 10%) on the same values laid out row-major and column-major
-(``x.t().contiguous().t()``), at [8192, 32000] and [1048576, 10], fp32 and bf16; reports the ratio.
+(``x.t().contiguous().t()``), at [8192, 32000] and [1048576, 10], fp32 and bf16; reports the ratio
+of the medians.  The two layouts run in turn, ``--rounds`` times over (3 calls each per round).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import torch
 import rho_kernels as rk
 
 
-def timed(fn, repeats: int = 5) -> float:
+def timed(fn, repeats: int = 3) -> float:
     fn()
     times = []
     for _ in range(repeats):
@@ -31,6 +32,7 @@ def timed(fn, repeats: int = 5) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json", default=None)
+    ap.add_argument("--rounds", type=int, default=5)
     args = ap.parse_args()
     rows = []
     for n, v in [(8192, 32000), (1048576, 10)]:
@@ -44,8 +46,13 @@ def main() -> None:
             row = {"N": n, "V": v, "dtype": str(dtype).replace("torch.", "")}
             for op, fn in (("score", lambda z: rk.score(z, y, il, backend="cpu")),
                            ("select", lambda z: rk.select(z, y, il, k, backend="cpu"))):
-                row[f"{op}_contiguous_ms"] = timed(lambda: fn(x))
-                row[f"{op}_transposed_ms"] = timed(lambda: fn(xt))
+                # The layouts in turn, round after round (a change of load hits both alike).
+                times = {"contiguous": [], "transposed": []}
+                for _ in range(args.rounds):
+                    times["contiguous"].append(timed(lambda: fn(x)))
+                    times["transposed"].append(timed(lambda: fn(xt)))
+                for layout, t in times.items():
+                    row[f"{op}_{layout}_ms"] = statistics.median(t)
                 row[f"{op}_ratio"] = row[f"{op}_transposed_ms"] / row[f"{op}_contiguous_ms"]
             print(row, flush=True)
             rows.append(row)
