@@ -931,7 +931,11 @@ void score_kernel(const Problem& p, const Outputs& out) {
     // R-row tile alone reads 256 bytes (fp32) from each page, and the TLB misses then cost more
     // than the reads: [8192, 32000] fp32 took 1.7x the time of row-major logits, 1.15x now.
     constexpr int64_t kGroupTiles = std::max<int64_t>(1, kColGroupBytes / (R * static_cast<int64_t>(sizeof(scalar_t))));
-    const int64_t group = p.rank == 2 && p.stride0 == 1 && nv > kTileCols ? kGroupTiles : 1;
+    // Smaller groups where a page's worth would leave fewer than 4 groups per thread: the groups
+    // are handed out whole, and with 2 threads on 4 groups one slow thread makes it 3 to 1.
+    const int64_t group = p.rank == 2 && p.stride0 == 1 && nv > kTileCols
+                              ? std::max<int64_t>(1, std::min<int64_t>(kGroupTiles, ntiles / (4 * at::get_num_threads())))
+                              : 1;
     const int64_t grain = (std::max<int64_t>(1, kChunkElems / (R * nv)) + group - 1) / group * group;
     // Hardware gathers for evenly spaced rows along contiguous V, with 32-bit lane offsets.  A
     // bf16 gather reads 2 bytes past its logit: only in tiles followed by another row that
