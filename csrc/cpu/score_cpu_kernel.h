@@ -236,21 +236,31 @@ inline Vec<A> log_ge1(const Vec<A>& x) {
   return x.log();
 }
 
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+// The lanes of an fp32 vector folded pairwise in registers, lane i with lane i + w for
+// w = W/2, ..., 1 (f256 / f128: the lane-wise operation on the halves).
+template <typename F256, typename F128>
+inline float fold_lanes(const Vec<float>& v, const F256& f256, const F128& f128) {
+#if defined(CPU_CAPABILITY_AVX512)
+  const __m512 x = v;
+  const __m256 h = f256(_mm512_castps512_ps256(x), _mm512_extractf32x8_ps(x, 1));
+#else
+  const __m256 h = v;
+  (void)f256;
+#endif
+  __m128 q = f128(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+  q = f128(q, _mm_movehl_ps(q, q));
+  q = f128(q, _mm_movehdup_ps(q));
+  return _mm_cvtss_f32(q);
+}
+#endif
+
 template <typename A>
 inline A hsum(const Vec<A>& v) {
 #if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
-  if constexpr (std::is_same_v<A, float>) {
-    // The pairwise tree below, in registers (lane i + lane i + w, w = 8, 4, 2, 1: the same sums).
-#if defined(CPU_CAPABILITY_AVX512)
-    const __m512 x = v;
-    const __m256 h = _mm256_add_ps(_mm512_castps512_ps256(x), _mm512_extractf32x8_ps(x, 1));
-#else
-    const __m256 h = v;
-#endif
-    __m128 q = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
-    q = _mm_add_ps(q, _mm_movehl_ps(q, q));
-    q = _mm_add_ss(q, _mm_movehdup_ps(q));
-    return _mm_cvtss_f32(q);
+  if constexpr (std::is_same_v<A, float>) {  // the same pairwise tree as below, in registers
+    return fold_lanes(v, [](__m256 a, __m256 b) { return _mm256_add_ps(a, b); },
+                      [](__m128 a, __m128 b) { return _mm_add_ps(a, b); });
   }
 #endif
   __at_align__ A lanes[Vec<A>::size()];
@@ -300,18 +310,9 @@ template <typename A>
 inline A hmax(const Vec<A>& v) {
 #if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
   if constexpr (std::is_same_v<A, float>) {  // NaN if any lane is, else the max (in registers)
-#if defined(CPU_CAPABILITY_AVX512)
-    const __m512 x = v;
-    if (_mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q) != 0) return std::numeric_limits<float>::quiet_NaN();
-    const __m256 h = _mm256_max_ps(_mm512_castps512_ps256(x), _mm512_extractf32x8_ps(x, 1));
-#else
-    const __m256 h = v;
-    if (_mm256_movemask_ps(_mm256_cmp_ps(h, h, _CMP_UNORD_Q)) != 0) return std::numeric_limits<float>::quiet_NaN();
-#endif
-    __m128 q = _mm_max_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
-    q = _mm_max_ps(q, _mm_movehl_ps(q, q));
-    q = _mm_max_ss(q, _mm_movehdup_ps(q));
-    return _mm_cvtss_f32(q);
+    if (v.isnan().zero_mask() != (1 << Vec<float>::size()) - 1) return std::numeric_limits<float>::quiet_NaN();
+    return fold_lanes(v, [](__m256 a, __m256 b) { return _mm256_max_ps(a, b); },
+                      [](__m128 a, __m128 b) { return _mm_max_ps(a, b); });
   }
 #endif
   __at_align__ A lanes[Vec<A>::size()];
