@@ -326,6 +326,8 @@ def test_column_major_many_rows(backend, method, dtype):
     spread over the tiles, ignored rows, a ragged last tile."""
     n, v = 2125, 130
     _skip_if_too_big(backend, n * v)
+    if is_slow_backend(backend) and (method, dtype) != ("reducible", torch.float32):
+        pytest.skip("one case is enough for the Triton CPU interpreter (the groups are the CPU kernel's)")
     g = torch.Generator().manual_seed(21)
     logits = torch.randn(n, v, generator=g) * 3
     targets = torch.randint(0, v, (n,), generator=g)
