@@ -122,6 +122,12 @@ def _prepare_detached(logits, targets, reference_loss, method: str, ignore_index
     return p._replace(logits=p.logits.detach())
 
 
+def _row_scores(p: _contract.RowProblem, backend: str) -> Tensor:
+    """Per-row scores on the backend ``backend`` resolves to first (no lse: nothing here needs it)."""
+    score, _ = backends.get(resolve_names(backend, p.logits.device)[0]).score_rows(p, with_lse=False)
+    return score
+
+
 def _nonignored(p: _contract.RowProblem) -> Tensor:
     return p.targets != p.ignore_index
 
@@ -168,7 +174,7 @@ def select_mask(
         f = vocab_parallel.score_rows(p, vocab_start_index, process_group)
         return top_fraction_mask(f.score, f.eligible, _nonignored(p), ratio).view(p.lead_shape)
     p = _prepare_detached(logits, targets, reference_loss, method, ignore_index)
-    score, _ = backends.get(resolve_names(backend, p.logits.device)[0]).score_rows(p, with_lse=False)
+    score = _row_scores(p, backend)
     mask = top_fraction_mask(score, reference.eligible_rows(p, score), _nonignored(p), ratio)
     return mask.view(p.lead_shape)
 
@@ -214,7 +220,7 @@ def select_sequences(
     if sharded:
         return top_sequences(vocab_parallel.score_rows(p, vocab_start_index, process_group).score,
                              _nonignored(p), num_seq, seq_len, k)
-    score, _ = backends.get(resolve_names(backend, p.logits.device)[0]).score_rows(p, with_lse=False)
+    score = _row_scores(p, backend)
     return top_sequences(score, _nonignored(p), num_seq, seq_len, k)
 
 

@@ -930,7 +930,7 @@ void score_kernel(const Problem& p, const Outputs& out) {
     // Column-major logits with several column blocks: `group` tiles take turns block by block,
     // so that each visit to a column reads a page of consecutive logits (kColGroupBytes).  One
     // R-row tile alone reads 256 bytes (fp32) from each page, and the TLB misses then cost more
-    // than the reads: [8192, 32000] fp32 took 1.7x the time of row-major logits, 1.15x now.
+    // than the reads: [8192, 32000] fp32 took 1.7-1.95x the time of row-major logits, 1.15-1.5x now.
     constexpr int64_t kGroupTiles = std::max<int64_t>(1, kColGroupBytes / (R * static_cast<int64_t>(sizeof(scalar_t))));
     // Smaller groups where a page's worth would leave fewer than 4 groups per thread: the groups
     // are handed out whole, and with 2 threads on 4 groups one slow thread makes it 3 to 1.
@@ -938,6 +938,9 @@ void score_kernel(const Problem& p, const Outputs& out) {
                               ? std::max<int64_t>(1, std::min<int64_t>(kGroupTiles, ntiles / (4 * at::get_num_threads())))
                               : 1;
     const int64_t grain = (std::max<int64_t>(1, kChunkElems / (R * nv)) + group - 1) / group * group;
+    // Columns a tile takes per turn: one block in a group, else the whole row in one call (which
+    // the spread prefetch rule needs).
+    const int64_t span = group == 1 ? nv : kTileCols;
     // Hardware gathers for evenly spaced rows along contiguous V, with 32-bit lane offsets.  A
     // bf16 gather reads 2 bytes past its logit: only in tiles followed by another row that
     // starts after this row's end (stride0 >= V), so those bytes belong to the tensor.
@@ -976,11 +979,10 @@ void score_kernel(const Problem& p, const Outputs& out) {
       for (int64_t first = begin; first < end; first += group) {
         const int64_t count = std::min(group, end - first);
         for (int64_t j = 0; j < count; ++j) gather[j] = setup(first + j, tr[j]);
-        for (int64_t c0 = 0; c0 < nv; c0 += group == 1 ? nv : kTileCols) {
+        for (int64_t c0 = 0; c0 < nv; c0 += span) {
           for (int64_t j = 0; j < count; ++j) {
             const int64_t r0 = (first + j) * R;
-            tile_acc<scalar_t, M>(p, r0, std::min(R, N - r0), gather[j], tr[j], buf, sums[j], c0,
-                                  group == 1 ? nv : c0 + kTileCols);
+            tile_acc<scalar_t, M>(p, r0, std::min(R, N - r0), gather[j], tr[j], buf, sums[j], c0, c0 + span);
           }
         }
         for (int64_t j = 0; j < count; ++j) {
