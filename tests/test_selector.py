@@ -472,6 +472,9 @@ def _resume_run(steps, split=None, method="reducible", temperature=linear_temper
     return picks, sel
 
 
+TIMES = {"scoring_seconds", "selection_seconds", "train_seconds", "scoring_time_fraction", "step_overhead"}
+
+
 def test_state_dict_round_trip_picks_the_same_rows():
     for method, temperature in (("reducible", linear_temperature(2.0, 0.1, 5)), ("uniform", None)):
         want, ref = _resume_run(7, method=method, temperature=temperature)
@@ -483,8 +486,9 @@ def test_state_dict_round_trip_picks_the_same_rows():
             assert resumed.current_temperature() == ref.current_temperature()
         s_got, s_want = resumed.stats.summary(), ref.stats.summary()
         assert s_got.keys() == s_want.keys()
-        for k in s_want:
+        for k in s_want.keys() - TIMES:  # the clocks differ between runs; their totals carry over
             assert s_got[k] == pytest.approx(s_want[k], nan_ok=True), k
+        assert s_got["selection_seconds"] > 0
     # without the state, the resumed run restarts its schedule: different picks (the test can fail)
     restarted = _resume_run(7, method="reducible")[0][:4]
     assert not all(torch.equal(a, b) for a, b in zip(restarted, want[3:]))

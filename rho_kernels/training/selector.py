@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import math
 import operator
+import time
 from contextlib import contextmanager, nullcontext
 from typing import Any, Callable, Iterator, NamedTuple, Optional, Union
 
@@ -133,19 +134,68 @@ def cosine_temperature(start: float, end: float, steps: int) -> TemperatureSched
 
 
 # ---------------------------------------------------------------------------- statistics
+class _Timings:
+    """Seconds per region (``score``, ``select``, ``train``) on the device's own clock.
+
+    CPU ops are synchronous: wall time.  Elsewhere each region is a pair of timing events; a
+    pair is folded into the totals once the device has passed its end (``Event.query``, which
+    never waits), the rest at :meth:`fold` (``SelectorStats.summary``: one wait).
+    """
+
+    def __init__(self, host: dict) -> None:
+        self._host = host  # the stats' host counters: "<name>_seconds", "<name>_timed"
+        self._pending: list = []
+
+    def start(self, name: str, device: torch.device) -> tuple:
+        if device.type == "cpu":
+            return name, None, time.perf_counter()
+        ev = torch.Event(device=device, enable_timing=True)
+        ev.record()
+        return name, ev, device
+
+    def stop(self, token: tuple) -> None:
+        name, ev, t0 = token
+        if ev is None:
+            self._add(name, time.perf_counter() - t0)
+            return
+        end = torch.Event(device=t0, enable_timing=True)
+        end.record()
+        self._pending.append((name, ev, end))
+        self.fold(wait=False)
+
+    def fold(self, wait: bool = True) -> None:
+        while self._pending:
+            name, start, end = self._pending[0]
+            if wait:
+                end.synchronize()
+            elif not end.query():
+                return
+            self._add(name, start.elapsed_time(end) / 1e3)
+            self._pending.pop(0)
+
+    def _add(self, name: str, seconds: float) -> None:
+        self._host[name + "_seconds"] += seconds
+        self._host[name + "_timed"] += 1
+
+
 class SelectorStats:
     """Running statistics of a selector, accumulated on device (no host sync per step).
 
     Scores are the method's scores (for Boltzmann sampling: the scores, not the noisy keys);
-    rows with a non-finite score are left out of the means.  :meth:`summary` reads them (one
-    sync).
+    rows with a non-finite score are left out of the means.  Costs: the time of the scoring pass
+    (IL lookup, the model's forward, the score op), of the selection (top-k, picking the rows,
+    these statistics) and, where a trainer owns the step and times it with :meth:`start` /
+    :meth:`stop` (``"train"``), of the training step on the picks.  :meth:`summary` reads
+    everything (one sync).
     """
 
     # data-dependent sums live on the device; counts known on the host stay Python numbers
     # (creating a device tensor from a host number would be a copy, and on CUDA a sync).
     _FIELDS = ("picked_sum", "picked_n", "unpicked_sum", "unpicked_n", "noisy_picks", "noisy_candidates",
                "invalid_picks")
-    _HOST = ("picks", "candidates", "noisy_known_picks", "noisy_known_candidates")
+    _TIMED = ("score", "select", "train")
+    _HOST = ("picks", "candidates", "noisy_known_picks", "noisy_known_candidates") + tuple(
+        f"{n}_{k}" for n in _TIMED for k in ("seconds", "timed"))
 
     def __init__(self) -> None:
         self.reset()
@@ -155,6 +205,18 @@ class SelectorStats:
         self.steps = 0
         self._acc: Optional[Tensor] = None
         self._host = dict.fromkeys(self._HOST, 0.0)
+        self._timings = _Timings(self._host)
+
+    def start(self, name: str, device: Union[torch.device, str]) -> tuple:
+        """Start timing region ``name`` (``"score"``, ``"select"`` or ``"train"``) on ``device``;
+        pass the token to :meth:`stop`.  No host sync (timing events off the CPU)."""
+        if name not in self._TIMED:
+            raise ValueError(f"unknown timed region {name!r}; expected one of {list(self._TIMED)}")
+        return self._timings.start(name, torch.device(device))
+
+    def stop(self, token: tuple) -> None:
+        """End the region :meth:`start` returned ``token`` for."""
+        self._timings.stop(token)
 
     def _add(self, device: torch.device, vals: dict) -> None:
         if self._acc is None:
@@ -195,7 +257,8 @@ class SelectorStats:
         self.steps += 1
 
     def state_dict(self) -> dict[str, Any]:
-        """Everything recorded so far (the device sums stay tensors: no host sync)."""
+        """Everything recorded so far (the device sums stay tensors: no host sync; timing events
+        the device has not reached yet are left out)."""
         return {"steps": self.steps, "acc": None if self._acc is None else self._acc.clone(),
                 "host": dict(self._host)}
 
@@ -207,15 +270,27 @@ class SelectorStats:
         acc = state["acc"]
         if acc is not None and (not isinstance(acc, Tensor) or acc.shape != (len(self._FIELDS),)):
             raise ValueError(f"SelectorStats state 'acc' must be a tensor of shape ({len(self._FIELDS)},), got {acc!r}")
+        self.reset()
         self.steps = int(state["steps"])
         self._acc = None if acc is None else acc.to(torch.float64).clone()
-        self._host = dict.fromkeys(self._HOST, 0.0)
         self._host.update({k: float(v) for k, v in state["host"].items() if k in self._HOST})
 
     def summary(self) -> dict[str, float]:
-        """``steps``, ``mean_score_picked``, ``mean_score_not_picked``, ``noisy_pick_fraction``
-        (picked rows that were marked noisy), ``noisy_candidate_fraction`` (the base rate among
-        candidates), ``invalid_picks`` (total), ``picks``.  NaN where nothing was recorded."""
+        """What the selection did and what it cost.  NaN where nothing was recorded.
+
+        * ``steps``, ``candidates`` (rows scored), ``picks`` (rows returned), ``invalid_picks``;
+        * ``mean_score_picked``, ``mean_score_not_picked``;
+        * ``noisy_pick_fraction`` (picked rows that were marked noisy) and
+          ``noisy_candidate_fraction`` (the base rate): only when ``select(..., noisy=)`` was given;
+        * ``scoring_seconds`` (IL lookup + the model's scoring forward + the score op),
+          ``selection_seconds`` (top-k, taking the rows, statistics), ``train_seconds`` (the
+          training step on the picks, where a trainer times it);
+        * ``scoring_time_fraction``: (scoring + selection) / (scoring + selection + training);
+        * ``step_overhead``: scoring + selection per step over a training step: a selective step
+          costs ``1 + step_overhead`` uniform steps (the training step on ``n_b`` rows being what
+          a uniform step costs).
+        """
+        self._timings.fold()
         out: dict[str, float] = {"steps": float(self.steps)}
         a = dict.fromkeys(self._FIELDS, 0.0) if self._acc is None else dict(zip(self._FIELDS, self._acc.tolist()))
         a.update(self._host)
@@ -225,10 +300,19 @@ class SelectorStats:
 
         out["mean_score_picked"] = ratio(a["picked_sum"], a["picked_n"])
         out["mean_score_not_picked"] = ratio(a["unpicked_sum"], a["unpicked_n"])
-        out["noisy_pick_fraction"] = ratio(a["noisy_picks"], a["noisy_known_picks"])
-        out["noisy_candidate_fraction"] = ratio(a["noisy_candidates"], a["noisy_known_candidates"])
+        if a["noisy_known_picks"] > 0:
+            out["noisy_pick_fraction"] = ratio(a["noisy_picks"], a["noisy_known_picks"])
+            out["noisy_candidate_fraction"] = ratio(a["noisy_candidates"], a["noisy_known_candidates"])
         out["invalid_picks"] = a["invalid_picks"]
         out["picks"] = a["picks"]
+        out["candidates"] = a["candidates"]
+        out["scoring_seconds"] = a["score_seconds"]
+        out["selection_seconds"] = a["select_seconds"]
+        out["train_seconds"] = a["train_seconds"] if a["train_timed"] else math.nan
+        sel = a["score_seconds"] + a["select_seconds"]
+        out["scoring_time_fraction"] = ratio(sel, sel + a["train_seconds"]) if a["train_timed"] else math.nan
+        per_step = ratio(sel, a["select_timed"])
+        out["step_overhead"] = ratio(per_step, ratio(a["train_seconds"], a["train_timed"]))
         return out
 
 
@@ -349,6 +433,25 @@ def _default_forward(model: nn.Module, x: Any) -> Tensor:
     return model(x)
 
 
+class _PendingCheck:
+    """The all-valid flag of one selection, on its way to the host without a sync: a non-blocking
+    copy into pinned memory and an event after it; :meth:`ok` waits on that event only (work
+    queued after it, e.g. the training step, is not waited for)."""
+
+    def __init__(self, flag: Tensor, info: "PickInfo", y: Tensor, k: int, selector: "OnlineBatchSelector") -> None:
+        self.host = torch.empty((), dtype=torch.bool, pin_memory=flag.is_cuda)
+        self.host.copy_(flag, non_blocking=True)
+        self.event = None if flag.device.type == "cpu" else torch.Event(device=flag.device)
+        if self.event is not None:
+            self.event.record()
+        self.info, self.y, self.k, self.step = info, y, k, selector.step  # for the message only
+
+    def ok(self) -> bool:
+        if self.event is not None:
+            self.event.synchronize()
+        return bool(self.host)
+
+
 class PickInfo(NamedTuple):
     """What the last :meth:`OnlineBatchSelector.select` picked.
 
@@ -417,11 +520,29 @@ class OnlineBatchSelector:
             budget, ``rho_kernels.linear.CHUNK_BUDGET_BYTES``).
         autocast_dtype: run the scoring forward passes under ``torch.autocast`` with this
             dtype (e.g. ``torch.bfloat16``); None uses whatever autocast the caller is in.  The
-            op accepts bf16/fp16 logits and accumulates in float32.
+            op accepts bf16/fp16 logits and accumulates in float32.  Faster where the hardware
+            has fast bf16 matmuls (GPUs); the picks then differ from fp32 scoring at near-ties.
+        inference_mode: score under ``torch.inference_mode`` instead of ``no_grad`` (skips
+            autograd's version-counter and view tracking; the same numbers, so the same picks).
+            Off by default: a model whose forward caches tensors it later uses under autograd
+            would fail on them.
+        compile_forward: ``True`` (or a dict of ``torch.compile`` options) scores with
+            ``torch.compile(forward)``, compiled once and cached (a recompilation when the
+            candidate count or the model's mode changes).  The compile time is a one-off cost;
+            the picks equal eager scoring's up to the compiled kernels' rounding.
+        timing: record the time of the scoring pass and of the selection in :attr:`stats`
+            (wall time on CPU, timing events elsewhere: no host sync).
         ignore_index: targets equal to it are never picked while other rows remain.
         invalid: what to do when a pick is not valid -- fewer than ``n_b`` eligible rows
             (NaN scores, e.g. never-scored IL; ignored targets).  ``"raise"`` (default):
-            ValueError (costs one device->host sync per step to read the flag); ``"drop"``:
+            ValueError.  On the CPU the check is immediate.  On an accelerator it reads the
+            flag a step late, so that no step waits for the device: the flag is copied to
+            pinned host memory without blocking, and the *next* :meth:`select` (or
+            :meth:`check_invalid`, which the trainers call when they log) raises, after the
+            bad batch was returned and trained on (its invalid rows only: ignored targets add
+            no loss, a NaN IL only affects the score).  ``invalid_check="now"`` raises at the
+            bad step everywhere (one sync per step, for debugging), ``"late"`` a step late
+            everywhere; ``"drop"``:
             return only the valid picks (a sync, and a smaller batch); ``"keep"``: return the
             full ``n_b`` rows anyway (no sync; ``last.valid`` and the ``invalid_picks``
             statistic tell).  Invalid rows always rank after every valid one, so they are
@@ -464,6 +585,7 @@ class OnlineBatchSelector:
         autocast_dtype: Optional[torch.dtype] = None,
         ignore_index: int = -100,
         invalid: str = "raise",
+        invalid_check: str = "auto",
         distributed: Optional[str] = None,
         process_group: Optional[object] = None,
         generator: Optional[torch.Generator] = None,
@@ -472,6 +594,9 @@ class OnlineBatchSelector:
         backend: str = "auto",
         head: Optional[Head] = None,
         chunk_size: Optional[int] = None,
+        inference_mode: bool = False,
+        compile_forward: Union[bool, dict] = False,
+        timing: bool = True,
     ) -> None:
         k_arg = k
         if not isinstance(model, nn.Module):
@@ -512,12 +637,19 @@ class OnlineBatchSelector:
             raise TypeError(f"restore_buffers must be a bool, got {restore_buffers!r}")
         if invalid not in ("raise", "drop", "keep"):
             raise ValueError(f"invalid must be 'raise', 'drop' or 'keep', got {invalid!r}")
+        if invalid_check not in ("auto", "late", "now"):
+            raise ValueError(f"invalid_check must be 'auto', 'late' or 'now', got {invalid_check!r}")
         if distributed not in (None, "local", "global"):
             raise ValueError(f"distributed must be None, 'local' or 'global', got {distributed!r}")
         if distributed == "global" and invalid == "drop":
             raise ValueError("invalid='drop' would give ranks unequal batch sizes; use 'raise' or 'keep' with 'global'")
         if score_method not in rk.METHODS:
             raise ValueError(f"unknown score_method {score_method!r}; expected one of {list(rk.METHODS)}")
+        for name, flag in (("inference_mode", inference_mode), ("timing", timing)):
+            if not isinstance(flag, bool):
+                raise TypeError(f"{name} must be a bool, got {flag!r}")
+        if not isinstance(compile_forward, (bool, dict)):
+            raise TypeError(f"compile_forward must be a bool or a dict of torch.compile options, got {compile_forward!r}")
         self.model = model
         self.irreducible = irreducible
         self.method = method
@@ -531,6 +663,7 @@ class OnlineBatchSelector:
         self.autocast_dtype = autocast_dtype
         self.ignore_index = ignore_index
         self.invalid = invalid
+        self.invalid_check = invalid_check
         self.distributed = distributed
         self.process_group = process_group
         self.generator = generator
@@ -539,6 +672,11 @@ class OnlineBatchSelector:
         self.backend = backend
         self.head = head
         self.chunk_size = chunk_size
+        self.inference_mode = inference_mode
+        self.compile_forward = compile_forward
+        self.timing = timing
+        self._compiled: Optional[Callable[[nn.Module, Any], Tensor]] = None
+        self._pending: Optional[_PendingCheck] = None  # invalid="raise" off the CPU: last step's flag
         self.step = 0
         self.stats = SelectorStats()
         self.last: Optional[PickInfo] = None
@@ -614,9 +752,17 @@ class OnlineBatchSelector:
     def score(self, batch: Any, method: Optional[str] = None) -> Tensor:
         """Score every candidate of ``batch`` with ``method`` (default: the selector's), float32 [n_B]."""
         index, x, y = self._unpack(batch)
-        return self._score(x, y, index, method or self.method)
+        return self._score_untimed(x, y, index, method or self.method)
 
     def _score(self, x: Any, y: Tensor, index: Optional[Tensor], method: str) -> Tensor:
+        if not self._timed():
+            return self._score_untimed(x, y, index, method)
+        token = self.stats.start("score", y.device)
+        scores = self._score_untimed(x, y, index, method)
+        self.stats.stop(token)
+        return scores
+
+    def _score_untimed(self, x: Any, y: Tensor, index: Optional[Tensor], method: str) -> Tensor:
         il = self.irreducible_loss(x, y, index) if method in IL_METHODS else None
         if method == "irreducible":
             # -IL needs no forward pass of the model; the op masks ignored targets.
@@ -627,10 +773,22 @@ class OnlineBatchSelector:
         train = {"train": True, "eval": False, "current": None}[self.score_mode]
         dev = _first_tensor(x).device
         restore = self.restore_buffers and self.score_mode != "eval"
-        with torch.no_grad(), _restore_norm_buffers(self.model, restore), _mode(self.model, train), \
-                self._autocast(dev):
-            out = self.forward(self.model, x)
-        return self._per_candidate(self._op_score(self.model, out, y, il, method), y)
+        grad = torch.inference_mode() if self.inference_mode else torch.no_grad()
+        with grad, _restore_norm_buffers(self.model, restore), _mode(self.model, train), self._autocast(dev):
+            out = self._scoring_forward()(self.model, x)
+            return self._per_candidate(self._op_score(self.model, out, y, il, method), y)
+
+    def _timed(self) -> bool:
+        # a traced select (torch.compile) is timed by its caller: clocks are not traceable
+        return self.timing and not torch.compiler.is_compiling()
+
+    def _scoring_forward(self) -> Callable[[nn.Module, Any], Tensor]:
+        if not self.compile_forward:
+            return self.forward
+        if self._compiled is None:
+            opts = self.compile_forward if isinstance(self.compile_forward, dict) else {}
+            self._compiled = torch.compile(self.forward, **opts)
+        return self._compiled
 
     def _per_candidate(self, tok: Tensor, y: Tensor) -> Tensor:
         """Rows: the scores as they are.  Sequences: the mean token score over the non-ignored
@@ -666,6 +824,7 @@ class OnlineBatchSelector:
             the batch restricted to the picks (same structure, best first).  Details of the
             picks are in :attr:`last`; running statistics in :attr:`stats`.
         """
+        self.check_invalid()
         index, x, y = self._unpack(batch)
         n = y.shape[0]
         _check_rows(batch, n)
@@ -694,6 +853,15 @@ class OnlineBatchSelector:
                 gumbel = -torch.log(-torch.log(u))
                 keys = scores / temp + gumbel  # NaN scores stay NaN: ineligible
 
+        token = self.stats.start("select", dev) if self._timed() else None
+        sub = self._pick(batch, y, keys, scores, eligible, noisy, n, k)
+        if token is not None:
+            self.stats.stop(token)
+        return sub
+
+    def _pick(self, batch: Any, y: Tensor, keys: Tensor, scores: Optional[Tensor], eligible: Tensor,
+              noisy: Optional[Tensor], n: int, k: int) -> Any:
+        dev = y.device
         if self.distributed == "global" and world_info(self.process_group)[1] > 1:
             sub, info, all_valid_t = self._select_global(batch, keys, scores, eligible, noisy, k)
         else:
@@ -710,9 +878,14 @@ class OnlineBatchSelector:
 
         self.last = info
         self.step += 1
-        if self.invalid != "keep":  # ("drop" is refused in global mode: unequal batches)
-            # the documented per-step sync; in global mode the flag covers all ranks' winners so
-            # that every rank raises (or not) together instead of leaving the others hanging
+        # In global mode the flag covers all ranks' winners, so that every rank raises (or not)
+        # together -- at the same step, also when the check is a step late -- instead of leaving
+        # the others hanging.
+        if self.invalid == "raise" and (self.invalid_check == "late" or
+                                        (self.invalid_check == "auto" and dev.type != "cpu")):
+            self._pending = _PendingCheck(all_valid_t, info, y, k, self)
+        elif self.invalid != "keep":  # ("drop" is refused in global mode: unequal batches)
+            # "drop" needs the flag now (the documented sync); a CPU flag costs nothing to read
             if not bool(all_valid_t):
                 if self.invalid == "raise":
                     raise ValueError(self._invalid_message(info, y, k))
@@ -729,6 +902,16 @@ class OnlineBatchSelector:
         if sub is not None:
             return sub
         return _take(batch, info.positions, n)
+
+    def check_invalid(self) -> None:
+        """Raise the ValueError of ``invalid="raise"`` now if the last step's picks were not all
+        valid.  Only needed off the CPU, where :meth:`select` checks a step late (the next
+        :meth:`select` calls this); call it after the training loop to cover its last step.
+        Waits for the device to reach the last selection (not for later work)."""
+        pending, self._pending = self._pending, None
+        if pending is not None and not pending.ok():
+            raise ValueError(self._invalid_message(pending.info, pending.y, pending.k) +
+                             f" [selection step {pending.step}: checked a step late, after that batch was returned]")
 
     def _invalid_message(self, info: PickInfo, y: Tensor, k: int) -> str:
         """Why picks were ineligible, with the fix that matches the cause (reads the flags: the
@@ -816,6 +999,12 @@ class OnlineBatchSelector:
         if self.head is not None:
             parts.append("head=<hidden states + LM head>" + ("" if self.chunk_size is None
                                                             else f", chunk_size={self.chunk_size}"))
+        if self.invalid_check != "auto":
+            parts.append(f"invalid_check={self.invalid_check!r}")
+        if self.inference_mode:
+            parts.append("inference_mode=True")
+        if self.compile_forward:
+            parts.append(f"compile_forward={self.compile_forward!r}")
         parts += [f"backend={self.backend!r}", f"step={self.step}"]
         return f"OnlineBatchSelector({', '.join(parts)})"
 
