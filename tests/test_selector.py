@@ -702,3 +702,140 @@ def test_lm_head_hot_path_traces_without_graph_breaks():
     got = torch.compile(sel.select, fullgraph=True, backend="eager")((idx, x, y))
     want = _lm_selector(model, store, k=4, invalid="keep").select((idx, x, y))
     assert torch.equal(got[0], want[0])
+
+
+# ---------------------------------------------------------------------------- costs, cheap scoring, late check
+def test_summary_reports_what_selection_cost():
+    model, store = _model(), _store()
+    sel = OnlineBatchSelector(model, store, k=8)
+    for step in range(3):
+        idx, x, y = _batch(step)
+        _, xb, yb = sel.select((idx, x, y))
+        token = sel.stats.start("train", "cpu")
+        F.cross_entropy(model(xb), yb).backward()
+        sel.stats.stop(token)
+    s = sel.stats.summary()
+    assert s["candidates"] == 3 * N and s["picks"] == 24
+    assert s["scoring_seconds"] > 0 and s["selection_seconds"] > 0 and s["train_seconds"] > 0
+    sel_t = s["scoring_seconds"] + s["selection_seconds"]
+    assert s["scoring_time_fraction"] == pytest.approx(sel_t / (sel_t + s["train_seconds"]))
+    assert s["step_overhead"] == pytest.approx(sel_t / s["train_seconds"])  # both timed every step
+    assert "noisy_pick_fraction" not in s and "noisy_candidate_fraction" not in s  # no noisy= given
+    sel.select(_batch(), noisy=torch.zeros(N, dtype=torch.bool))
+    assert sel.stats.summary()["noisy_pick_fraction"] == 0.0
+    # without a timed training step the fractions are unknown; timing=False records no time
+    quiet = OnlineBatchSelector(model, store, k=8, timing=False)
+    quiet.select(_batch())
+    q = quiet.stats.summary()
+    assert q["scoring_seconds"] == 0 and math.isnan(q["scoring_time_fraction"]) and math.isnan(q["train_seconds"])
+    with pytest.raises(ValueError, match="timed region"):
+        sel.stats.start("forward", "cpu")
+
+
+def _bad_store():
+    losses = torch.rand(N)
+    losses[8:] = math.nan  # 8 scored rows: k = 10 leaves 2 invalid picks
+    return IrreducibleLossStore(losses, check=False)
+
+
+def test_invalid_raise_late_check_raises_at_the_next_step_or_at_check_invalid():
+    # invalid_check="late" is the accelerators' default ("auto"); on the CPU it runs the same code
+    model = _model()
+    sel = OnlineBatchSelector(model, _bad_store(), k=10, invalid_check="late")
+    good = OnlineBatchSelector(model, _store(), k=10, invalid_check="late")
+    sub = sel.select(_batch())  # the bad batch is returned (full size) ...
+    assert sub[0].shape == (10,) and not sel.last.valid.all()
+    with pytest.raises(ValueError, match=r"2 of this rank's 10 picks are not eligible.*NaN score.*step 1: checked a step late"):
+        sel.select(_batch(1))  # ... and the next select raises, before scoring anything
+    assert sel.step == 1 and sel.stats.steps == 1
+    sel.select(_batch(2))  # the flag was consumed: the run can go on (and is bad again)
+    with pytest.raises(ValueError, match="step 2: checked a step late"):
+        sel.check_invalid()  # the end of a loop: the last step's flag
+    sel.check_invalid()  # nothing pending
+    for step in range(3):  # valid batches never raise
+        good.select(_batch(step))
+    good.check_invalid()
+    # "now" raises at the bad step itself, as the CPU default ("auto") does
+    with pytest.raises(ValueError, match="not eligible"):
+        OnlineBatchSelector(model, _bad_store(), k=10, invalid_check="now").select(_batch())
+    with pytest.raises(ValueError, match="not eligible"):
+        OnlineBatchSelector(model, _bad_store(), k=10).select(_batch())
+    with pytest.raises(ValueError, match="invalid_check"):
+        OnlineBatchSelector(model, _store(), k=10, invalid_check="never")
+
+
+def test_late_check_reads_nothing_from_the_step_it_runs_in(monkeypatch):
+    # The late path never reads the current step's tensors on the host (on a GPU such a read is
+    # a sync): the only host read in select() is the previous step's flag, already copied.
+    # Spies on the training layer's Python-level reads (the op layer checks targets on the host
+    # for CPU tensors only, where that is free); torch.cuda.set_sync_debug_mode covers the GPU
+    # (next test).
+    import sys
+
+    model = _model()
+    store = IrreducibleLossStore(_store().losses, check=False)  # the store's NaN check is a CPU-only read
+    sel = OnlineBatchSelector(model, store, k=10, invalid_check="late")
+    sel.select(_batch())
+    reads = []
+    for name in ("__bool__", "item", "tolist", "__float__", "__int__", "__index__", "numpy"):
+        orig = getattr(torch.Tensor, name)
+
+        def spy(self, *a, _orig=orig, _name=name, **kw):
+            if "rho_kernels/training" in sys._getframe(1).f_code.co_filename.replace("\\", "/"):
+                reads.append((_name, self))
+            return _orig(self, *a, **kw)
+
+        monkeypatch.setattr(torch.Tensor, name, spy)
+    for step in range(1, 4):
+        previous = sel._pending.host
+        reads.clear()
+        sel.select(_batch(step))
+        assert [(n, t is previous) for n, t in reads] == [("__bool__", True)], reads
+    monkeypatch.undo()
+    sel.check_invalid()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (the CPU logic is tested above)")
+def test_default_raise_does_not_sync_per_step_on_cuda():
+    model = _model().cuda()
+    store = IrreducibleLossStore(_store().losses.cuda(), check=False)
+    sel = OnlineBatchSelector(model, store, k=8)
+    batches = [tuple(t.cuda() for t in _batch(s)) for s in range(3)]
+    sel.select(batches[0])  # warm-up (lazy initialisation may sync once)
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for b in batches[1:]:
+            sel.select(b)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    sel.check_invalid()
+    assert sel.stats.summary()["scoring_seconds"] > 0  # timing events, read here
+
+
+def test_inference_mode_and_compiled_forward_pick_what_eager_scoring_picks():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(D, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, C))
+    store = _store()
+    want = [OnlineBatchSelector(model, store, k=12).select(_batch(s))[0] for s in range(2)]
+    buffers = [b.clone() for b in model.buffers()]
+    calls = []
+
+    def counting_forward(m, x):
+        calls.append(1)
+        return m(x)
+
+    fast = OnlineBatchSelector(model, store, k=12, inference_mode=True, forward=counting_forward,
+                               compile_forward={"backend": "eager"})
+    got = [fast.select(_batch(s))[0] for s in range(2)]
+    for a, b in zip(got, want):
+        assert torch.equal(a, b) and not a.is_inference()  # the picked rows serve autograd
+    compiled = fast._compiled
+    assert compiled is not None and fast._scoring_forward() is compiled  # compiled once, cached
+    assert calls  # the user's forward runs inside the compiled function
+    for a, b in zip(model.buffers(), buffers):  # train-mode BatchNorm scoring left no trace
+        assert torch.equal(a, b)
+    assert "inference_mode=True" in repr(fast) and "compile_forward" in repr(fast)
+    with pytest.raises(TypeError, match="inference_mode"):
+        OnlineBatchSelector(model, store, inference_mode=1)
+    with pytest.raises(TypeError, match="compile_forward"):
+        OnlineBatchSelector(model, store, compile_forward="yes")

@@ -7,6 +7,8 @@ Built on the public op API only (:func:`rho_kernels.score`, :func:`rho_kernels.s
 * :class:`TokenLossStore` -- per-token reference loss of an LM corpus (Rho-1), same machinery.
 * :mod:`.il_build` (the scoring pass: sharded over ranks, resumable) and :mod:`.il_format`
   (atomic, checksummed files) behind both stores.
+* :func:`build_no_holdout_store` / :func:`fit_il_model` (:mod:`.il_fit`) -- the IL recipe that
+  works on small noisy data: one IL model per half of the training set, early-stopped.
 * :class:`OnlineBatchSelector` -- ``select(batch) -> sub-batch`` each step (RHO-LOSS, the
   op's other methods, uniform, Boltzmann sampling without replacement), with statistics.
 * :mod:`.distributed` -- ``"local"`` and exact, balanced ``"global"`` selection across ranks.
@@ -15,6 +17,7 @@ Built on the public op API only (:func:`rho_kernels.score`, :func:`rho_kernels.s
 from .distributed import GlobalPick, global_select, topk_by_key
 from .il_store import IndexedDataset, IrreducibleLossStore, dataset_fingerprint, split_halves
 from .token_store import TokenLossStore, token_fingerprint
+from .il_fit import ILFit, build_no_holdout_store, fit_il_model
 from .selector import (
     SELECTOR_METHODS,
     OnlineBatchSelector,
@@ -32,6 +35,9 @@ __all__ = [
     "IrreducibleLossStore",
     "dataset_fingerprint",
     "split_halves",
+    "ILFit",
+    "fit_il_model",
+    "build_no_holdout_store",
     "TokenLossStore",
     "token_fingerprint",
     "OnlineBatchSelector",

@@ -1,0 +1,362 @@
+#!/usr/bin/env python
+"""Does selection pay off?  Time to accuracy on noisy digits, every scoring pass counted.
+
+scikit-learn's handwritten digits (1,797 8x8 images, bundled, no download): per seed a random 30%
+is the clean test set, the other 70% (the *pool*, 1,258 examples) has 20% of its labels flipped
+to another class.  The target model is an MLP 64-512-512-10 (AdamW, lr 1e-3), trained on
+``n_b = 32`` rows a step:
+
+* ``uniform``: 32 random rows of the pool (and ``uniform_80``: of the 80% left by a holdout);
+* ``rho<r>_holdout``: RHO-LOSS at ``n_b / n_B = r`` (``n_B = 32 / r`` candidates) with the IL
+  model the README used to lead to: an MLP 64-128-128-10 trained 60 epochs on a 20% holdout of
+  the pool (the target trains on the other 80%);
+* ``rho<r>_recipe``: the recipe of :mod:`rho_kernels.training.il_fit`: no holdout, one IL model
+  per half of the pool, each trained to early stopping and scoring the other half; the target
+  trains on the whole pool;
+* ``rho<r>_recipe_<option>``: the recipe with a cheap-scoring option of the selector
+  (``inference_mode``, ``autocast_dtype=torch.bfloat16``, ``compile_forward``), with its pick
+  agreement against fp32 eager scoring (top-k overlap on the same candidates, every 10 steps).
+
+Clock: the wall time of each step (selection + forward/backward/optimizer step), evaluation
+excluded.  Variants run interleaved (the order rotates with the seed) in one process, one
+thread.  Time to target = steps to target x the variant's median step time (robust to the
+machine's load; the raw cumulative time is in the JSON too).  Forward-equivalents count
+example passes: a forward over a row is 1, a backward 2 (uniform step: 3 n_b; RHO-LOSS step:
+n_B + 3 n_b).  The target per seed: 98% of uniform's best accuracy (3-evaluation moving
+average).  The IL models' training and the IL table's build are timed as one-off costs.
+A micro-benchmark times ``select`` alone for each ``invalid=`` mode.
+
+    python benchmarks/bench_time_to_accuracy.py            # full: 3 seeds (~15 min on a shared 2-core machine)
+    python benchmarks/bench_time_to_accuracy.py --quick    # seconds (tests/test_bench_time_to_accuracy.py)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if _ROOT not in sys.path:
+    sys.path.insert(0, _ROOT)
+
+from rho_kernels.training import (  # noqa: E402
+    IndexedDataset, IrreducibleLossStore, OnlineBatchSelector, build_no_holdout_store,
+)
+
+N_SMALL = 32
+HIDDEN, IL_HIDDEN = 512, 128
+NOISE, TEST_FRACTION, HOLDOUT_FRACTION = 0.2, 0.3, 0.2
+TARGET_SHARE = 0.98
+OPTIONS = {"inference_mode": {"inference_mode": True},
+           "bf16": {"autocast_dtype": torch.bfloat16},
+           "compiled": {"compile_forward": True}}
+
+
+def mlp(hidden: int) -> nn.Module:
+    return nn.Sequential(nn.Linear(64, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(),
+                         nn.Linear(hidden, 10))
+
+
+def load(seed: int) -> dict:
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = torch.tensor(d.data / 16.0, dtype=torch.float32)
+    y = torch.tensor(d.target, dtype=torch.int64)
+    rng = np.random.default_rng(seed)
+    perm = torch.from_numpy(rng.permutation(len(y)))
+    n_test = int(round(TEST_FRACTION * len(y)))
+    test, pool = perm[:n_test], perm[n_test:]
+    flip = torch.from_numpy(rng.random(len(y)) < NOISE)
+    offset = torch.from_numpy(rng.integers(1, 10, size=len(y)))
+    y_noisy = torch.where(flip, (y + offset) % 10, y)  # always a wrong class
+    n_hold = int(round(HOLDOUT_FRACTION * len(pool)))
+    return {"x": x[pool], "y": y_noisy[pool], "noisy": flip[pool], "x_test": x[test], "y_test": y[test],
+            "hold": torch.arange(n_hold), "train80": torch.arange(n_hold, len(pool))}
+
+
+@torch.no_grad()
+def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    return (model(x).argmax(1) == y).float().mean().item()
+
+
+def holdout_store(data: dict, seed: int, epochs: int) -> tuple[IrreducibleLossStore, float]:
+    """The IL model the README led to: fixed epochs on a 20% holdout; the store covers the 80%."""
+    t0 = time.perf_counter()
+    torch.manual_seed(seed + 1000)
+    il = mlp(IL_HIDDEN)
+    opt = torch.optim.AdamW(il.parameters(), lr=1e-3, weight_decay=0.01)
+    xh, yh = data["x"][data["hold"]], data["y"][data["hold"]]
+    for _ in range(epochs):
+        perm = torch.randperm(len(yh))
+        for i in range(0, len(yh), 64):
+            b = perm[i:i + 64]
+            loss = F.cross_entropy(il(xh[b]), yh[b])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    tr = data["train80"]
+    ds = IndexedDataset(torch.utils.data.TensorDataset(data["x"][tr], data["y"][tr]))
+    store = IrreducibleLossStore.build(il.eval(), ds, progress=False)
+    return store, time.perf_counter() - t0
+
+
+def recipe_store(data: dict, seed: int, max_epochs: int) -> tuple[IrreducibleLossStore, float, list]:
+    t0 = time.perf_counter()
+    ds = IndexedDataset(torch.utils.data.TensorDataset(data["x"], data["y"]))
+    torch.manual_seed(seed + 2000)
+    store, fits = build_no_holdout_store(lambda: mlp(IL_HIDDEN), ds, seed=seed, progress=False,
+                                         fit_kwargs={"max_epochs": max_epochs})
+    return store, time.perf_counter() - t0, [f.best_epoch for f in fits]
+
+
+def candidate_batches(n: int, size: int, gen: torch.Generator):
+    while True:
+        perm = torch.randperm(n, generator=gen)
+        for i in range(0, n - size + 1, size):
+            yield perm[i:i + size]
+
+
+def run(name: str, data: dict, rows: torch.Tensor, ratio: Optional[float], store, options: dict, seed: int,
+        steps: int, eval_every: int) -> dict:
+    x, y, noisy = data["x"][rows], data["y"][rows], data["noisy"][rows]
+    torch.manual_seed(seed)  # same initial weights for every variant
+    model = mlp(HIDDEN)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    n_big = N_SMALL if ratio is None else int(round(N_SMALL / ratio))
+    sel = ref = None
+    if ratio is not None:
+        sel = OnlineBatchSelector(model, store, k=N_SMALL, **options)
+        if options:  # fp32 eager scoring of the same candidates, for the pick agreement
+            ref = OnlineBatchSelector(model, store, k=N_SMALL, timing=False)
+    batches = candidate_batches(len(y), n_big, torch.Generator().manual_seed(seed + 11))
+    curve = [(0, accuracy(model, data["x_test"], data["y_test"]))]
+    step_times, agreement, noisy_picked = [], [], 0.0
+    for step in range(1, steps + 1):
+        idx = next(batches)
+        batch = (idx, x[idx], y[idx])
+        if ref is not None and step % eval_every == 0:
+            want = set(ref.score(batch).topk(N_SMALL).indices.tolist())
+        t0 = time.perf_counter()
+        if sel is not None:
+            pick, xb, yb = sel.select(batch)
+            token = sel.stats.start("train", "cpu")
+        else:
+            pick, xb, yb = idx[:N_SMALL], x[idx[:N_SMALL]], y[idx[:N_SMALL]]
+        loss = F.cross_entropy(model(xb), yb)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if sel is not None:
+            sel.stats.stop(token)
+        step_times.append(time.perf_counter() - t0)
+        noisy_picked += float(noisy[pick].float().mean())
+        if ref is not None and step % eval_every == 0:
+            agreement.append(len(want & set(sel.last.positions.tolist())) / N_SMALL)
+        if step % eval_every == 0:
+            curve.append((step, accuracy(model, data["x_test"], data["y_test"])))
+    out = {"name": name, "ratio": ratio, "n_big": n_big, "curve": curve, "step_times": step_times,
+           "noisy_pick_fraction": noisy_picked / steps,
+           "forward_equivalents_per_step": (0 if ratio is None else n_big) + 3 * N_SMALL}
+    if sel is not None:
+        s = sel.stats.summary()
+        out["selector"] = {k: s[k] for k in ("scoring_seconds", "selection_seconds", "train_seconds",
+                                             "scoring_time_fraction", "step_overhead", "candidates", "picks")}
+    if agreement:
+        out["pick_agreement"] = float(np.mean(agreement))
+    return out
+
+
+def smooth(curve: list, w: int = 3) -> np.ndarray:
+    a = np.array([v for _, v in curve])
+    return np.convolve(a, np.ones(w) / w, mode="valid")
+
+
+def steps_to(curve: list, target: float) -> Optional[int]:
+    for s, a in curve:
+        if a >= target:
+            return s
+    return None
+
+
+def bench_invalid_modes(data: dict, store, rounds: int, calls: int) -> dict:
+    """``select`` alone, per ``invalid=`` mode, interleaved rounds; median seconds per call."""
+    torch.manual_seed(0)
+    model = mlp(HIDDEN)
+    n_big = 4 * N_SMALL
+    sels = {m: OnlineBatchSelector(model, store, k=N_SMALL, invalid=m, timing=False) for m in ("raise", "keep", "drop")}
+    sels["raise_now"] = OnlineBatchSelector(model, store, k=N_SMALL, invalid_check="now", timing=False)
+    gen = torch.Generator().manual_seed(5)
+    batches = [torch.randperm(len(store), generator=gen)[:n_big] for _ in range(calls)]
+    x, y = data["x"], data["y"]
+    times: dict = {m: [] for m in sels}
+    for r in range(rounds):
+        for m in list(sels)[r % len(sels):] + list(sels)[:r % len(sels)]:
+            t0 = time.perf_counter()
+            for idx in batches:
+                sels[m].select((idx, x[idx], y[idx]))
+            times[m].append((time.perf_counter() - t0) / calls)
+    return {m: float(np.median(t)) for m, t in times.items()}
+
+
+def main(argv: Optional[list] = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="one seed, few steps, few variants (seconds)")
+    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=600)
+    ap.add_argument("--out", default=os.path.join(_ROOT, "benchmarks", "results"))
+    ap.add_argument("--name", default=None)
+    ap.add_argument("--no-plot", action="store_true")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(1)
+    seeds, steps, eval_every = (1, 40, 10) if args.quick else (args.seeds, args.steps, 10)
+    ratios = (0.5,) if args.quick else (0.1, 0.25, 0.5)
+    options = ("inference_mode",) if args.quick else tuple(OPTIONS)
+    option_ratio = 0.5
+    il_epochs, il_max_epochs = (5, 5) if args.quick else (60, 200)
+    name = args.name or ("time_to_accuracy_quick" if args.quick else "time_to_accuracy")
+    os.makedirs(args.out, exist_ok=True)
+    t_start = time.time()
+
+    runs: dict = {}
+    one_off: dict = {"holdout_il": [], "recipe_il": [], "recipe_best_epochs": []}
+    invalid = None
+    for seed in range(seeds):
+        data = load(seed)
+        hstore, t_h = holdout_store(data, seed, il_epochs)
+        rstore, t_r, best = recipe_store(data, seed, il_max_epochs)
+        one_off["holdout_il"].append(t_h)
+        one_off["recipe_il"].append(t_r)
+        one_off["recipe_best_epochs"].append(best)
+        pool = torch.arange(len(data["y"]))
+        variants = [("uniform", pool, None, None, {}), ("uniform_80", data["train80"], None, None, {})]
+        for r in ratios:
+            variants.append((f"rho{r}_holdout", data["train80"], r, hstore, {}))
+            variants.append((f"rho{r}_recipe", pool, r, rstore, {}))
+        for o in options:
+            variants.append((f"rho{option_ratio}_recipe_{o}", pool, option_ratio, rstore, OPTIONS[o]))
+        rot = seed % len(variants)
+        for vname, rows, r, st, opts in variants[rot:] + variants[:rot]:
+            res = run(vname, data, rows, r, st, opts, seed, steps, eval_every)
+            runs.setdefault(vname, []).append(res)
+            print(f"seed {seed} {vname:<28} best {smooth(res['curve']).max():.3f} final "
+                  f"{np.mean([a for _, a in res['curve'][-5:]]):.3f} step {np.median(res['step_times']) * 1e3:.2f} ms",
+                  flush=True)
+        if seed == 0:
+            invalid = bench_invalid_modes(data, rstore, rounds=3 if args.quick else 7, calls=5 if args.quick else 50)
+
+    # ------------------------------------------------------------------ summary
+    summary = {}
+    median_step = {v: float(np.median([np.median(r["step_times"]) for r in rs])) for v, rs in runs.items()}
+    targets = [TARGET_SHARE * smooth(r["curve"]).max() for r in runs["uniform"]]
+    finals_uniform = [np.mean([a for _, a in r["curve"][-5:]]) for r in runs["uniform"]]
+    for v, rs in runs.items():
+        st = [steps_to(r["curve"], targets[i]) for i, r in enumerate(rs)]
+        reached = [s for s in st if s is not None]
+        finals = [float(np.mean([a for _, a in r["curve"][-5:]])) for r in rs]
+        med_steps = float(np.median(reached)) if len(reached) == len(st) else None
+        row = {
+            "steps_to_target": st,
+            "seeds_reaching_target": len(reached),
+            "median_steps_to_target": med_steps,
+            "median_step_ms": median_step[v] * 1e3,
+            "step_cost_vs_uniform": median_step[v] / median_step["uniform"],
+            "seconds_to_target": None if med_steps is None else med_steps * median_step[v],
+            "raw_cumulative_seconds_to_target": [None if s is None else float(np.sum(r["step_times"][:s]))
+                                                 for s, r in zip(st, rs)],
+            "forward_equivalents_to_target": None if med_steps is None else med_steps * rs[0]["forward_equivalents_per_step"],
+            "best_accuracy": float(np.median([smooth(r["curve"]).max() for r in rs])),
+            "final_accuracy": float(np.median(finals)),
+            "final_minus_uniform_final": float(np.median([f - u for f, u in zip(finals, finals_uniform)])),
+            "noisy_pick_fraction": float(np.median([r["noisy_pick_fraction"] for r in rs])),
+        }
+        if "selector" in rs[0]:
+            for key in ("scoring_time_fraction", "step_overhead"):
+                row[key] = float(np.median([r["selector"][key] for r in rs]))
+        if "pick_agreement" in rs[0]:
+            row["pick_agreement"] = float(np.median([r["pick_agreement"] for r in rs]))
+        if v.endswith("_compiled"):
+            # the first step compiles: a one-off, kept out of the median step time already
+            row["compile_seconds_one_off"] = float(np.median([r["step_times"][0] for r in rs]))
+        summary[v] = row
+    u = summary["uniform"]
+    for v, row in summary.items():
+        # break-even: the step saving (uniform's steps / this variant's) needed to tie on the clock
+        row["break_even_step_saving"] = row["step_cost_vs_uniform"]
+        row["measured_step_saving"] = (None if row["median_steps_to_target"] is None or u["median_steps_to_target"] is None
+                                       else u["median_steps_to_target"] / row["median_steps_to_target"])
+        row["beats_uniform_on_clock"] = (row["seconds_to_target"] is not None and u["seconds_to_target"] is not None
+                                         and row["seconds_to_target"] < u["seconds_to_target"])
+    result = {
+        "dataset": "sklearn.datasets.load_digits: 30% clean test, 70% pool with 20% flipped labels",
+        "model": f"MLP 64-{HIDDEN}-{HIDDEN}-10, AdamW lr 1e-3, n_b = {N_SMALL}; IL models MLP 64-{IL_HIDDEN}-{IL_HIDDEN}-10",
+        "target": f"per seed {TARGET_SHARE:.0%} of uniform's best test accuracy (3-eval moving average)",
+        "clock": "per-step wall time (selection + training step), evaluation excluded; seconds_to_target = "
+                 "median steps to target x median step time; one thread; the machine was shared with other "
+                 "sessions (2 cores), variants interleaved",
+        "quick": args.quick, "seeds": seeds, "steps": steps, "eval_every": eval_every,
+        "one_off_seconds": {"holdout_il_train_and_table": float(np.median(one_off["holdout_il"])),
+                            "recipe_il_train_and_table": float(np.median(one_off["recipe_il"])),
+                            "recipe_il_best_epochs": one_off["recipe_best_epochs"]},
+        "select_seconds_per_call_by_invalid_mode": invalid,
+        "summary": summary,
+        "curves": {v: [r["curve"] for r in rs] for v, rs in runs.items()},
+        "raw_step_times_median_ms": {v: [float(np.median(r["step_times"]) * 1e3) for r in rs] for v, rs in runs.items()},
+        "seconds": time.time() - t_start, "torch": torch.__version__,
+    }
+    path = os.path.join(args.out, name + ".json")
+    with open(path, "w") as f:
+        json.dump(result, f, indent=1)
+
+    print(f"\n{'variant':<30}{'steps':>7}{'ms/step':>9}{'cost':>6}{'s to tgt':>9}{'fwd-eq':>9}"
+          f"{'best':>7}{'final':>7}{'flipped':>8}{'agree':>7}")
+    for v, row in summary.items():
+        st = f"{row['median_steps_to_target']:.0f}" if row["median_steps_to_target"] is not None else \
+            f"{row['seeds_reaching_target']}/{seeds}"
+        sec = f"{row['seconds_to_target']:.2f}" if row["seconds_to_target"] is not None else "-"
+        fe = f"{row['forward_equivalents_to_target'] / 1e3:.0f}k" if row["forward_equivalents_to_target"] else "-"
+        ag = f"{row['pick_agreement']:.2f}" if "pick_agreement" in row else ""
+        print(f"{v:<30}{st:>7}{row['median_step_ms']:>9.2f}{row['step_cost_vs_uniform']:>6.2f}{sec:>9}{fe:>9}"
+              f"{row['best_accuracy']:>7.3f}{row['final_accuracy']:>7.3f}{row['noisy_pick_fraction']:>8.2f}{ag:>7}")
+    print(f"one-off: {result['one_off_seconds']}; select() by invalid mode: {invalid}; {result['seconds']:.0f} s -> {path}")
+
+    if not args.no_plot:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
+        shown = ["uniform"] + [v for v in runs if v.startswith("rho") and v.count("_") == 1]
+        for v in shown:
+            c = np.array(runs[v][0]["curve"], dtype=float)
+            acc = np.median(np.array([[a for _, a in r["curve"]] for r in runs[v]]), 0)
+            ls = "-" if ("recipe" in v or v == "uniform") else "--"
+            axes[0].plot(c[:, 0] * median_step[v], acc, ls, label=v)
+            axes[1].plot(c[:, 0] * runs[v][0]["forward_equivalents_per_step"] / 1e3, acc, ls, label=v)
+        tgt = float(np.median(targets))
+        for ax in axes:
+            ax.axhline(tgt, color="k", lw=0.8, ls=":", label="target (98% of uniform's best)")
+            ax.grid(alpha=0.3)
+            ax.set_ylim(max(0.0, tgt - 0.25), min(1.0, tgt + 0.06))
+        axes[0].set_xlabel("seconds of training (median step time x steps; scoring counted)")
+        axes[1].set_xlabel("forward-equivalents (thousands of example passes; backward = 2)")
+        axes[0].set_ylabel("clean test accuracy (median over seeds)")
+        axes[1].legend(loc="lower right", fontsize=8)
+        fig.suptitle(f"noisy digits (20% flipped), MLP 64-{HIDDEN}-{HIDDEN}-10, n_b={N_SMALL}, {seeds} seed(s)")
+        fig.tight_layout()
+        fig.savefig(os.path.join(args.out, name + ".png"), dpi=110)
+    return result
+
+
+if __name__ == "__main__":
+    main()
