@@ -17,10 +17,13 @@ to another class.  The target model is an MLP 64-512-512-10 (AdamW, lr 1e-3), tr
   (``inference_mode``, ``autocast_dtype=torch.bfloat16``, ``compile_forward``), with its pick
   agreement against fp32 eager scoring (top-k overlap on the same candidates, every 10 steps).
 
-Clock: the wall time of each step (selection + forward/backward/optimizer step), evaluation
-excluded.  Variants run interleaved (the order rotates with the seed) in one process, one
-thread.  Time to target = steps to target x the variant's median step time (robust to the
-machine's load; the raw cumulative time is in the JSON too).  Forward-equivalents count
+Clock: the wall time of a step (selection + forward/backward/optimizer step), measured apart
+from the accuracy runs: every variant keeps its own model, and they take turns in bursts of 20
+steps for 9 rounds (the order rotating), median of the bursts -- so that a shared machine's load
+falls on all of them alike.  Time to target = median steps to target x that step time (each
+run's own in-run step times are in the JSON too).  One process, one thread.  The
+``compile_forward`` variant is in the step-cost measurement only (its first call, the compile,
+is reported as a one-off).  Forward-equivalents count
 example passes: a forward over a row is 1, a backward 2 (uniform step: 3 n_b; RHO-LOSS step:
 n_B + 3 n_b).  The target per seed: 98% of uniform's best accuracy (3-evaluation moving
 average).  The IL models' training and the IL table's build are timed as one-off costs.
@@ -188,6 +191,63 @@ def steps_to(curve: list, target: float) -> Optional[int]:
     return None
 
 
+def bench_step_costs(data: dict, store, variants: dict, rounds: int, burst: int) -> dict:
+    """Seconds per training step of each variant, measured apart from the accuracy runs: each
+    variant keeps its own model and optimizer, and they take turns in bursts of ``burst`` steps
+    (the order rotating every round), so that the machine's load falls on all of them alike; the
+    median over rounds of each burst's mean.  Also the pick agreement of each cheap-scoring option
+    with fp32 eager scoring, and the compile time (the first call) of ``compile_forward``."""
+    x, y = data["x"], data["y"]
+    state = {}
+    for v, (ratio, opts) in variants.items():
+        torch.manual_seed(0)
+        model = mlp(HIDDEN)
+        n_big = N_SMALL if ratio is None else int(round(N_SMALL / ratio))
+        sel = None if ratio is None else OnlineBatchSelector(model, store, k=N_SMALL, **opts)
+        ref = OnlineBatchSelector(model, store, k=N_SMALL, timing=False) if opts else None
+        state[v] = {"model": model, "opt": torch.optim.AdamW(model.parameters(), lr=1e-3), "sel": sel, "ref": ref,
+                    "batches": candidate_batches(len(y), n_big, torch.Generator().manual_seed(1)),
+                    "times": [], "agree": [], "first": None}
+    names = list(variants)
+    for r in range(rounds):
+        for v in names[r % len(names):] + names[:r % len(names)]:
+            st = state[v]
+            t0 = time.perf_counter()
+            for i in range(burst):
+                idx = next(st["batches"])
+                batch = (idx, x[idx], y[idx])
+                check = st["ref"] is not None and i == 0
+                if check:  # the reference picks, on the same model state (not part of the step)
+                    t2 = time.perf_counter()
+                    want = set(st["ref"].score(batch).topk(N_SMALL).indices.tolist())
+                    t0 += time.perf_counter() - t2
+                t1 = time.perf_counter()
+                if st["sel"] is not None:
+                    _, xb, yb = st["sel"].select(batch)
+                else:
+                    xb, yb = x[idx[:N_SMALL]], y[idx[:N_SMALL]]
+                if st["first"] is None:  # compile (and other first-call) costs: a one-off
+                    st["first"] = time.perf_counter() - t1
+                    t0 = time.perf_counter()
+                loss = F.cross_entropy(st["model"](xb), yb)
+                st["opt"].zero_grad(set_to_none=True)
+                loss.backward()
+                st["opt"].step()
+                if check:
+                    st["agree"].append(len(want & set(st["sel"].last.positions.tolist())) / N_SMALL)
+            st["times"].append((time.perf_counter() - t0) / burst)
+    out = {}
+    for v, st in state.items():
+        out[v] = {"median_step_ms": float(np.median(st["times"][1:] if rounds > 1 else st["times"])) * 1e3,
+                  "first_call_seconds": st["first"]}
+        if st["agree"]:
+            out[v]["pick_agreement"] = float(np.mean(st["agree"]))
+        if st["sel"] is not None:
+            summ = st["sel"].stats.summary()
+            out[v]["selection_ms_per_step"] = (summ["scoring_seconds"] + summ["selection_seconds"]) / summ["steps"] * 1e3
+    return out
+
+
 def bench_invalid_modes(data: dict, store, rounds: int, calls: int) -> dict:
     """``select`` alone, per ``invalid=`` mode, interleaved rounds; median seconds per call."""
     torch.manual_seed(0)
@@ -220,7 +280,7 @@ def main(argv: Optional[list] = None) -> dict:
     torch.set_num_threads(1)
     seeds, steps, eval_every = (1, 40, 10) if args.quick else (args.seeds, args.steps, 10)
     ratios = (0.5,) if args.quick else (0.1, 0.25, 0.5)
-    options = ("inference_mode",) if args.quick else tuple(OPTIONS)
+    options = ("inference_mode",) if args.quick else ("inference_mode", "bf16")  # accuracy runs
     option_ratio = 0.5
     il_epochs, il_max_epochs = (5, 5) if args.quick else (60, 200)
     name = args.name or ("time_to_accuracy_quick" if args.quick else "time_to_accuracy")
@@ -253,10 +313,24 @@ def main(argv: Optional[list] = None) -> dict:
                   flush=True)
         if seed == 0:
             invalid = bench_invalid_modes(data, rstore, rounds=3 if args.quick else 7, calls=5 if args.quick else 50)
+            cost_variants = {"uniform": (None, {})}
+            cost_variants.update({f"rho{r}": (r, {}) for r in ratios})
+            cost_variants.update({f"rho{option_ratio}_{o}": (option_ratio, OPTIONS[o])
+                                  for o in (("inference_mode",) if args.quick else tuple(OPTIONS))})
+            costs = bench_step_costs(data, rstore, cost_variants, rounds=3 if args.quick else 9,
+                                     burst=5 if args.quick else 20)
+            print("step costs:", {v: round(c["median_step_ms"], 2) for v, c in costs.items()}, flush=True)
 
     # ------------------------------------------------------------------ summary
     summary = {}
-    median_step = {v: float(np.median([np.median(r["step_times"]) for r in rs])) for v, rs in runs.items()}
+    def cost_key(v: str) -> str:  # holdout and recipe variants share a step's cost (same n_B)
+        if v.startswith("uniform"):
+            return "uniform"
+        ratio, _, rest = v[3:].partition("_")
+        option = rest.partition("_")[2]
+        return f"rho{ratio}" + (f"_{option}" if option else "")
+
+    median_step = {v: costs[cost_key(v)]["median_step_ms"] / 1e3 for v in runs}
     targets = [TARGET_SHARE * smooth(r["curve"]).max() for r in runs["uniform"]]
     finals_uniform = [np.mean([a for _, a in r["curve"][-5:]]) for r in runs["uniform"]]
     for v, rs in runs.items():
@@ -269,6 +343,7 @@ def main(argv: Optional[list] = None) -> dict:
             "seeds_reaching_target": len(reached),
             "median_steps_to_target": med_steps,
             "median_step_ms": median_step[v] * 1e3,
+            "in_run_median_step_ms": float(np.median([np.median(r["step_times"]) for r in rs])) * 1e3,
             "step_cost_vs_uniform": median_step[v] / median_step["uniform"],
             "seconds_to_target": None if med_steps is None else med_steps * median_step[v],
             "raw_cumulative_seconds_to_target": [None if s is None else float(np.sum(r["step_times"][:s]))
@@ -284,9 +359,6 @@ def main(argv: Optional[list] = None) -> dict:
                 row[key] = float(np.median([r["selector"][key] for r in rs]))
         if "pick_agreement" in rs[0]:
             row["pick_agreement"] = float(np.median([r["pick_agreement"] for r in rs]))
-        if v.endswith("_compiled"):
-            # the first step compiles: a one-off, kept out of the median step time already
-            row["compile_seconds_one_off"] = float(np.median([r["step_times"][0] for r in rs]))
         summary[v] = row
     u = summary["uniform"]
     for v, row in summary.items():
@@ -308,6 +380,7 @@ def main(argv: Optional[list] = None) -> dict:
                             "recipe_il_train_and_table": float(np.median(one_off["recipe_il"])),
                             "recipe_il_best_epochs": one_off["recipe_best_epochs"]},
         "select_seconds_per_call_by_invalid_mode": invalid,
+        "step_costs_interleaved": costs,
         "summary": summary,
         "curves": {v: [r["curve"] for r in rs] for v, rs in runs.items()},
         "raw_step_times_median_ms": {v: [float(np.median(r["step_times"]) * 1e3) for r in rs] for v, rs in runs.items()},
@@ -327,6 +400,10 @@ def main(argv: Optional[list] = None) -> dict:
         ag = f"{row['pick_agreement']:.2f}" if "pick_agreement" in row else ""
         print(f"{v:<30}{st:>7}{row['median_step_ms']:>9.2f}{row['step_cost_vs_uniform']:>6.2f}{sec:>9}{fe:>9}"
               f"{row['best_accuracy']:>7.3f}{row['final_accuracy']:>7.3f}{row['noisy_pick_fraction']:>8.2f}{ag:>7}")
+    for v, c in costs.items():
+        if "pick_agreement" in c:
+            print(f"{v:<30} {c['median_step_ms']:.2f} ms/step, pick agreement with fp32 eager {c['pick_agreement']:.3f}, "
+                  f"first call {c['first_call_seconds']:.1f} s")
     print(f"one-off: {result['one_off_seconds']}; select() by invalid mode: {invalid}; {result['seconds']:.0f} s -> {path}")
 
     if not args.no_plot:

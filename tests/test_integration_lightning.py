@@ -93,6 +93,10 @@ def test_lightning_run_selects_what_the_selector_selects(tmp_path):
     expected = sel.stats.summary()["mean_score_picked"]
     assert float(metrics["rho_loss/epoch_mean_score_picked"]) == pytest.approx(expected, rel=1e-5)
     assert model.rho_selector.step == 4
+    # what selection cost: the training step is timed between the batch hooks
+    assert 0 < float(metrics["rho_loss/epoch_scoring_time_fraction"]) < 1
+    assert float(metrics["rho_loss/epoch_step_overhead"]) > 0
+    assert "rho_loss/epoch_noisy_pick_fraction" not in metrics  # no noisy= given
 
 
 def test_lightning_validation_batches_pass_through(tmp_path):

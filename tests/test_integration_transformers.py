@@ -311,6 +311,8 @@ def test_rho_loss_trainer_selects_and_trains_on_picks(tmp_path):
         assert log["rho_loss/mean_score_picked"] == pytest.approx(rec["hand"]["picked"], rel=1e-4, abs=1e-5)
         assert log["rho_loss/mean_score_not_picked"] == pytest.approx(rec["hand"]["not_picked"], rel=1e-4, abs=1e-5)
         assert log["rho_loss/picks"] == NSMALL
+        # what selection cost, against the timed forward/backward on the picks
+        assert 0 < log["rho_loss/scoring_time_fraction"] < 1 and log["rho_loss/step_overhead"] > 0
     # the batches carried dataset indices that name their rows
     for rec in tr.records:
         for j, i in enumerate(rec["batch"]["dataset_index"].tolist()):

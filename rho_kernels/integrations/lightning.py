@@ -16,13 +16,20 @@ training step then receives the selected sub-batch instead of the candidate batc
 The train dataloader yields candidate batches of ``n_B`` rows as ``(index, x, y)`` (or
 ``(x, y)`` for methods that need no store).  Selection happens in ``on_after_batch_transfer``
 (on the training device, before ``training_step``), only while training; validation and test
-batches pass through.  Statistics are logged through ``self.log``.  Under DDP pass
+batches pass through.  Statistics are logged through ``self.log``, with what selection costs:
+``scoring_time_fraction`` (scoring + selection over the whole step) and ``step_overhead``
+(scoring + selection per step over the training step on the picks, i.e. a selective step costs
+``1 + step_overhead`` uniform steps); the training step is timed from ``on_train_batch_start``
+to ``on_train_batch_end`` (forward, backward, optimizer).  Cheaper scoring: pass
+``inference_mode=True``, ``autocast_dtype=torch.bfloat16`` or ``compile_forward=True`` (see
+:class:`~rho_kernels.training.OnlineBatchSelector`).  Under DDP pass
 ``distributed="local"`` (each rank picks from its own candidates) or ``"global"`` (exact global
 top-k, balanced across ranks).  Needs ``pip install rho_kernels[lightning]``.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable, Optional, Union
 
 import torch
@@ -74,7 +81,8 @@ class RhoLossMixin:
         Args:
             irreducible, method, ratio, k, forward, **selector_kwargs: as the selector's.
             log_stats: log ``rho_loss/mean_score_picked`` (each step, a device value: no sync)
-                and the selector's running summary at each epoch end.
+                and the selector's running summary at each epoch end (scores, invalid picks,
+                ``scoring_time_fraction``, ``step_overhead``).
             noisy: optional ``batch -> bool [n_B]`` marking known-noisy candidates (feeds the
                 ``noisy_pick_fraction`` statistic; for experiments with injected noise).
         """
@@ -85,6 +93,7 @@ class RhoLossMixin:
                                                                      forward=forward, **selector_kwargs))
         self._rho_log_stats = bool(log_stats)
         self._rho_noisy = noisy
+        self._rho_train_token = None
         return self.rho_selector
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
@@ -95,9 +104,19 @@ class RhoLossMixin:
         noisy = self._rho_noisy(batch) if self._rho_noisy is not None else None
         return self.rho_selector.select(batch, noisy=noisy)
 
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> Any:
+        out = super().on_train_batch_start(batch, batch_idx)
+        sel = self.rho_selector
+        if sel is not None and sel.timing:
+            self._rho_train_token = sel.stats.start("train", self.device)
+        return out
+
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         super().on_train_batch_end(outputs, batch, batch_idx)
         sel = self.rho_selector
+        if sel is not None and getattr(self, "_rho_train_token", None) is not None:
+            sel.stats.stop(self._rho_train_token)
+            self._rho_train_token = None
         if sel is not None and self._rho_log_stats and sel.last is not None and sel.last.scores is not None:
             s = sel.last.scores
             picked = torch.where(torch.isfinite(s), s, torch.zeros_like(s)).mean()
@@ -106,10 +125,13 @@ class RhoLossMixin:
     def on_train_epoch_end(self) -> None:
         super().on_train_epoch_end()
         sel = self.rho_selector
+        if sel is not None:
+            sel.check_invalid()  # invalid="raise" off the CPU checks a step late: cover the last step
         if sel is not None and self._rho_log_stats and sel.stats.steps > 0:
             s = sel.stats.summary()  # one sync per epoch
-            for key in ("mean_score_picked", "mean_score_not_picked", "noisy_pick_fraction", "invalid_picks"):
-                if s[key] == s[key]:  # skip NaN (nothing recorded)
+            for key in ("mean_score_picked", "mean_score_not_picked", "noisy_pick_fraction", "invalid_picks",
+                        "scoring_time_fraction", "step_overhead"):
+                if s.get(key, math.nan) == s.get(key, math.nan):  # skip NaN / absent (nothing recorded)
                     self.log(f"rho_loss/epoch_{key}", float(s[key]), on_epoch=True, sync_dist=False)
             sel.stats.reset()
 

@@ -313,7 +313,13 @@ class RhoLossTrainer(Trainer):
     ``AutoModelForSequenceClassification``).  Evaluation is unchanged.
 
     Logged at each ``logging_steps`` (since the last log): ``rho_loss/mean_score_picked``,
-    ``rho_loss/mean_score_not_picked``, ``rho_loss/picks``, ``rho_loss/invalid_picks``.
+    ``rho_loss/mean_score_not_picked``, ``rho_loss/picks``, ``rho_loss/invalid_picks``, and what
+    selection costs: ``rho_loss/scoring_time_fraction`` (scoring + selection over the micro-step)
+    and ``rho_loss/step_overhead`` (scoring + selection over the forward/backward on the picks:
+    a selective micro-step costs ``1 + step_overhead`` uniform ones; the optimizer step is not
+    timed).  Cheaper scoring goes through ``selector_kwargs``: ``inference_mode=True``,
+    ``autocast_dtype=torch.bfloat16``, ``compile_forward=True``.  With ``invalid="raise"`` off the
+    CPU, a bad batch raises a step late (at the next micro-step or log; see the selector).
 
     Args:
         irreducible_loss: an :class:`~rho_kernels.training.IrreducibleLossStore` over the train
@@ -346,6 +352,7 @@ class RhoLossTrainer(Trainer):
                 raise ValueError(f"the irreducible-loss store has {len(irreducible_loss)} entries but the train "
                                  f"dataset has {n} examples")
         self.model_accepts_loss_kwargs = False  # mean over the picks; the Trainer averages micro-batches
+        self._rho_train_token = None
 
     def _set_signature_columns_if_needed(self) -> None:
         super()._set_signature_columns_if_needed()
@@ -375,19 +382,31 @@ class RhoLossTrainer(Trainer):
         labels = inputs.pop("labels")
         self.selector.model = model  # score with the model as wrapped for this step (DDP, compiled)
         index, x, y = self.selector.select((index, inputs, labels))
+        if self.selector.timing:  # stopped after the backward, in training_step
+            self._rho_train_token = self.selector.stats.start("train", y.device)
         outputs = model(**x)
         loss = F.cross_entropy(outputs.logits.float(), y, ignore_index=self.selector.ignore_index)
         return (loss, outputs) if return_outputs else loss
 
+    def training_step(self, model: nn.Module, inputs: dict, *args: Any, **kwargs: Any) -> Tensor:
+        self._rho_train_token = None
+        loss = super().training_step(model, inputs, *args, **kwargs)
+        if self._rho_train_token is not None:
+            self.selector.stats.stop(self._rho_train_token)
+            self._rho_train_token = None
+        return loss
+
     def selection_stats(self, reset: bool = True) -> dict[str, float]:
         """The selector's statistics since the last call (this rank's; one host sync)."""
+        self.selector.check_invalid()  # a late invalid="raise" check: the last step's flag
         if self.selector.stats.steps == 0:
             return {}
         s = self.selector.stats.summary()
         if reset:
             self.selector.stats.reset()
-        out = {f"rho_loss/{k}": s[k] for k in ("mean_score_picked", "mean_score_not_picked", "picks", "invalid_picks")}
-        return out
+        keys = ("mean_score_picked", "mean_score_not_picked", "picks", "invalid_picks", "scoring_time_fraction",
+                "step_overhead")
+        return {f"rho_loss/{k}": s[k] for k in keys}
 
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
         if "loss" in logs:
