@@ -74,3 +74,14 @@ def test_time_to_accuracy_benchmark_quick(tmp_path):
     assert s["rho0.5_recipe"]["forward_equivalents_to_target"] is None or \
         s["rho0.5_recipe"]["forward_equivalents_to_target"] == s["rho0.5_recipe"]["median_steps_to_target"] * (64 + 96)
     assert set(res["select_seconds_per_call_by_invalid_mode"]) == {"raise", "keep", "drop", "raise_now"}
+
+
+def test_time_to_accuracy_benchmark_rho1_quick(tmp_path):
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "bench_time_to_accuracy.py"), "--quick",
+                           "--part", "rho1", "--out", str(tmp_path), "--no-plot"],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    s = json.loads((tmp_path / "time_to_accuracy_rho1_quick.json").read_text())["summary"]
+    assert set(s) == {"all_tokens", "rho1"}
+    # the reference losses drop corrupted targets: fewer than their 30% base rate are trained on
+    assert s["rho1"]["corrupted_share_of_trained_tokens"] < 0.3
