@@ -57,7 +57,9 @@ def _module_forward(model: nn.Module, x: Any) -> Tensor:
 class RhoLossMixin:
     """Online batch selection for a ``LightningModule`` (mix in before ``LightningModule``).
 
-    Call :meth:`configure_rho_loss` in ``__init__``.  The selector scores with ``self`` (its
+    Call :meth:`configure_rho_loss` in ``__init__``.  For the IL store, the recipe that worked
+    on noisy data is :func:`rho_kernels.training.build_no_holdout_store` (two early-stopped IL
+    models, no holdout) with ``ratio=0.5`` (README, "Does selection pay off?").  The selector scores with ``self`` (its
     ``forward``, or ``forward=`` given), so the module's ``forward`` must return logits
     ``[n, C]`` for the batch's ``x``.
     """

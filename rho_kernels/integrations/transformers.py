@@ -324,7 +324,11 @@ class RhoLossTrainer(Trainer):
     Args:
         irreducible_loss: an :class:`~rho_kernels.training.IrreducibleLossStore` over the train
             dataset (see :func:`build_irreducible_loss_store`), an IL model, or None for methods
-            that do not need it.
+            that do not need it.  What worked on noisy data (README, "Does selection pay
+            off?"): no holdout -- one IL model per half of the train set (``split_halves``),
+            each trained to early stopping and scoring the other half
+            (``IrreducibleLossStore.build_no_holdout``; for tensor datasets
+            ``rho_kernels.training.build_no_holdout_store`` does all of it) -- and ``ratio=0.5``.
         method: the selector's method (``"reducible"`` = RHO-LOSS, ``"loss"``, ``"uniform"``, ...).
         ratio: ``n_b / n_B`` (default 0.1); ``n_b`` overrides it with a fixed count.
         selector_kwargs: further :class:`~rho_kernels.training.OnlineBatchSelector` options
