@@ -6,7 +6,8 @@ Environment switches (read at build time):
   RHO_KERNELS_SKIP_CUDA=1    build the CPU kernels only, even where CUDA is present.
   RHO_KERNELS_FORCE_CUDA=1   build the CUDA kernels even without a visible GPU.
   TORCH_CUDA_ARCH_LIST       architectures for the CUDA kernels; setting it also enables the
-                             CUDA build on a GPU-less machine (CI uses "8.0;9.0").
+                             CUDA build on a GPU-less machine (CI uses "8.0;9.0").  Default
+                             without a GPU: WHEEL_CUDA_ARCHS (sm_80 to sm_120) the nvcc knows.
   RHO_KERNELS_CPU_ARCH       -march for the CPU sources other than the per-ISA scoring kernels
                              (default: the compiler's, i.e. a portable build).  The scoring
                              kernel is always built per instruction set (see cpu_isa_variants).
@@ -62,6 +63,23 @@ def _build_ext_class(base):
     return BuildExtensionWithIsas
 
 
+# The GPUs people own, Ampere to Blackwell (A100, RTX 30xx/A10, RTX 40xx/L4, H100, B200, RTX 50xx):
+# the default architectures of a build without a GPU (wheels), those the installed nvcc knows;
+# PTX of the newest for later GPUs.  CI builds 8.0;9.0 only (Makefile CUDA_ARCHS), for time.
+WHEEL_CUDA_ARCHS = ("8.0", "8.6", "8.9", "9.0", "10.0", "12.0")
+
+
+def default_cuda_archs(cuda_home: str) -> str:
+    try:
+        listed = subprocess.run([os.path.join(cuda_home, "bin", "nvcc"), "--list-gpu-arch"], capture_output=True,
+                                text=True, timeout=60).stdout
+    except (OSError, subprocess.SubprocessError):
+        listed = ""
+    known = {f"{int(m) // 10}.{int(m) % 10}" for m in re.findall(r"compute_(\d+)", listed)}
+    archs = [a for a in WHEEL_CUDA_ARCHS if a in known] or ["8.0", "9.0"]
+    return ";".join(archs[:-1] + [archs[-1] + "+PTX"])
+
+
 def extension_modules():
     if flag("RHO_KERNELS_NO_EXT"):
         return [], {}
@@ -77,7 +95,7 @@ def extension_modules():
         print("rho_kernels: CUDA requested but no CUDA toolkit found; building CPU kernels only", file=sys.stderr)
         want_cuda = False
     if want_cuda and not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
-        os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0"
+        os.environ["TORCH_CUDA_ARCH_LIST"] = default_cuda_archs(CUDA_HOME)
 
     march = os.environ.get("RHO_KERNELS_CPU_ARCH")
     # Our own sources must compile warning-free (tests/test_build.py reads the build log).

@@ -1,4 +1,4 @@
-"""One-shot GPU check within one time budget: build, smoke, benchmarks, memcheck, selective CE, suite.
+"""One-shot GPU check within one time budget: selftest, build, smoke, benchmarks, memcheck, selective CE, suite.
 
 Made for a bare lent GPU machine (torch, triton, nvcc, pytest + xdist preinstalled, no network)
 and a short window: ``--budget-s`` (default 420) is spent on the steps in priority order.  A step
@@ -10,6 +10,10 @@ step, so a run cut short still reports.
     python3 benchmarks/gpu_check.py --dry-run --out DIR               # on CPU: same steps, tiny shapes
 
 Steps, in priority order:
+  0 selftest     ``python -m rho_kernels selftest`` on what is installed (reference, Triton; the CUDA
+                 kernel where a build is there already): a verdict even if a later step dies.  Its
+                 table is in logs.txt, its JSON under ``results.selftest`` of gpu_check.json.
+                 Dry run: the reference and cpu backends only (CI runs the full one on CPU)
   1 build        the extension for sm_90 only, all cores
   2 smoke        every launch path of every backend once against the reference
   3 bench        [16384, 128256] bf16, [4096, 32000] bf16: read floor, eager and compiled
@@ -38,6 +42,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from typing import NamedTuple, Optional
 
@@ -66,6 +71,10 @@ def steps_for(args: argparse.Namespace, py: str, ncpu: int) -> list[Step]:
         wheels = sorted(glob.glob(os.path.join(args.wheels, "*.whl")))
         steps.append(Step("wheels", [py, "-m", "pip", "install", "--no-index", "--no-deps", *wheels] if wheels else None,
                           5, 60, f"no *.whl in {args.wheels}"))
+
+    selftest = [py, "-m", "rho_kernels", "selftest", "--device", dev, "--json", args.selftest_json]
+    steps.append(Step("selftest", selftest + (["--backends", "reference,cpu"] if dry else []), 5 if dry else 20,
+                      60 if dry else 120))
 
     if args.skip_build:
         steps.append(Step("build", None, 0, 0, "--skip-build"))
@@ -171,6 +180,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     args.out = os.path.abspath(args.out)
     os.makedirs(args.out, exist_ok=True)
     log_path = os.path.join(args.out, "logs.txt")
+    # outside --out: the folder holds at most 8 files; its JSON goes into gpu_check.json
+    args.selftest_json = os.path.join(tempfile.mkdtemp(prefix="rho_selftest_"), "selftest.json")
     open(log_path, "w").close()
     py = sys.executable
     ncpu = os.cpu_count() or 4
@@ -222,8 +233,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         if step.name == "build" and res["status"] in ("failed", "timeout"):
             summary["note"] = "build failed: later steps run on whatever extension was there before"
 
-    for name in ("bench", "bench_small", "selective_ce", "linear"):
-        path = os.path.join(args.out, f"{name}.json")
+    for name in ("selftest", "bench", "bench_small", "selective_ce", "linear"):
+        path = args.selftest_json if name == "selftest" else os.path.join(args.out, f"{name}.json")
         if os.path.exists(path):
             with open(path) as f:
                 summary.setdefault("results", {})[name] = json.load(f)

@@ -1,19 +1,30 @@
-"""Compile every Triton kernel variant the launch planner can choose, for sm_80 and sm_90, with
-no GPU, and report each one's resources (registers, spills, shared memory, compile seconds).
+"""Compile every Triton kernel variant the launch planner can choose, for the GPUs people own
+(sm_80, 86, 89, 90, 100, 120), with no GPU, and report each one's resources (registers, spills,
+shared memory, compile seconds) against that architecture's per-block limits.
 
-    python benchmarks/triton_aot.py --json benchmarks/results/triton_aot.json \
-        [--cuda-build-log build/build.log] [--jobs N] [--cc 80,90]
+    python benchmarks/triton_aot.py --update benchmarks/results/triton_aot.json   # regenerate
+    python benchmarks/triton_aot.py --json OUT [--reuse REPORT] [--cc 80,90] [--jobs N]
+        [--cuda-build-log build/build.log]
 
 Exit status 1 when a variant fails to compile, spills, needs more shared memory than one block
-may have, or more registers than one block's threads may hold (registers x threads > 65536).
+may have on its architecture, or more registers than one block's threads may hold
+(registers x threads > 65536).
 
 How the variants are found: the backends' own launch code (``triton_select_rows``,
 ``triton_score_rows``, the CE-gradient launcher in rho_kernels/backends/) runs on ``meta`` tensors over the shape table
-below, with ``wrap_triton`` replaced by a recorder, so every launch it would make on a GPU with
-that many SMs is captured with its exact arguments.  Triton's own argument binder turns each
-launch into what a GPU run would compile (signature, constexprs incl. integer args equal to 1,
-divisibility attributes, options); identical ones are compiled once, in parallel.  Resources come
-from the ``ptxas -v`` bundled with triton, run on the PTX that ``triton.compile`` produced.
+below, with ``wrap_triton`` replaced by a recorder, so every launch it would make on a GPU is
+captured with its exact arguments (the plan depends on shapes only, never on the GPU, so one
+recording serves every target).  Triton's own argument binder turns each launch into what a GPU
+run would compile (signature, constexprs incl. integer args equal to 1, divisibility attributes,
+options); identical ones are compiled once, in parallel.  Resources come from the ``ptxas -v``
+bundled with triton, run on the PTX that ``triton.compile`` produced.
+
+The cache: every record carries the triton version and the hash of its kernel's source (the
+kernel and every ``@triton.jit`` function and module constant it reaches, ``kernel_source_hash``).
+``--reuse``/``--update`` take an earlier record instead of compiling only where triton version,
+target, compile job and source hash all match, so after a kernel edit only that kernel's
+variants compile again.  ``--update FILE`` keeps FILE's records of other triton versions (the
+committed report holds one set per CI environment).
 
 The CUDA extension's figures come from its build log (``-Xptxas=-v``) and go into the same report.
 
@@ -25,6 +36,9 @@ without that variable.  tests/test_triton_aot.py runs this script and imports it
 from __future__ import annotations
 
 import argparse
+import ast
+import hashlib
+import inspect
 import itertools
 import json
 import os
@@ -32,15 +46,26 @@ import re
 import subprocess
 import sys
 import tempfile
+import textwrap
 import time
 from typing import Any, Iterable, Optional
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# Per-block limits of the two targets.
-SMEM_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
+# The targets and their per-block limits: the opt-in maximum of shared memory per block
+# (cudaDevAttrMaxSharedMemoryPerBlockOptin; the SM has 1 KB more) and 64 K registers per block
+# on all of them.
+TARGETS = {
+    80: {"gpus": "A100, A30", "smem": 163 * 1024},
+    86: {"gpus": "RTX 30xx, A10, A40, A6000", "smem": 99 * 1024},
+    89: {"gpus": "RTX 40xx, L4, L40S, RTX 6000 Ada", "smem": 99 * 1024},
+    90: {"gpus": "H100, H200, GH200", "smem": 227 * 1024},
+    100: {"gpus": "B200, GB200", "smem": 227 * 1024},
+    120: {"gpus": "RTX 50xx, RTX PRO 6000 Blackwell", "smem": 99 * 1024},
+}
+SMEM_LIMIT = {cc: t["smem"] for cc, t in TARGETS.items()}
 REGS_PER_BLOCK = 65536
-SMS = {80: 108, 90: 132}  # A100, H100/H200: the split-V and ticket grids depend on the SM count
+DEFAULT_CC = ",".join(map(str, TARGETS))
 
 # Shape table: reaches every launch path (one-program, ticket, chunked, whole-row, small-V tile,
 # split-V + merge, candidates + radix topk) for every method, dtype and layout.
@@ -179,9 +204,9 @@ def _ce_cases() -> Iterable[tuple[tuple[int, ...], str]]:
             yield (rows, v), dtype
 
 
-def record_launches(cc: int) -> list[tuple[str, Any, tuple, dict, str]]:
-    """Every launch the planner makes over the table on a GPU of compute capability ``cc``:
-    (kernel name, kernel, args, kwargs, example case)."""
+def record_launches() -> list[tuple[str, Any, tuple, dict, str]]:
+    """Every launch the planner makes over the table on a GPU (any: the plan depends on shapes
+    only): (kernel name, kernel, args, kwargs, example case)."""
     from unittest import mock
 
     import torch
@@ -192,8 +217,7 @@ def record_launches(cc: int) -> list[tuple[str, Any, tuple, dict, str]]:
     rec = _Recorder()
     meta = torch.device("meta")
     out = []
-    with mock.patch.object(ts, "wrap_triton", rec), mock.patch.object(tce, "wrap_triton", rec), \
-            ts._override(sms=SMS[cc]):
+    with mock.patch.object(ts, "wrap_triton", rec), mock.patch.object(tce, "wrap_triton", rec):
         for op, shape, dtype, method, k in _cases():
             n = 1
             for s in shape[:-1]:
@@ -278,10 +302,12 @@ def plan_variants(ccs: Iterable[int], level: str = "ci") -> tuple[list[dict], di
     smallest: dict[tuple, tuple] = {}
     exact: set = set()
     launches = 0
+    recorded = record_launches()
+    hashes: dict[str, str] = {}
     for cc in ccs:
         backend = make_backend(GPUTarget("cuda", cc, 32))
         binders: dict = {}
-        for name, kern, args, kwargs, case in record_launches(cc):
+        for name, kern, args, kwargs, case in recorded:
             launches += 1
             if name not in binders:
                 binders[name] = create_function_from_signature(kern.signature, kern.params, backend)
@@ -311,7 +337,10 @@ def plan_variants(ccs: Iterable[int], level: str = "ci") -> tuple[list[dict], di
             # coverage: (kernel, method, dtypes) -> its smallest launch
             cov = (cc, name, _method_of(kern, constexprs), tuple(sorted(key_sig.items())))
             _ARG_NAMES[name] = tuple(kern.arg_names)
+            if name not in hashes:
+                hashes[name] = kernel_source_hash(kern)
             new = {"cc": cc, "module": kern.__module__, "kernel": name, "signature": signature, "cov": cov,
+                   "source_hash": hashes[name], "job_key": _digest(repr(key[2:])),
                    "constexprs": constexprs, "attrs": attrs, "options": options, "generality": generality,
                    "variant": _variant_label(signature, constexprs, kern, options)}
             if job is None or generality > job["generality"]:
@@ -328,6 +357,40 @@ def plan_variants(ccs: Iterable[int], level: str = "ci") -> tuple[list[dict], di
     for job in jobs.values():
         del job["generality"], job["cov"]
     return list(jobs.values()), {"launches": launches, "runtime_variants": len(exact)}
+
+
+def _digest(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def kernel_source_hash(kern) -> str:
+    """Hash of what a compile of ``kern`` reads from our sources: its own source and, transitively,
+    every ``@triton.jit`` function and plain module constant (int/float/bool/str) it names."""
+    from triton.runtime.jit import JITFunction
+
+    parts: dict[str, str] = {}
+    todo = [kern]
+    while todo:
+        f = todo.pop()
+        qual = f"{f.fn.__module__}.{f.fn.__qualname__}"
+        if qual in parts:
+            continue
+        src = textwrap.dedent(inspect.getsource(f.fn))
+        parts[qual] = src
+        glb = f.fn.__globals__
+        for node in ast.walk(ast.parse(src)):
+            val = None
+            if isinstance(node, ast.Name):
+                val, label = glb.get(node.id), node.id
+            elif isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name):
+                mod = glb.get(node.value.id)
+                if inspect.ismodule(mod) and not mod.__name__.startswith("triton"):
+                    val, label = getattr(mod, node.attr, None), f"{mod.__name__}.{node.attr}"
+            if isinstance(val, JITFunction):
+                todo.append(val)
+            elif isinstance(val, (bool, int, float, str)):
+                parts[f"const {label}"] = repr(val)
+    return _digest("\n".join(f"{k}\n{v}" for k, v in sorted(parts.items())))
 
 
 def _method_of(kern, constexprs: dict) -> Optional[int]:
@@ -349,13 +412,14 @@ def _tile_size(kern, constexprs: dict) -> int:
 # ----------------------------------------------------------------------------------------------
 
 
-def _ptxas_path() -> str:
-    import triton
-
+def _ptxas_path(cc: int) -> str:
+    """The ptxas triton itself runs for ``cc`` (a separate ``ptxas-blackwell`` for sm_100+)."""
     env = os.environ.get("TRITON_PTXAS_PATH")
     if env:
         return env
-    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    return get_ptxas(cc).path
 
 
 def compile_job(job: dict) -> dict:
@@ -369,7 +433,8 @@ def compile_job(job: dict) -> dict:
     cc = job["cc"]
     mod = importlib.import_module(job["module"])
     kern = getattr(mod, job["kernel"])
-    rec = {"kernel": job["kernel"], "variant": job["variant"], "cc": cc,
+    rec = {"kernel": job["kernel"], "variant": job["variant"], "cc": cc, "triton": triton.__version__,
+           "source_hash": job["source_hash"], "job_key": job["job_key"],
            "num_warps": job["options"]["num_warps"], "threads": 32 * job["options"]["num_warps"],
            "example": job["cases"][0], "cases": len(job["cases"])}
     t0, c0 = time.perf_counter(), _cpu_seconds()
@@ -387,12 +452,14 @@ def compile_job(job: dict) -> dict:
     # CPU seconds (this process + the ptxas triton ran): on a busy shared machine the wall
     # time above measures the load; this measures the compile.
     rec["compile_cpu_s"] = round(_cpu_seconds() - c0, 2)
-    arch = f"sm_{cc}a" if cc == 90 else f"sm_{cc}"
+    from triton.backends.nvidia.compiler import sm_arch_from_capability
+
+    arch = sm_arch_from_capability(cc)  # the name triton gives ptxas (sm_90a, sm_100a, ...)
     with tempfile.TemporaryDirectory() as tmp:
         ptx = os.path.join(tmp, "k.ptx")
         with open(ptx, "w") as f:
             f.write(compiled.asm["ptx"])
-        proc = subprocess.run([_ptxas_path(), "-v", f"--gpu-name={arch}", ptx, "-o", os.path.join(tmp, "k.o")],
+        proc = subprocess.run([_ptxas_path(cc), "-v", f"--gpu-name={arch}", ptx, "-o", os.path.join(tmp, "k.o")],
                               capture_output=True, text=True)
     if proc.returncode != 0:
         rec["error"] = f"ptxas failed: {proc.stderr[-1000:]}"
@@ -420,8 +487,6 @@ def _worker_init() -> None:
 def compile_all(jobs: list[dict], n_procs: int, time_limit: Optional[float] = None) -> list[dict]:
     """Compile the jobs, longest-first, in ``n_procs`` spawned processes (fresh interpreters:
     MLIR contexts and the interpreter switch are per process)."""
-    import multiprocessing as mp
-
     jobs = sorted(jobs, key=lambda j: -_cost_guess(j))
     out = []
     t0 = time.perf_counter()
@@ -434,8 +499,18 @@ def compile_all(jobs: list[dict], n_procs: int, time_limit: Optional[float] = No
 
     if n_procs <= 1:
         for j in jobs:
+            if time_limit is not None and time.perf_counter() - t0 > time_limit:
+                break
             progress(compile_job(j))
-        return out
+    else:
+        _compile_pool(jobs, n_procs, time_limit, t0, progress)
+    _cut(jobs, out)
+    return out
+
+
+def _compile_pool(jobs: list[dict], n_procs: int, time_limit: Optional[float], t0: float, progress) -> None:
+    import multiprocessing as mp
+
     with mp.get_context("spawn").Pool(n_procs, initializer=_worker_init) as pool:
         it = pool.imap_unordered(compile_job, jobs, chunksize=1)
         for _ in jobs:
@@ -445,12 +520,15 @@ def compile_all(jobs: list[dict], n_procs: int, time_limit: Optional[float] = No
             except mp.TimeoutError:
                 pool.terminate()
                 break
-    done = {(r["kernel"], r["variant"], r["cc"]) for r in out}
+
+
+def _cut(jobs: list[dict], out: list[dict]) -> None:
+    done = {(r["job_key"], r["cc"]) for r in out}
     for j in jobs:  # cut by --time-limit: listed, never counted as compiled
-        if (j["kernel"], j["variant"], j["cc"]) not in done:
+        if (j["job_key"], j["cc"]) not in done:
             out.append({"kernel": j["kernel"], "variant": j["variant"], "cc": j["cc"], "not_compiled": "time limit",
+                        "source_hash": j["source_hash"], "job_key": j["job_key"],
                         "example": j["cases"][0], "cases": len(j["cases"]), "compile_s": None})
-    return out
 
 
 def _cost_guess(job: dict) -> int:
@@ -493,8 +571,22 @@ def _demangle(name: str) -> str:
 # ----------------------------------------------------------------------------------------------
 
 
+def cache_key(rec: dict) -> tuple:
+    """What must match for an earlier record to stand for a compile: triton, target, job, source."""
+    return rec.get("triton"), rec["cc"], rec.get("job_key"), rec.get("source_hash")
+
+
+def load_report(path: str) -> dict:
+    with open(path) as f:
+        return json.load(f)
+
+
 def run(ccs: list[int], n_procs: int, build_log: Optional[str], level: str = "ci",
-        time_limit: Optional[float] = None, only: Optional[str] = None, reuse: Optional[str] = None) -> dict:
+        time_limit: Optional[float] = None, only: Optional[str] = None, reuse: Optional[dict] = None,
+        compile_ccs: Optional[list[int]] = None) -> dict:
+    """One run for the installed triton: a report with ``runs = {triton version: summary}``.
+    ``compile_ccs``: compile only these targets' jobs that ``reuse`` lacks; the others' are
+    listed under ``not_compiled`` as stale."""
     import torch
     import triton
 
@@ -503,58 +595,88 @@ def run(ccs: list[int], n_procs: int, build_log: Optional[str], level: str = "ci
     if only:
         jobs = [j for j in jobs if re.search(only, f"{j['kernel']} {j['variant']}")]
     reused = []
-    if reuse:  # records measured by an earlier run of the same code (e.g. cut by --time-limit)
-        with open(reuse) as f:
-            prev = {(r["kernel"], r["variant"], r["cc"]): r for r in json.load(f)["triton_kernels"]}
+    if reuse:  # records of an earlier run of the same kernel source, triton and target
+        prev = {cache_key(r): r for r in reuse.get("triton_kernels", [])}
         keep = []
         for j in jobs:
-            r = prev.get((j["kernel"], j["variant"], j["cc"]))
+            r = prev.get((triton.__version__, j["cc"], j["job_key"], j["source_hash"]))
             (reused if r is not None else keep).append(r if r is not None else j)
         jobs = keep
+    stale = []
+    if compile_ccs is not None:
+        stale = [{"kernel": j["kernel"], "variant": j["variant"], "cc": j["cc"], "source_hash": j["source_hash"],
+                  "job_key": j["job_key"], "not_compiled": "stale: the reused report has no record of this "
+                  "kernel source, and --compile-cc leaves it out"} for j in jobs if j["cc"] not in compile_ccs]
+        jobs = [j for j in jobs if j["cc"] in compile_ccs]
     plan_s = time.perf_counter() - t0
-    records = reused + compile_all(jobs, n_procs, time_limit)
+    records = reused + compile_all(jobs, n_procs, time_limit) + stale
     wall = time.perf_counter() - t0
     skipped = [r for r in records if r.get("not_compiled")]
     records = [r for r in records if not r.get("not_compiled")]
     for r in records:
         r["problems"] = problems(r)
     ok = [r for r in records if not r.get("error")]
-    report = {
-        "torch": torch.__version__, "triton_version": triton.__version__, "targets": [f"sm_{c}" for c in ccs],
+    fresh = [r for r in records if r not in reused]
+    summary = {
+        "torch": torch.__version__, "targets": [f"sm_{c}" for c in ccs],
         "processes": n_procs, "level": level, "variants": len(records), "reused_from_earlier_run": len(reused),
-        "launches": counts["launches"], "runtime_variants": counts["runtime_variants"],
+        "compiled": len(fresh), "launches": counts["launches"], "runtime_variants": counts["runtime_variants"],
         "plan_seconds": round(plan_s, 1), "wall_seconds": round(wall, 1),
         "compile_seconds_total": round(sum(r["compile_s"] for r in records), 1),
+        "compile_cpu_seconds_total": round(sum(r.get("compile_cpu_s", 0) for r in records), 1),
+        "compile_cpu_seconds_by_target": {f"sm_{c}": round(sum(r.get("compile_cpu_s", 0) for r in records
+                                                               if r["cc"] == c), 1) for c in ccs},
         "failed": [f"{r['kernel']} [{r['variant']}] sm_{r['cc']}: {'; '.join(r['problems'])}"
                    for r in records if r["problems"]],
-        "worst_registers": sorted(ok, key=lambda r: -r["registers"])[:5],
-        "worst_compile_s": sorted(records, key=lambda r: -r["compile_s"])[:5],
-        "worst_compile_cpu_s": sorted(records, key=lambda r: -r.get("compile_cpu_s", 0))[:5],
-        "compile_cpu_seconds_total": round(sum(r.get("compile_cpu_s", 0) for r in records), 1),
-        "triton_kernels": records,
+        "worst_registers": [_brief(r) for r in sorted(ok, key=lambda r: -r["registers"])[:5]],
+        "worst_shared_bytes": [_brief(r) for r in sorted(ok, key=lambda r: -r["shared_bytes"])[:3]],
+        "worst_compile_cpu_s": [_brief(r) for r in sorted(records, key=lambda r: -r.get("compile_cpu_s", 0))[:5]],
         "not_compiled": skipped,
     }
+    report = {"targets": {f"sm_{c}": {**TARGETS[c], "smem_limit_bytes": SMEM_LIMIT[c]} for c in ccs},
+              "runs": {triton.__version__: summary}, "triton_kernels": records}
     if build_log:
         cuda = cuda_records(build_log)
         for r in cuda:
             r["problems"] = problems({**r, "threads": 0}) if r["cc"] in SMEM_LIMIT else []
         report["cuda_build_log"] = os.path.relpath(build_log, ROOT) if os.path.isabs(build_log) else build_log
         report["cuda_kernels"] = cuda
-        report["failed"] += [f"CUDA {r['kernel']} sm_{r['cc']}: {'; '.join(r['problems'])}" for r in cuda if r["problems"]]
+        summary["failed"] += [f"CUDA {r['kernel']} sm_{r['cc']}: {'; '.join(r['problems'])}" for r in cuda if r["problems"]]
     return report
+
+
+def _brief(r: dict) -> dict:
+    return {k: r.get(k) for k in ("kernel", "variant", "cc", "registers", "threads", "shared_bytes", "compile_s",
+                                  "compile_cpu_s")}
+
+
+def merge(old: dict, new: dict) -> dict:
+    """``old`` with the triton versions of ``new`` replaced by ``new``'s (others kept)."""
+    versions = set(new["runs"])
+    out = {**old, **{k: v for k, v in new.items() if k not in ("runs", "triton_kernels", "targets")}}
+    out["targets"] = {**old.get("targets", {}), **new["targets"]}
+    out["runs"] = {**{v: s for v, s in old.get("runs", {}).items() if v not in versions}, **new["runs"]}
+    out["triton_kernels"] = [r for r in old.get("triton_kernels", []) if r.get("triton") not in versions] + \
+        new["triton_kernels"]
+    return out
 
 
 def main(argv: Optional[list[str]] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json", help="write the report here")
-    ap.add_argument("--cc", default="80,90", help="compute capabilities, comma-separated")
+    ap.add_argument("--update", metavar="REPORT", help="reuse REPORT's matching records, compile the rest and "
+                    "write REPORT back (its records of other triton versions kept): the regeneration command")
+    ap.add_argument("--cc", default=DEFAULT_CC, help=f"compute capabilities, comma-separated (default {DEFAULT_CC})")
     ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="compile processes")
     ap.add_argument("--level", choices=("ci", "full"), default="ci",
                     help="how far variants are folded together (see plan_variants)")
     ap.add_argument("--time-limit", type=float, help="stop compiling after this many seconds (partial report: "
                     "the rest is listed under not_compiled; the exit status says nothing about them)")
     ap.add_argument("--only", help="compile only variants whose 'kernel variant' label matches this regex")
-    ap.add_argument("--reuse", help="take the records of this earlier report instead of compiling those variants")
+    ap.add_argument("--reuse", help="take this earlier report's records where triton, target, job and kernel "
+                    "source hash match instead of compiling those variants")
+    ap.add_argument("--compile-cc", help="compile only these targets' variants that --reuse lacks (the other "
+                    "targets' missing ones are listed as stale, not compiled): the CI test")
     ap.add_argument("--cuda-build-log", help="nvcc build log with -Xptxas=-v output to add")
     args = ap.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
@@ -564,24 +686,30 @@ def main(argv: Optional[list[str]] = None) -> int:
                                env=env)
     if ROOT not in sys.path:
         sys.path.insert(0, ROOT)
+    reuse_path = args.reuse or args.update
+    old = load_report(reuse_path) if reuse_path and os.path.exists(reuse_path) else {}
     report = run([int(c) for c in args.cc.split(",")], args.jobs, args.cuda_build_log, args.level, args.time_limit,
-                 args.only, args.reuse)
-    if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=1)
-    print(f"triton {report['triton_version']}: {report['variants']} variants "
-          f"(of {report['runtime_variants']} runtime variants, {report['launches']} launches) on {','.join(report['targets'])} in {report['wall_seconds']} s "
-          f"wall with {args.jobs} processes ({report['compile_seconds_total']} s of compiles)")
-    for r in report["worst_registers"]:
+                 args.only, old, [int(c) for c in args.compile_cc.split(",")] if args.compile_cc else None)
+    (version, summary), = report["runs"].items()
+    for path, rep in ((args.json, report), (args.update, merge(old, report) if args.update else None)):
+        if path:
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+            with open(path, "w") as f:
+                json.dump(rep, f, indent=1)
+    print(f"triton {version}: {summary['variants']} variants ({summary['compiled']} compiled, "
+          f"{summary['reused_from_earlier_run']} reused; of {summary['runtime_variants']} runtime variants, "
+          f"{summary['launches']} launches) on {','.join(summary['targets'])} in {summary['wall_seconds']} s "
+          f"wall with {args.jobs} processes (plan {summary['plan_seconds']} s, "
+          f"compile CPU {summary['compile_cpu_seconds_by_target']})")
+    for r in summary["worst_registers"]:
         print(f"  regs {r['registers']:3d} x {r['threads']:3d} thr  {r['kernel']} [{r['variant']}] sm_{r['cc']}")
-    for r in report["worst_compile_cpu_s"]:
-        print(f"  {r['compile_s']:6.2f} s wall {r.get('compile_cpu_s', 0):6.2f} s CPU  {r['kernel']} [{r['variant']}] sm_{r['cc']}")
-    for line in report["failed"]:
+    for r in summary["worst_shared_bytes"]:
+        print(f"  smem {r['shared_bytes']:6d} B  {r['kernel']} [{r['variant']}] sm_{r['cc']}")
+    for line in summary["failed"]:
         print("FAIL", line)
-    if report["not_compiled"]:
-        print(f"NOT COMPILED (time limit): {len(report['not_compiled'])} variants")
-    return 1 if report["failed"] else 0
+    for why in sorted({r["not_compiled"] for r in summary["not_compiled"]}):
+        print(f"NOT COMPILED ({why}): {sum(r['not_compiled'] == why for r in summary['not_compiled'])} variants")
+    return 1 if summary["failed"] else 0
 
 
 if __name__ == "__main__":

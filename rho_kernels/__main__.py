@@ -1,12 +1,14 @@
-"""Command line: ``python -m rho_kernels {bench,info} [options]`` (see ``--help``)."""
+"""Command line: ``python -m rho_kernels {bench,info,selftest} [options]`` (see ``--help``)."""
 
 import sys
 
-USAGE = """usage: python -m rho_kernels {bench,info} [--help] [options]
+USAGE = """usage: python -m rho_kernels {bench,info,selftest} [--help] [options]
 
 commands:
-  bench   microbenchmark of the fused select op vs the reference
-  info    versions, the compiled extension, and which backends run on each device (and why not)"""
+  bench     microbenchmark of the fused select op vs the reference
+  info      versions, the compiled extension, and which backends run on each device (and why not)
+  selftest  every backend and launch path on this machine against the reference, in seconds
+            ([--device cuda] [--json PATH]; exit status 1 on any failure)"""
 
 
 def main() -> int:
@@ -21,6 +23,10 @@ def main() -> int:
         from .info import main as info_main
 
         return info_main(sys.argv[2:])
+    if sys.argv[1] == "selftest":
+        from .selftest import main as selftest_main
+
+        return selftest_main(sys.argv[2:])
     print(f"unknown command {sys.argv[1]!r}; try: python -m rho_kernels --help", file=sys.stderr)
     return 2
 

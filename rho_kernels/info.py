@@ -4,7 +4,9 @@ Versions (package, Python, torch, Triton, CUDA), the compiled extension (loaded 
 torch it was built against, the CPU instruction set its kernel runs with, the CUDA architectures
 compiled in, whether the CUDA backend is verified on a GPU), and for each device which backends
 run there and why the others do not.  ``collect()`` returns it as a dict, which every benchmark
-JSON stores in its environment record; ``format_report()`` renders it for people.
+JSON stores in its environment record; ``format_report()`` renders it for people.  Whether the
+backends listed as available also compute the right answers here: ``python -m rho_kernels
+selftest`` (``rho_kernels.selftest``).
 """
 
 from __future__ import annotations
@@ -130,6 +132,8 @@ def format_report(info: dict[str, Any]) -> str:
         lines += ["", f"backends on {device} (auto -> {b['auto'] or '-'})"]
         lines += [f"  {name:<16} available" for name in b["available"]]
         lines += [f"  {name:<16} unavailable: {reason}" for name, reason in b["unavailable"].items()]
+    lines += ["", "check them here against the reference: python -m rho_kernels selftest"
+              + (" --device cuda" if info["cuda_available"] else "")]
     return "\n".join(lines)
 
 

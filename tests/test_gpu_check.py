@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-ORDER = ["build", "smoke", "bench", "bench_small", "memcheck", "selective_ce", "linear", "suite"]
+ORDER = ["selftest", "build", "smoke", "bench", "bench_small", "memcheck", "selective_ce", "linear", "suite"]
 
 
 def _run(out: Path, budget: float, *extra: str) -> tuple[dict, float]:
@@ -59,5 +59,8 @@ def test_dry_run_spends_its_budget_in_order(tmp_path: Path) -> None:
     # a step starts only while the budget holds its minimum, and is cut at what is left
     assert s["elapsed_s"] <= budget + 10, s["elapsed_s"]
     assert wall <= budget + 30
+    if s["steps"]["selftest"]["status"] == "ok":  # the first step's verdict is in the summary
+        rows = s["results"]["selftest"]["rows"]
+        assert s["results"]["selftest"]["passed"] and {r["backend"] for r in rows} == {"reference", "cpu"}
     files = [p for p in tmp_path.rglob("*") if p.is_file()]
     assert len(files) <= 8 and all(p.parent == tmp_path for p in files), files

@@ -16,6 +16,7 @@ import torch
 
 import rho_kernels as rk
 from rho_kernels import _contract, backends, reference
+from rho_kernels.selftest import TRITON_PATHS
 
 from conftest import DEVICE
 
@@ -32,18 +33,9 @@ ON_GPU = DEVICE.type == "cuda"
 INF = math.inf
 NAN = math.nan
 
-# name -> plan overrides.  V = 37 below, so block_v 8/16 means 5/3 chunks.
-PATHS = {
-    "fused_one_program": dict(fused=True, one_program=True),
-    "fused_ticket": dict(fused=True, one_program=False, block_r=4),
-    "fused_chunked_v": dict(fused=True, one_program=False, block_r=2, block_v=16),
-    "two_stage": dict(fused=False, cand=False),
-    "two_stage_candidates": dict(fused=False, cand=True, cand_block=16),
-    "whole_row": dict(fused=False, cand=False, block_r=1, block_v=64),
-    "chunked_v": dict(fused=False, cand=False, block_r=1, block_v=16),
-    "split_v": dict(fused=False, cand=True, cand_block=16, block_r=1, block_v=8, split=3),
-    "tile_split_v": dict(fused=False, cand=False, block_r=8, block_v=8, split=3),  # rows x V split
-}
+# name -> plan overrides: the table `python -m rho_kernels selftest` runs (less its "plan" row,
+# the planner's own choice).  V = 37 below, so block_v 8/16 means 5/3 chunks.
+PATHS = {name: kw for name, kw in TRITON_PATHS.items() if kw}
 
 
 def special_case(n: int = 24, v: int = 37, dtype=torch.float32, seed: int = 0):
