@@ -1,12 +1,17 @@
-# The two commands of the README.  Both install everything they need first.
-#   make bench   build, then run the microbenchmark of the fused select op vs the reference
-#   make test    build (CUDA kernels compiled and linked too), then run the whole test suite
+# The two commands of the README.  Both install what they need first.
+#   make bench   install the build and benchmark requirements (requirements-bench.txt), build,
+#                then run the microbenchmark of the fused select op vs the reference
+#   make test    install everything (requirements.txt), build (CUDA kernels compiled and linked
+#                too), then run the whole test suite
+#   make clean   remove build/ (the build log and the second environment of `make test`) and dist/
 PY ?= python3
 # Compile the CUDA kernels even on a GPU-less machine, so that CI compiles and links them.
 CUDA_ARCHS ?= 8.0;9.0
-BUILD_LOG ?= build/build.log
+BUILD_DIR ?= build
+DIST_DIR ?= dist
+BUILD_LOG ?= $(BUILD_DIR)/build.log
 # The GPU machine's torch/triton, for the second half of `make test` (created once, then reused).
-GPU_VERSIONS_ENV ?= build/env-torch2.11
+GPU_VERSIONS_ENV ?= $(BUILD_DIR)/env-torch2.11
 # pytest-xdist workers (one per core of the 2-core CI machine).
 TEST_JOBS ?= 2
 
@@ -22,13 +27,17 @@ stage = @t=$$(date +%s); echo "== $(1): $(2)  [at $$((t - $(RHO_MAKE_T0))) s]"; 
 	$(3) || { echo "== $(1): FAILED after $$(($$(date +%s) - t)) s"; exit 1; }; \
 	echo "== $(1): done in $$(($$(date +%s) - t)) s  [at $$(($$(date +%s) - $(RHO_MAKE_T0))) s]"
 
-.PHONY: deps build build-cuda bench test
+.PHONY: deps deps-bench build build-cuda bench test clean
 
 deps:
 	$(call stage,deps,pip install -r requirements.txt (quiet; the first run downloads torch),\
 		$(PY) -m pip install -q -r requirements.txt)
 
-build: deps
+deps-bench:
+	$(call stage,deps,pip install -r requirements-bench.txt (quiet; the first run downloads torch),\
+		$(PY) -m pip install -q -r requirements-bench.txt)
+
+build: deps-bench
 	@mkdir -p $(dir $(BUILD_LOG))
 	$(call stage,build,the extension's CPU kernels (minutes; full log: $(BUILD_LOG)),\
 		$(PY) -m pip install -v --no-build-isolation -e . > $(BUILD_LOG) 2>&1 || (tail -50 $(BUILD_LOG); exit 1))
@@ -62,3 +71,6 @@ test: build-cuda
 .PHONY: smoke-sdist
 smoke-sdist: deps
 	PY="$(PY)" bash tests/smoke_install.sh
+
+clean:
+	rm -rf $(BUILD_DIR) $(DIST_DIR)

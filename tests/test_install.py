@@ -47,7 +47,8 @@ def test_sdist_holds_every_source_a_build_needs(sdist_files):
             if os.path.isfile(p)}
     assert {"csrc/rho_math.h", "csrc/cpu/select_cpu_aten.h", "csrc/cuda/row_scan.cuh", "csrc/cuda/select_cuda.cu"} <= csrc
     package = {os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "rho_kernels", "**", "*.py"), recursive=True)}
-    meta = {"setup.py", "pyproject.toml", "MANIFEST.in", "README.md", "LICENSE", "CHANGELOG.md"}
+    meta = {"setup.py", "pyproject.toml", "MANIFEST.in", "README.md", "LICENSE", "CHANGELOG.md", "Makefile",
+            "requirements.txt", "requirements-bench.txt"}  # the Makefile installs from both
     missing = sorted((csrc | package | meta) - sdist_files)
     assert not missing, f"the sdist lacks {missing}"
 

@@ -11,6 +11,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -70,6 +71,8 @@ def test_make_bench_announces_each_stage(tmp_path):
     build = lines[names.index("build") * 2][1]
     assert f"full log: {tmp_path / 'build' / 'build.log'}" in build, build
     assert (tmp_path / "build" / "build.log").exists()  # the build's output went to the log it names
+    installs = [c for c in (tmp_path / "calls").read_text().splitlines() if "pip install" in c and " -r " in c]
+    assert installs == ["-m pip install -q -r requirements-bench.txt"], installs  # not the test tools
 
 
 def test_make_test_announces_each_stage(tmp_path):
@@ -93,6 +96,8 @@ def test_make_test_announces_each_stage(tmp_path):
     assert "gpu-versions: reusing" in text and "/src/build.log" in text
     assert re.search(r"gpu-versions: pytest 2/2 done in \d+ s", text), text
     assert "== smoke-sdist [" in text  # tests/smoke_install.sh's own steps
+    installs = {c for c in (tmp_path / "calls").read_text().splitlines() if "pip install" in c and " -r " in c}
+    assert installs == {"-m pip install -q -r requirements.txt"}, installs  # everything
 
 
 @pytest.mark.parametrize("fail,stage", [("pytest", "pytest 1/2"), ("build_ext", "second environment")])
@@ -102,3 +107,89 @@ def test_make_test_names_the_stage_that_failed(tmp_path, fail, stage):
     proc = make("test", tmp_path, FAKE_FAIL=fail)
     assert proc.returncode != 0
     assert re.search(rf"^== {re.escape(stage)}: FAILED after \d+ s$", proc.stdout, re.M), proc.stdout
+
+
+def _requirements(name: str) -> list[str]:
+    """The distributions a requirements file names, following its -r includes (names normalised)."""
+    out = []
+    for line in (ROOT / name).read_text().splitlines():
+        line = line.split("#")[0].strip()
+        if line.startswith("-r "):
+            out += _requirements(line[3:].strip())
+        elif line:
+            out.append(re.split(r"[<>=!~\[ ;]", line)[0].lower().replace("_", "-"))
+    return out
+
+
+def test_make_test_installs_what_make_bench_does_and_more():
+    bench, full = _requirements("requirements-bench.txt"), _requirements("requirements.txt")
+    assert set(bench) < set(full)
+    assert {"torch", "triton", "numpy", "ninja", "setuptools"} <= set(bench)
+    assert not set(bench) & {"transformers", "accelerate", "lightning", "scikit-learn", "pytest", "matplotlib"}
+
+
+def _closure(names) -> set[str]:
+    """The installed distributions ``names`` pull in: themselves and their requirements,
+    transitively (no extras; markers evaluated for this machine)."""
+    from importlib import metadata
+
+    from packaging.requirements import Requirement
+
+    seen, todo = set(), list(names)
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        try:
+            reqs = metadata.requires(name) or []
+        except metadata.PackageNotFoundError:
+            continue
+        for text in reqs:
+            req = Requirement(text)
+            if req.marker is None or req.marker.evaluate({"extra": ""}):
+                todo.append(req.name.lower().replace("_", "-"))
+    return seen
+
+
+def test_bench_needs_only_its_requirements():
+    """`python -m rho_kernels bench` (its defaults: the compiled reference too) runs with the
+    distributions that only requirements.txt brings in (pytest, transformers, lightning, ... and
+    what they pull in) hidden from the import system: requirements-bench.txt is enough."""
+    from importlib import metadata
+
+    test_only = _closure(_requirements("requirements.txt")) - _closure(_requirements("requirements-bench.txt"))
+    assert {"transformers", "lightning", "scikit-learn", "pytest"} <= test_only
+    # setuptools falls back to its vendored copies (packaging, jaraco, ...) where they are not installed
+    import setuptools
+
+    vendor = Path(setuptools.__file__).parent / "_vendor"
+    vendored = {p.name.removesuffix(".py") for p in vendor.iterdir()} if vendor.is_dir() else set()
+    hidden = sorted(top for top, dists in metadata.packages_distributions().items()
+                    if all(d.lower().replace("_", "-") in test_only for d in dists) and top not in vendored)
+    assert "transformers" in hidden and "sklearn" in hidden
+    # None in sys.modules: `import x` raises ModuleNotFoundError and importlib.util.find_spec("x")
+    # says None, as for a distribution that is not installed.
+    code = f"""
+import sys
+sys.modules.update(dict.fromkeys({hidden!r}))
+from rho_kernels import benchmark
+sys.exit(benchmark.main(["--device", "cpu", "--shapes", "3x7", "--dtypes", "float32", "--repeats", "1"]))
+"""
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "compiled" in proc.stdout and "ERROR" not in proc.stdout, proc.stdout
+
+
+def test_make_clean_removes_the_build_outputs(tmp_path):
+    for d in ("build/env-torch2.11/bin", "dist"):
+        (tmp_path / d).mkdir(parents=True)
+    (tmp_path / "build" / "build.log").write_text("log")
+    keep = tmp_path / "keep"
+    keep.mkdir()
+    proc = make("clean", tmp_path, f"BUILD_DIR={tmp_path / 'build'}", f"DIST_DIR={tmp_path / 'dist'}")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert not (tmp_path / "build").exists() and not (tmp_path / "dist").exists() and keep.exists()
+    dry = subprocess.run(["make", "--no-print-directory", "-n", "clean"], cwd=ROOT, capture_output=True, text=True,
+                         timeout=60)
+    assert dry.stdout.split() == ["rm", "-rf", "build", "dist"], dry.stdout  # by default: the checkout's
