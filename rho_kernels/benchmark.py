@@ -223,28 +223,34 @@ def bench_case(n: int, v: int, dtype: torch.dtype, device: torch.device, backend
     return rows
 
 
-def _fmt(x, spec: str) -> str:
+# (header, width): every line of the table right-aligns its cells to these widths.
+COLUMNS = (("shape", 15), ("dtype", 8), ("backend", 24), ("ms", 9), ("GB/s", 7), ("%read", 6),
+           ("x eager", 8), ("x compiled", 10), ("peak extra", 11))
+
+
+def _line(cells: list[str]) -> str:
+    return " ".join(f"{cell:>{width}}" for cell, (_, width) in zip(cells, COLUMNS))
+
+
+def _num(x: Optional[float], spec: str) -> str:
     return "-" if x is None else format(x, spec)
 
 
 def print_table(rows: list[dict], out=None) -> None:
     out = out or sys.stdout  # looked up per call: a default bound at import outlives a redirected stdout
-    head = f"{'shape':>15} {'dtype':>8} {'backend':>24} {'ms':>9} {'GB/s':>7} {'%read':>6} {'x eager':>8} {'x compiled':>10} {'peak extra':>11}"
+    head = _line([name for name, _ in COLUMNS])
     print(head, file=out)
     print("-" * len(head), file=out)
     for r in rows:
-        shape = f"{r['N']}x{r['V']}"
+        cells = [f"{r['N']}x{r['V']}", r["dtype"], r["backend"]]
         if "error" in r:
-            print(f"{shape:>15} {r['dtype']:>8} {r['backend']:>24}  ERROR {r['error']}", file=out)
+            print(f"{_line(cells)}  ERROR {r['error']}", file=out)
             continue
         peak = r.get("peak_extra_bytes")
-        peak_s = "-" if peak is None else f"{peak / 2**20:.1f} MiB"
-        print(
-            f"{shape:>15} {r['dtype']:>8} {r['backend']:>24} {r['ms']:9.3f} {r['gbps']:7.1f} "
-            f"{_fmt(r.get('pct_of_read_bw'), '6.1f')} {_fmt(r.get('speedup_vs_eager'), '8.2f')} "
-            f"{_fmt(r.get('speedup_vs_compiled'), '10.2f')} {peak_s:>11}",
-            file=out,
-        )
+        cells += [_num(r["ms"], ".3f"), _num(r["gbps"], ".1f"), _num(r.get("pct_of_read_bw"), ".1f"),
+                  _num(r.get("speedup_vs_eager"), ".2f"), _num(r.get("speedup_vs_compiled"), ".2f"),
+                  "-" if peak is None else f"{peak / 2**20:.1f} MiB"]
+        print(_line(cells), file=out)
 
 
 def environment(device: torch.device) -> dict:

@@ -162,3 +162,36 @@ def test_bench_runs_zero_rows(tmp_path, capsys):
     rows = json.loads(out.read_text())["results"]
     assert {r["N"] for r in rows} == {0, 2} and not [r for r in rows if "error" in r], rows
     assert {r["k"] for r in rows if r["N"] == 0} == {0}
+
+
+def test_cli_output_into_a_closed_pipe_is_quiet():
+    """`python -m rho_kernels info --json | head -1`: the reader leaves early; no BrokenPipeError traceback."""
+    proc = subprocess.Popen([sys.executable, "-m", "rho_kernels", "info", "--json"], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc.stdout.close()  # before the command writes anything (it imports torch first)
+    err = proc.stderr.read()
+    code = proc.wait(timeout=300)
+    assert "Traceback" not in err and "BrokenPipe" not in err, err
+    assert code == 141, (code, err)  # 128 + SIGPIPE, as a program killed by it reports
+
+
+def test_bench_table_columns_line_up(capsys):
+    """Every cell, "-" for an unknown value included, ends where its header ends."""
+    from rho_kernels import benchmark
+
+    base = {"N": 8192, "V": 32000, "dtype": "bfloat16"}
+    benchmark.print_table([
+        dict(base, backend="read floor (logits.sum)", ms=57.7, gbps=17.8, peak_extra_bytes=0),
+        dict(base, backend="cpu", ms=65.7, gbps=16.0, pct_of_read_bw=88.0, speedup_vs_eager=15.8,
+             speedup_vs_compiled=2.62, peak_extra_bytes=None),
+    ])
+    head, rule, *lines = capsys.readouterr().out.splitlines()
+    ends, at = [], 0
+    for name in ("shape", "dtype", "backend", "ms", "GB/s", "%read", "x eager", "x compiled", "peak extra"):
+        at = head.index(name, at) + len(name)
+        ends.append(at)
+    assert len(rule) == len(head), head
+    for line in lines:
+        assert len(line) == len(head), (line, head)
+        for end in ends:
+            assert line[end - 1] != " " and (end == len(line) or line[end] == " "), (line, head)

@@ -109,7 +109,7 @@ class RhoLossMixin:
         if sel is not None and self._rho_log_stats and sel.stats.steps > 0:
             s = sel.stats.summary()  # one sync per epoch
             for key in ("mean_score_picked", "mean_score_not_picked", "noisy_pick_fraction", "invalid_picks"):
-                if s[key] == s[key]:  # skip NaN (nothing recorded)
+                if key in s and s[key] == s[key]:  # skip absent or NaN (nothing recorded)
                     self.log(f"rho_loss/epoch_{key}", float(s[key]), on_epoch=True, sync_dist=False)
             sel.stats.reset()
 

@@ -215,7 +215,8 @@ class SelectorStats:
     def summary(self) -> dict[str, float]:
         """``steps``, ``mean_score_picked``, ``mean_score_not_picked``, ``noisy_pick_fraction``
         (picked rows that were marked noisy), ``noisy_candidate_fraction`` (the base rate among
-        candidates), ``invalid_picks`` (total), ``picks``.  NaN where nothing was recorded."""
+        candidates), ``invalid_picks`` (total), ``picks``.  NaN where nothing was recorded; the
+        two noisy fractions only where a ``noisy=`` mask was passed to ``select``."""
         out: dict[str, float] = {"steps": float(self.steps)}
         a = dict.fromkeys(self._FIELDS, 0.0) if self._acc is None else dict(zip(self._FIELDS, self._acc.tolist()))
         a.update(self._host)
@@ -225,8 +226,9 @@ class SelectorStats:
 
         out["mean_score_picked"] = ratio(a["picked_sum"], a["picked_n"])
         out["mean_score_not_picked"] = ratio(a["unpicked_sum"], a["unpicked_n"])
-        out["noisy_pick_fraction"] = ratio(a["noisy_picks"], a["noisy_known_picks"])
-        out["noisy_candidate_fraction"] = ratio(a["noisy_candidates"], a["noisy_known_candidates"])
+        if a["noisy_known_candidates"] > 0:  # else there is no fraction to report, not an unknown one
+            out["noisy_pick_fraction"] = ratio(a["noisy_picks"], a["noisy_known_picks"])
+            out["noisy_candidate_fraction"] = ratio(a["noisy_candidates"], a["noisy_known_candidates"])
         out["invalid_picks"] = a["invalid_picks"]
         out["picks"] = a["picks"]
         return out
