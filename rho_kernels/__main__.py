@@ -1,5 +1,7 @@
 """Command line: ``python -m rho_kernels {bench,info,selftest} [options]`` (see ``--help``)."""
 
+import os
+import signal
 import sys
 
 USAGE = """usage: python -m rho_kernels {bench,info,selftest} [--help] [options]
@@ -12,6 +14,18 @@ commands:
 
 
 def main() -> int:
+    try:
+        code = _run()
+        sys.stdout.flush()  # here, not at exit: a closed pipe is then this BrokenPipeError
+    except BrokenPipeError:
+        # The reader went away (`info --json | head`): stop quietly, as `cat` does, with the
+        # status of a SIGPIPE death; stdout goes to /dev/null so that the exit's flush is silent.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + signal.SIGPIPE
+    return code
+
+
+def _run() -> int:
     if len(sys.argv) < 2 or sys.argv[1] in ("-h", "--help"):
         print(USAGE)
         return 0 if len(sys.argv) >= 2 else 2

@@ -156,6 +156,8 @@ def check_k(k, num_rows: int) -> int:
     is_bool = isinstance(k, bool) or dtype == torch.bool or getattr(dtype, "kind", None) == "b"
     if isinstance(k, Tensor) and k.dim() != 0:
         raise TypeError(f"k must be an integer or a 0-dim integer tensor, got a tensor of shape {tuple(k.shape)}")
+    if isinstance(k, Tensor) and k.device.type == "meta":  # else torch's raw "item() cannot be called"
+        raise TypeError(f"k is a meta tensor, which has no value; the output's size needs one: pass an int (got {k!r})")
     try:
         value = None if is_bool else operator.index(k)
     except TypeError:

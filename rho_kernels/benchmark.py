@@ -29,7 +29,7 @@ from typing import Callable, Optional
 import torch
 
 import rho_kernels as rk
-from rho_kernels import info
+from rho_kernels import backends, info
 from rho_kernels.tokens import kept_count
 
 
@@ -42,13 +42,19 @@ DEFAULT_DTYPES = {"cpu": "float32,bfloat16", "cuda": "bfloat16,float32"}
 GRID_VOCABS = (2, 10, 100, 1000, 10_000, 32_000, 128_256)
 
 
+PEERS = ("reference", "compiled", "liger")  # --backends names beyond rk.BACKENDS
+
+
 def parse_shapes(text: str) -> list[tuple[int, int]]:
+    """"NxV,NxV,..." -> [(N, V), ...]; ValueError naming the bad item (N >= 0, V >= 1)."""
     shapes = []
     for item in text.split(","):
         try:
             n, v = (int(x) for x in item.lower().split("x"))
         except ValueError:
-            raise SystemExit(f"bad shape {item!r}: expected NxV, e.g. 8192x32000") from None
+            raise ValueError(f"bad shape {item!r}: expected NxV, e.g. 8192x32000") from None
+        if n < 0 or v < 1:
+            raise ValueError(f"bad shape {item!r}: need N >= 0 rows and V >= 1 classes")
         shapes.append((n, v))
     return shapes
 
@@ -161,7 +167,7 @@ def bench_case(n: int, v: int, dtype: torch.dtype, device: torch.device, backend
     logits = (torch.randn(n, v, generator=g, dtype=torch.float32) * 3).to(dtype).to(device)
     targets = torch.randint(0, v, (n,), generator=g).to(device)
     il = (torch.rand(n, generator=g) * 2).to(device)
-    k = kept_count(n, k_ratio)
+    k = min(n, kept_count(n, k_ratio))  # capped as OnlineBatchSelector caps it: 0 of N = 0
     if op == "score":
         moved = logits.numel() * logits.element_size() + n * (8 + 4) + n * (4 + 4)
     else:
@@ -188,11 +194,8 @@ def bench_case(n: int, v: int, dtype: torch.dtype, device: torch.device, backend
         elif name == "compiled":
             compiled = torch.compile(reference_select, dynamic=False)
             fns[name] = lambda: compiled(logits, targets, il, k, method)
-        elif name == "liger":
+        elif name == "liger":  # main() checked that it imports
             peer = liger_peer(method)
-            if peer is None:
-                rows.append({"backend": name, "error": "liger_kernel does not import (or the method is not a CE score)"})
-                continue
             fns[name] = lambda: peer(logits, targets, il, k)
         else:
             fns[name] = (lambda b: lambda: rk.select(logits, targets, il, k, method=method, backend=b))(name)
@@ -220,27 +223,34 @@ def bench_case(n: int, v: int, dtype: torch.dtype, device: torch.device, backend
     return rows
 
 
-def _fmt(x, spec: str) -> str:
+# (header, width): every line of the table right-aligns its cells to these widths.
+COLUMNS = (("shape", 15), ("dtype", 8), ("backend", 24), ("ms", 9), ("GB/s", 7), ("%read", 6),
+           ("x eager", 8), ("x compiled", 10), ("peak extra", 11))
+
+
+def _line(cells: list[str]) -> str:
+    return " ".join(f"{cell:>{width}}" for cell, (_, width) in zip(cells, COLUMNS))
+
+
+def _num(x: Optional[float], spec: str) -> str:
     return "-" if x is None else format(x, spec)
 
 
-def print_table(rows: list[dict], out=sys.stdout) -> None:
-    head = f"{'shape':>15} {'dtype':>8} {'backend':>24} {'ms':>9} {'GB/s':>7} {'%read':>6} {'x eager':>8} {'x compiled':>10} {'peak extra':>11}"
+def print_table(rows: list[dict], out=None) -> None:
+    out = out or sys.stdout  # looked up per call: a default bound at import outlives a redirected stdout
+    head = _line([name for name, _ in COLUMNS])
     print(head, file=out)
     print("-" * len(head), file=out)
     for r in rows:
-        shape = f"{r['N']}x{r['V']}"
+        cells = [f"{r['N']}x{r['V']}", r["dtype"], r["backend"]]
         if "error" in r:
-            print(f"{shape:>15} {r['dtype']:>8} {r['backend']:>24}  ERROR {r['error']}", file=out)
+            print(f"{_line(cells)}  ERROR {r['error']}", file=out)
             continue
         peak = r.get("peak_extra_bytes")
-        peak_s = "-" if peak is None else f"{peak / 2**20:.1f} MiB"
-        print(
-            f"{shape:>15} {r['dtype']:>8} {r['backend']:>24} {r['ms']:9.3f} {r['gbps']:7.1f} "
-            f"{_fmt(r.get('pct_of_read_bw'), '6.1f')} {_fmt(r.get('speedup_vs_eager'), '8.2f')} "
-            f"{_fmt(r.get('speedup_vs_compiled'), '10.2f')} {peak_s:>11}",
-            file=out,
-        )
+        cells += [_num(r["ms"], ".3f"), _num(r["gbps"], ".1f"), _num(r.get("pct_of_read_bw"), ".1f"),
+                  _num(r.get("speedup_vs_eager"), ".2f"), _num(r.get("speedup_vs_compiled"), ".2f"),
+                  "-" if peak is None else f"{peak / 2**20:.1f} MiB"]
+        print(_line(cells), file=out)
 
 
 def environment(device: torch.device) -> dict:
@@ -357,28 +367,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--json", default=None, help="write results (and the environment) to this JSON file")
     ap.add_argument("--plot", default=None, help="write a GB/s bar chart to this PNG file")
     args = ap.parse_args(argv)
+    # Every argument is checked before anything runs: a bad one is a usage error (exit 2) that
+    # names it, not a table of ERROR rows.
+    device, cases, backend_names = _checked(ap, args)
     # torch.compile of the reference loads torch's C++-extension tooling, whose CUDA probe logs
     # "No CUDA runtime is found" on GPU-less machines: build-tool noise, not a benchmark result.
     logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
-
-    device = torch.device(args.device)
-    dtype_names = (args.dtypes or ("float32" if args.grid else DEFAULT_DTYPES.get(device.type, "float32"))).split(",")
-    for d in dtype_names:
-        if d not in DTYPES:
-            raise SystemExit(f"unknown dtype {d!r}; expected one of {list(DTYPES)}")
     op = args.op or ("score" if args.grid else "select")
-    if args.grid:
-        size = int(args.grid_mb * 2**20)
-        cases = [(max(1, size // (v * DTYPES[d].itemsize)), v, d) for d in dtype_names for v in GRID_VOCABS]
-    else:
-        shapes = parse_shapes(args.shapes or DEFAULT_SHAPES.get(device.type, DEFAULT_SHAPES["cpu"]))
-        cases = [(n, v, d) for n, v in shapes for d in dtype_names]
-    if args.backends:
-        backends = args.backends.split(",")
-    else:
-        backends = ["reference", "compiled"] + [b for b in rk.available_backends(device) if b != "reference"]
-        if liger_peer(args.method) is not None:
-            backends.append("liger")
 
     env = environment(device)
     print(f"rho_kernels bench on {device} ({env.get('gpu') or env['cpu_capability']}, "
@@ -386,7 +381,7 @@ def main(argv: Optional[list[str]] = None) -> int:
           f"method={args.method}" + (f", k={args.k_ratio}*N" if op == "select" else ""), flush=True)
     rows: list[dict] = []
     for n, v, d in cases:
-        case_rows = bench_case(n, v, DTYPES[d], device, backends, args.method, args.k_ratio,
+        case_rows = bench_case(n, v, DTYPES[d], device, backend_names, args.method, args.k_ratio,
                                args.repeats, args.warmup, op=op)
         print_table(case_rows)
         print(flush=True)
@@ -399,4 +394,61 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.plot:
         (plot_grid if args.grid else plot)(rows, args.plot)
         print(f"wrote {args.plot}")
+    failed = [r for r in rows if "error" in r]
+    if failed:
+        print(f"bench: {len(failed)} of {len(rows)} rows failed (ERROR above)", file=sys.stderr)
+        return 1
     return 0
+
+
+def _checked(ap: argparse.ArgumentParser, args) -> tuple[torch.device, list[tuple[int, int, str]], list[str]]:
+    """The device, the (N, V, dtype) cases and the backend names of ``args``; ``ap.error`` (exit 2)
+    on the first bad one."""
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        ap.error(f"--device {args.device!r}: expected cpu or cuda")
+    if device.type not in ("cpu", "cuda"):
+        ap.error(f"--device {args.device!r}: expected cpu or cuda")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        ap.error(f"--device {args.device!r}: no CUDA device is available (torch.cuda.is_available() is False)")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        ap.error(f"--device {args.device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if not 0 < args.k_ratio <= 1:
+        ap.error(f"--k-ratio {args.k_ratio}: need 0 < ratio <= 1 (k = ratio * N rows)")
+    if args.repeats < 1 or args.warmup < 0:
+        ap.error(f"--repeats {args.repeats} / --warmup {args.warmup}: need repeats >= 1 and warmup >= 0")
+    if args.grid and not args.grid_mb > 0:
+        ap.error(f"--grid-mb {args.grid_mb}: need a size > 0")
+
+    dtype_names = (args.dtypes or ("float32" if args.grid else DEFAULT_DTYPES.get(device.type, "float32"))).split(",")
+    for d in dtype_names:
+        if d not in DTYPES:
+            ap.error(f"--dtypes: unknown dtype {d!r}; expected one of {list(DTYPES)}")
+    if args.grid:
+        size = int(args.grid_mb * 2**20)
+        cases = [(max(1, size // (v * DTYPES[d].itemsize)), v, d) for d in dtype_names for v in GRID_VOCABS]
+    else:
+        try:
+            shapes = parse_shapes(args.shapes or DEFAULT_SHAPES.get(device.type, DEFAULT_SHAPES["cpu"]))
+        except ValueError as exc:
+            ap.error(f"--shapes: {exc}")
+        cases = [(n, v, d) for n, v in shapes for d in dtype_names]
+
+    if not args.backends:
+        names = ["reference", "compiled"] + [b for b in rk.available_backends(device) if b != "reference"]
+        return device, cases, names + (["liger"] if liger_peer(args.method) is not None else [])
+    names = args.backends.split(",")
+    for name in names:
+        if name not in PEERS and name not in rk.BACKENDS:
+            known = list(PEERS) + [b for b in rk.BACKENDS if b not in PEERS]
+            ap.error(f"--backends: unknown backend {name!r}; expected some of {known}")
+        if name in rk.BACKENDS:
+            reason = backends.unavailable_reason(name, device)
+            if reason is not None:
+                ap.error(f"--backends: {name!r} cannot run on {device}: {reason}")
+        if name == "liger" and liger_peer(args.method) is None:
+            why = ("liger_kernel does not import here" if args.method in ("reducible", "loss")
+                   else f"it computes CE scores only (methods reducible, loss), not {args.method!r}")
+            ap.error(f"--backends: 'liger' cannot run: {why}")
+    return device, cases, names

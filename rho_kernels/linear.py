@@ -80,8 +80,11 @@ def _check_linear(hidden: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Non
     if weight.dim() != 2:
         raise ValueError(f"weight must be [V, D] (as nn.Linear stores it), got shape {tuple(weight.shape)}")
     if weight.shape[1] != hidden.shape[-1]:
+        transposed = (f"; it looks transposed ([D, V]): pass weight.T, the [V, D] = "
+                      f"{(weight.shape[1], weight.shape[0])} layout of nn.Linear.weight"
+                      if weight.shape[0] == hidden.shape[-1] else "")
         raise ValueError(f"weight is [V, D] = {tuple(weight.shape)} but hidden has D = {hidden.shape[-1]} "
-                         f"(shape {tuple(hidden.shape)})")
+                         f"(shape {tuple(hidden.shape)}){transposed}")
     if weight.dtype != hidden.dtype:
         raise TypeError(f"weight dtype {weight.dtype} differs from hidden dtype {hidden.dtype}")
     if weight.device != hidden.device:

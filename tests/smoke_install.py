@@ -12,9 +12,10 @@ import sys
 import torch
 
 
-def check(cond: bool, what: str) -> None:
+def check(cond: bool, what: str, why: object = "") -> None:
+    """Print "ok WHAT", or exit with "FAILED: WHAT (WHY)": WHY (an error, stderr) only explains a failure."""
     if not cond:
-        sys.exit(f"smoke: FAILED: {what}")
+        sys.exit(f"smoke: FAILED: {what}" + (f" ({why})" if why not in (None, "") else ""))
     print(f"smoke: ok   {what}")
 
 
@@ -28,7 +29,7 @@ def main() -> None:
           f"rho_kernels imported from the venv ({pkg}), not the source tree")
     check(rk.__version__ == importlib.metadata.version("rho_kernels"),
           f"__version__ {rk.__version__} matches the installed metadata")
-    check(_extension.LOAD_ERROR is None, f"the extension loaded ({_extension.LOAD_ERROR})")
+    check(_extension.LOAD_ERROR is None, "the extension loaded", _extension.LOAD_ERROR)
     record = _extension.BUILD_RECORD or {}
     check(record.get("torch") == str(torch.__version__) and _extension.BUILD_RECORD_PATH.startswith(pkg),
           f"build record beside the installed _C says torch {record.get('torch')}")
@@ -60,7 +61,7 @@ def main() -> None:
                            "--dtypes", "float32", "--backends", "reference,cpu", "--repeats", "2", "--json", out],
                           capture_output=True, text=True, timeout=600)
     print(proc.stdout)
-    check(proc.returncode == 0, f"python -m rho_kernels bench exits 0 ({proc.stderr[-2000:]})")
+    check(proc.returncode == 0, "python -m rho_kernels bench exits 0", proc.stderr[-2000:])
     with open(out) as f:
         env = json.load(f)["environment"]
     check(env["info"]["extension"]["loaded"] and env["info"]["rho_kernels"] == rk.__version__,
@@ -68,12 +69,12 @@ def main() -> None:
 
     proc = subprocess.run([sys.executable, "-m", "rho_kernels", "info"], capture_output=True, text=True, timeout=600)
     print(proc.stdout)
-    check(proc.returncode == 0 and not proc.stderr.strip(), f"python -m rho_kernels info exits 0, quietly ({proc.stderr[-2000:]})")
+    check(proc.returncode == 0 and not proc.stderr.strip(), "python -m rho_kernels info exits 0, quietly", proc.stderr[-2000:])
     check(f"torch {torch.__version__} (same as installed)" in proc.stdout, "info: built against the installed torch")
     import rho_kernels.benchmark, rho_kernels.info, rho_kernels.backends.triton_select  # noqa: F401,E401
     outside = sorted(name for name, mod in list(sys.modules.items()) if name.split(".")[0] == "rho_kernels"
                      and getattr(mod, "__file__", None) and not os.path.abspath(mod.__file__).startswith(pkg + os.sep))
-    check(not outside, f"every rho_kernels module loaded comes from the installed package (not: {outside})")
+    check(not outside, "every rho_kernels module loaded comes from the installed package", f"not: {outside}")
     print("smoke: all checks passed")
 
 

@@ -1,4 +1,4 @@
-"""The public API as a user meets it: import cost, what help() shows."""
+"""The public API as a user meets it: import cost, what help() shows, errors a first try meets."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 import rho_kernels as rk
 
@@ -41,3 +42,16 @@ def test_help_of_score_shows_the_methods_and_formulas():
         assert line is not None and formula in line, (method, line)
     assert "module docstring" not in text
     assert "help(rho_kernels.score)" in pydoc.plain(pydoc.render_doc(rk.api))
+
+
+def test_meta_k_is_a_clear_error():
+    """Meta tensors give shapes (tests/test_conformance.py), but a meta k has no value to size the output with."""
+    x = torch.empty(4, 5, device="meta")
+    y = torch.empty(4, dtype=torch.long, device="meta")
+    il = torch.empty(4, device="meta")
+    k = torch.tensor(2, device="meta")
+    with pytest.raises(TypeError, match="k is a meta tensor, which has no value.*pass an int"):
+        rk.select(x, y, il, k)
+    with pytest.raises(TypeError, match="k is a meta tensor"):
+        rk.select_sequences(x.reshape(2, 2, 5), y.reshape(2, 2), il.reshape(2, 2), k=k)
+    assert rk.select(x, y, il, 2).indices.shape == (2,)  # an int k on meta inputs: shapes, as before

@@ -264,3 +264,16 @@ def test_save_killed_at_every_point_leaves_a_loadable_file(tmp_path, suffix):
             if p.endswith(".tmp"):
                 os.unlink(tmp_path / p)
     assert outcomes == {"old", "new"}
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".pt", ".npy"])
+def test_save_into_a_missing_folder_names_the_target(tmp_path, suffix):
+    """The error names the file asked for and its missing folder, not the temporary file beside it."""
+    target = tmp_path / "no-such-folder" / ("il" + suffix)
+    for store in (IrreducibleLossStore(torch.rand(6)), TokenLossStore(torch.rand(2, 3))):
+        with pytest.raises(FileNotFoundError) as info:
+            store.save(str(target))
+        msg = str(info.value)
+        assert repr(str(target)) in msg and "does not exist" in msg and str(tmp_path / "no-such-folder") in msg, msg
+        assert ".tmp" not in msg, msg
+    assert not (tmp_path / "no-such-folder").exists()

@@ -73,6 +73,15 @@ def test_gather_shape_device_and_values():
     assert torch.equal(store[idx], out)
 
 
+def test_bad_device_is_a_clear_error():
+    """torch's own error for "gpu" lists twenty device types and not the argument."""
+    store = IrreducibleLossStore(torch.rand(10))
+    for bad in ("gpu", "cuda:x", 1.5):
+        with pytest.raises(ValueError, match=r"device=.* is not a device: expected e\.g\. 'cpu', 'cuda'"):
+            store.gather(torch.arange(3), device=bad)
+    with pytest.raises(ValueError, match="device='gpu' is not a device"):
+        store.to("gpu")
+
 def test_out_of_range_index_is_a_clear_error():
     store, *_ = _store()
     with pytest.raises(ValueError, match="index 50 .*out of range"):

@@ -47,7 +47,8 @@ def test_sdist_holds_every_source_a_build_needs(sdist_files):
             if os.path.isfile(p)}
     assert {"csrc/rho_math.h", "csrc/cpu/select_cpu_aten.h", "csrc/cuda/row_scan.cuh", "csrc/cuda/select_cuda.cu"} <= csrc
     package = {os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "rho_kernels", "**", "*.py"), recursive=True)}
-    meta = {"setup.py", "pyproject.toml", "MANIFEST.in", "README.md", "LICENSE", "CHANGELOG.md"}
+    meta = {"setup.py", "pyproject.toml", "MANIFEST.in", "README.md", "LICENSE", "CHANGELOG.md", "Makefile",
+            "requirements.txt", "requirements-bench.txt"}  # the Makefile installs from both
     missing = sorted((csrc | package | meta) - sdist_files)
     assert not missing, f"the sdist lacks {missing}"
 
@@ -182,3 +183,17 @@ def test_info_report_names_every_backend_and_the_build():
 def test_cli_help_lists_info():
     proc = _run_module("--help")
     assert proc.returncode == 0 and "info" in proc.stdout and "bench" in proc.stdout
+
+
+def test_smoke_check_prints_the_reason_only_on_failure(capsys):
+    """tests/smoke_install.py: "ok the extension loaded", not "ok the extension loaded (None)"."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("smoke_install", os.path.join(ROOT, "tests", "smoke_install.py"))
+    smoke = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(smoke)
+    smoke.check(True, "the extension loaded", None)
+    smoke.check(True, "bench exits 0", "")
+    assert capsys.readouterr().out == "smoke: ok   the extension loaded\nsmoke: ok   bench exits 0\n"
+    with pytest.raises(SystemExit, match=r"^smoke: FAILED: the extension loaded \(no _C\)$"):
+        smoke.check(False, "the extension loaded", "no _C")

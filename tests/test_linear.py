@@ -179,6 +179,15 @@ def test_ignore_index_ties_and_special_values(backend):
     assert_same_nonfinite(got, want, "inf bias")
 
 
+def test_transposed_weight_is_named():
+    """A [D, V] weight (an LM head passed as hidden @ W rather than nn.Linear's [V, D]) says so."""
+    h, w, b, targets, il = exact_inputs((6,), 10, torch.float32)  # w: [10, 16]
+    with pytest.raises(ValueError, match=r"\(16, 10\) but hidden has D = 16 .*looks transposed.*weight\.T"):
+        rk.linear_score(h, w.T, targets, il)
+    with pytest.raises(ValueError, match=r"hidden has D = 5 \(shape \(6, 5\)\)$"):  # not merely transposed
+        rk.linear_score(h[:, :5], w, targets, il)
+
+
 def test_bad_input():
     h, w, b, targets, il = exact_inputs((6,), 10, torch.float32)
     with pytest.raises(TypeError, match="hidden must be a torch.Tensor"):

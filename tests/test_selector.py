@@ -329,6 +329,17 @@ def test_statistics_noisy_fraction_and_score_means():
     assert math.isnan(sel.stats.summary()["mean_score_picked"])
 
 
+def test_statistics_without_a_noisy_mask_leave_the_noisy_fractions_out():
+    """No noisy= mask: no noisy fraction (not a NaN that reads as "unknown"); a mask brings them back."""
+    sel = OnlineBatchSelector(_model(6), _store(N), k=8, score_mode="eval")
+    idx, x, y = _batch(3)
+    sel.select((idx, x, y))
+    s = sel.stats.summary()
+    assert "noisy_pick_fraction" not in s and "noisy_candidate_fraction" not in s, s
+    assert s["picks"] == 8 and not math.isnan(s["mean_score_picked"])
+    sel.select((idx, x, y), noisy=torch.zeros(N, dtype=torch.bool))
+    assert sel.stats.summary()["noisy_pick_fraction"] == 0.0
+
 def test_bad_arguments():
     model = _model()
     assert set(SELECTOR_METHODS) == set(rk.METHODS) | {"uniform"}

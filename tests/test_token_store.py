@@ -177,3 +177,11 @@ def test_bad_inputs():
                              progress=False)
     with pytest.raises(ValueError, match="lengths must hold"):
         TokenLossStore.build(LM(), Ragged(inp, tgt, LENGTHS), lengths=LENGTHS[:-1], progress=False)
+
+
+def test_bad_device_is_a_clear_error():
+    store = TokenLossStore(torch.rand(4, 3))
+    with pytest.raises(ValueError, match="device='gpu' is not a device: expected e.g. 'cpu', 'cuda'"):
+        store.gather(torch.arange(2), device="gpu")
+    with pytest.raises(ValueError, match="device='gpu' is not a device"):
+        store.to("gpu")

@@ -134,10 +134,21 @@ def _fsync_dir(folder: str) -> None:
         os.close(fd)
 
 
+def _temp_beside(path: str) -> tuple[str, int, str]:
+    """(folder, fd, name) of a new temporary file in ``path``'s folder.  Its OSError names ``path``
+    and a missing folder, not the temporary name the caller never chose."""
+    folder = os.path.dirname(os.path.abspath(path))
+    try:
+        fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
+    except OSError as exc:
+        why = f"its folder {folder!r} does not exist" if not os.path.isdir(folder) else exc.strerror
+        raise type(exc)(exc.errno, f"cannot write {path!r}: {why}") from None
+    return folder, fd, tmp
+
+
 def atomic_write(path: str, write: Callable[[BinaryIO], None]) -> None:
     """Run ``write(f)`` on a temporary file next to ``path``; flush, fsync, rename it over ``path``."""
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
+    folder, fd, tmp = _temp_beside(path)
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
@@ -228,8 +239,7 @@ def _write_npy_pair(path: str, values: Tensor, meta: dict) -> None:
         except (OSError, ValueError):
             old = None
     # 1. the new array, complete and synced, under a temporary name
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
+    folder, fd, tmp = _temp_beside(path)
     try:
         with os.fdopen(fd, "wb") as f:
             _write_npy_header(f, values)

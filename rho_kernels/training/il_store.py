@@ -99,9 +99,19 @@ def _default_forward(model: nn.Module, x: Any) -> Tensor:
     return model(x)
 
 
+def as_device(device: torch.device | str | int, what: str = "device") -> torch.device:
+    """``torch.device(device)``, or a ValueError that names the argument and the accepted forms
+    (torch's own error for ``"gpu"`` lists twenty device types and not the argument)."""
+    try:
+        return torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise ValueError(f"{what}={device!r} is not a device: expected e.g. 'cpu', 'cuda', 'cuda:1' "
+                         f"or a torch.device") from None
+
+
 def _resolve_device(device: Optional[torch.device | str], model: Optional[nn.Module]) -> torch.device:
     if device is not None:
-        return torch.device(device)
+        return as_device(device)
     if model is not None:
         for p in model.parameters():
             return p.device
@@ -209,7 +219,7 @@ class IrreducibleLossStore:
 
     def to(self, device: torch.device | str) -> "IrreducibleLossStore":
         """The store on ``device`` (a copy; e.g. a memory-mapped table moved into GPU memory)."""
-        return IrreducibleLossStore(self.losses.to(device), self.fingerprint, check=self.check,
+        return IrreducibleLossStore(self.losses.to(as_device(device)), self.fingerprint, check=self.check,
                                     num_ignored=self.num_ignored)
 
     def __repr__(self) -> str:
@@ -239,7 +249,7 @@ class IrreducibleLossStore:
             raise TypeError(f"index must be a torch.Tensor, got {type(index).__name__}")
         if index.dtype.is_floating_point or index.dtype.is_complex or index.dtype == torch.bool:
             raise TypeError(f"index must be an integer tensor, got dtype {index.dtype}")
-        out_device = torch.device(device) if device is not None else index.device
+        out_device = as_device(device) if device is not None else index.device
         flat = index.reshape(-1)
         if flat.device != self.losses.device:
             # A memory-mapped/host table with device indices (or vice versa): move the small
@@ -534,7 +544,7 @@ class IrreducibleLossStore:
             raise ValueError(f"{path!r} is corrupt: an IL table is 1-D, got shape {tuple(losses.shape)}")
         if int(meta.get("num_examples", losses.shape[0])) != losses.shape[0]:
             raise ValueError(f"{path!r} is corrupt: header says {meta['num_examples']} examples, table has {losses.shape[0]}")
-        store = cls(losses if mmap else losses.to(device), meta.get("fingerprint") or None, check=check,
+        store = cls(losses if mmap else losses.to(as_device(device)), meta.get("fingerprint") or None, check=check,
                     num_ignored=int(meta.get("num_ignored", 0)))
         if fingerprint is not None and fingerprint != store.fingerprint:
             raise ValueError(

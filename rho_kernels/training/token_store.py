@@ -27,7 +27,7 @@ from .. import api as rk  # the public op API only (the package imports this lay
 
 from .il_build import dataset_probe, model_fingerprint, scoring_pass
 from .il_format import TABLE_DTYPES, read_table, write_table
-from .il_store import _EvalNoGrad, _resolve_device, _to_device, dataset_fingerprint
+from .il_store import _EvalNoGrad, _resolve_device, _to_device, as_device, dataset_fingerprint
 
 __all__ = ["TokenLossStore", "sequence_key", "token_fingerprint"]
 
@@ -167,7 +167,7 @@ class TokenLossStore:
 
     def to(self, device: torch.device | str) -> "TokenLossStore":
         """The store on ``device`` (a copy; e.g. a memory-mapped table moved into GPU memory)."""
-        return TokenLossStore(self.values.to(device), self.offsets, self.fingerprint, num_ignored=self.num_ignored)
+        return TokenLossStore(self.values.to(as_device(device)), self.offsets, self.fingerprint, num_ignored=self.num_ignored)
 
     # ------------------------------------------------------------------ lookup
     def gather(self, index: Tensor, *, length: Optional[int] = None, device: Optional[torch.device | str] = None,
@@ -183,7 +183,7 @@ class TokenLossStore:
         """
         if not isinstance(index, Tensor) or index.dtype.is_floating_point or index.dtype == torch.bool or index.dim() != 1:
             raise TypeError(f"index must be a 1-D integer tensor, got {getattr(index, 'dtype', type(index).__name__)}")
-        out_device = torch.device(device) if device is not None else index.device
+        out_device = as_device(device) if device is not None else index.device
         idx = index.to(self.values.device, non_blocking=True).to(torch.int64)
         if self.offsets is None:
             if length is not None and length != self.seq_len:
@@ -334,7 +334,7 @@ class TokenLossStore:
         if tab.meta.get("kind") != "token":
             raise ValueError(f"{path!r} holds a {tab.meta.get('kind', 'example')} table; "
                              "load it with IrreducibleLossStore.load")
-        values = tab.values if mmap else tab.values.to(device)
+        values = tab.values if mmap else tab.values.to(as_device(device))
         store = cls(values, tab.offsets, tab.meta.get("fingerprint") or None,
                     num_ignored=int(tab.meta.get("num_ignored", 0)))
         if fingerprint is not None and fingerprint != store.fingerprint:
