@@ -372,3 +372,24 @@ def test_trainers_match_one_process(engine, one_process_losses, tmp_path):
     if engine == "zero3" and not HAS_DEEPSPEED:
         pytest.skip(NO_DEEPSPEED)
     _launch(_trainer_worker, engine, str(tmp_path), one_process_losses)
+
+
+# ------------------------------------------------------------------------------ the recipe
+def _recipe(*argv, nproc=None):
+    env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}
+    env.pop("RANK", None)
+    launcher = [] if nproc is None else ["-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+                                         "--master_port", str(_free_port())]
+    out = subprocess.run([sys.executable, *launcher, os.path.join(ROOT, "python", "rho1_fsdp_tp.py"), *argv],
+                         env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    return [float(line.split("loss")[1]) for line in out.stdout.splitlines() if line.startswith("step ")]
+
+
+def test_recipe_fsdp_tp_matches_one_process():
+    """python/rho1_fsdp_tp.py on a 2x2 (dp x tp) mesh: the losses of one process accumulating
+    the same micro-batches."""
+    small = ["--steps", "2", "--vocab", "101", "--dim", "32", "--seq", "16"]
+    sharded = _recipe(*small, nproc=4)
+    one = _recipe(*small, "--tp", "1", "--accum", "2")
+    assert len(sharded) == 2 and sharded == pytest.approx(one, rel=1e-5), (sharded, one)
