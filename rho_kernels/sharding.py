@@ -31,7 +31,7 @@ from __future__ import annotations
 import functools
 import sys
 import weakref
-from typing import Any, Callable
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -70,6 +70,17 @@ def _is_zero3(x) -> bool:
 
 # --------------------------------------------------------------------------- decorators
 
+_LINEAR_DOC = """
+    Sharded heads (``rho_kernels.sharding``): ``weight`` may also be a DTensor sharded over the
+    vocabulary (``Shard(0)`` on a 1-D mesh: tensor parallel; ``bias`` likewise, ``hidden`` plain or
+    ``Replicate()``), or the head module itself (``model.lm_head``; its bias is used, ``bias=`` must
+    then be None): the way to call the op under FSDP2 (``fully_shard``) and DeepSpeed ZeRO-3.
+"""
+_LOGITS_DOC = """
+    Sharded logits (``rho_kernels.sharding``): ``logits`` may also be a DTensor sharded over the
+    vocabulary (``Shard(-1)`` on a 1-D mesh), run as ``process_group=`` / ``vocab_start_index=``.
+"""
+
 
 def linear_head(fn: Callable) -> Callable:
     """For ``fn(hidden, weight, *args, bias=..., process_group=..., vocab_start_index=..., **kw)``."""
@@ -80,6 +91,7 @@ def linear_head(fn: Callable) -> Callable:
             return fn(hidden, weight, *args, **kwargs)
         return _resolve_linear(fn, hidden, weight, args, kwargs)
 
+    op.__doc__ = (fn.__doc__ or "") + _LINEAR_DOC
     return op
 
 
@@ -93,6 +105,7 @@ def sharded_logits(fn: Callable) -> Callable:
         local, group, start = _vocab_shard(logits, logits.dim() - 1, "logits", "Shard(-1)", kwargs)
         return fn(local, *_locals(args), **_locals(kwargs), process_group=group, vocab_start_index=start)
 
+    op.__doc__ = (fn.__doc__ or "") + _LOGITS_DOC
     return op
 
 
