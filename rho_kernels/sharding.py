@@ -13,10 +13,11 @@ The ops take these through two decorators (``linear_head`` on the four linear op
   hidden must be the same on every rank of the mesh: checked once per weight tensor, eagerly,
   so that a data-parallel shard (an FSDP2 weight passed bare: different data on every rank)
   is an error and never a wrong gradient.
-* **The head module** (``nn.Linear``, wrapped by ``fully_shard`` / DeepSpeed ZeRO-3 or not): the
-  op runs as the module's forward (``module.forward`` replaced for one call), so the sharding
-  engine's hooks fire as for any layer: the weight gathered before, again for the backward,
-  its gradient reduced after.  The bias is the module's.  A tensor-parallel style's own
+* **The head module** (``nn.Linear``, wrapped by ``fully_shard`` / DeepSpeed ZeRO-3 or not): where
+  its weight is not a gathered plain tensor (a DTensor shard, a ZeRO-3 parameter) the op runs
+  as the module's forward (``module.forward`` replaced for one call), so the sharding engine's
+  hooks fire as for any layer: the weight gathered before, again for the backward, its
+  gradient reduced after.  The bias is the module's.  A tensor-parallel style's own
   input/output hooks (``distribute_module``'s, made for ``F.linear``'s activations) are skipped
   for that call: the op consumes the DTensor weight itself.
 * **A ZeRO-3 partitioned weight** passed bare (``(0,)`` outside the forward): a ValueError naming
@@ -254,6 +255,13 @@ def _in_module_forward(fn, module: nn.Module, hidden, args, kwargs):
         raise TypeError(f"the weight argument is a {type(module).__name__} without a .weight tensor; pass an "
                         "nn.Linear head (wrapped by fully_shard / DeepSpeed or not) or its [V, D] weight")
     kwargs = {k: v for k, v in kwargs.items() if k != "bias"}
+    w = module.weight
+    if _plain(w) and not _is_zero3(w):
+        # Gathered already (a plain head; an FSDP2 unit between its unshard and reshard, as
+        # accelerate's [norm, lm_head] unit after the model's forward): its gradient reaches the
+        # unit's reduce-scatter as any use of it does, and a second pass through the hooks of a
+        # multi-module FSDP2 unit that already ran would corrupt its state (segfault in backward).
+        return _resolve_linear(fn, hidden, w, args, {**kwargs, "bias": getattr(module, "bias", None)}, in_module=True)
 
     def forward(h):  # the weight as the sharding engine presents it inside the forward
         w = module.weight

@@ -306,42 +306,105 @@ def _zero3_config():
             "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}}
 
 
-def _train(kind, tmpdir, engine=None, grad_accum=1):
-    """Training losses of Rho1Trainer ("rho1") / RhoLossTrainer ("rholoss") on tiny models."""
+def _trainer(kind, tmpdir, tag, **kw):
     import pathlib
 
     import test_integration_transformers as ti
     from rho_kernels.integrations import transformers as rkt
 
-    kw = dict(max_steps=STEPS, gradient_accumulation_steps=grad_accum, per_device_train_batch_size=MICRO,
-              ddp_backend="gloo" if dist.is_initialized() else None)
-    if engine == "fsdp2":
-        kw.update(fsdp="full_shard", fsdp_config={"fsdp_version": 2})
-    elif engine == "zero3":
-        kw.update(deepspeed=_zero3_config())
-    args = ti.args(pathlib.Path(tmpdir) / f"{kind}-{engine}", **kw)  # before the model (ZeRO-3 init)
+    args = ti.args(pathlib.Path(tmpdir) / f"{kind}-{tag}", max_steps=STEPS, per_device_train_batch_size=MICRO,
+                   **kw)  # before the model (ZeRO-3 init)
     if kind == "rho1":
-        tr = rkt.Rho1Trainer(model=ti.tiny_llama(0), args=args, train_dataset=ti.lm_dataset(16),
-                             reference_model=ti.tiny_llama(1), keep_ratio=ti.RATIO, use_hidden_states=True)
-    else:
-        data = ti.cls_dataset(16)
-        store = rkt.build_irreducible_loss_store(ti.tiny_bert(7), data, batch_size=8)
-        tr = rkt.RhoLossTrainer(model=ti.tiny_bert(0), args=args, train_dataset=data, irreducible_loss=store,
-                                ratio=0.5)
-    tr.train()
-    head = tr.model.get_output_embeddings() if kind == "rho1" else tr.model.classifier
-    if engine == "fsdp2":  # sharded for real: a DTensor shard outside the forward
-        from torch.distributed.tensor import DTensor
+        return rkt.Rho1Trainer(model=ti.tiny_llama(0), args=args, train_dataset=ti.lm_dataset(16),
+                               reference_model=ti.tiny_llama(1), keep_ratio=ti.RATIO, use_hidden_states=True)
+    data = ti.cls_dataset(16)
+    store = rkt.build_irreducible_loss_store(ti.tiny_bert(7), data, batch_size=8)
+    return rkt.RhoLossTrainer(model=ti.tiny_bert(0), args=args, train_dataset=data, irreducible_loss=store,
+                              ratio=0.5)
 
-        assert isinstance(head.weight, DTensor) and head.weight.to_local().shape[0] < head.weight.shape[0]
-    elif engine == "zero3":
+
+def _train(kind, tmpdir, engine=None, grad_accum=1):
+    """Logged training losses of Rho1Trainer ("rho1") / RhoLossTrainer ("rholoss") on tiny models."""
+    kw = dict(gradient_accumulation_steps=grad_accum, ddp_backend="gloo" if dist.is_initialized() else None)
+    if engine == "zero3":
+        kw.update(deepspeed=_zero3_config())
+    tr = _trainer(kind, tmpdir, engine, **kw)
+    tr.train()
+    if engine == "zero3":  # partitioned for real: the head is (0,) outside the forward
+        head = tr.model.get_output_embeddings() if kind == "rho1" else tr.model.classifier
         assert head.weight.shape == (0,) and hasattr(head.weight, "ds_id")
     return [h["loss"] for h in tr.state.log_history if "loss" in h]
 
 
+def _fsdp2_compute_loss(rank, kind, tmpdir):
+    """The trainer's own compute_loss on an FSDP2 model, stepped by hand: accelerate 1.15 enables
+    FSDP only on GPU distributed types, so on CPU Trainer(fsdp="full_shard") silently runs DDP."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import DTensor
+    from transformers import default_data_collator
+
+    tr = _trainer(kind, tmpdir, "fsdp2")
+    model, mesh = tr.model, init_device_mesh("cpu", (WORLD,))
+    if kind == "rho1":
+        for layer in model.model.layers:
+            fully_shard(layer, mesh=mesh)
+        # accelerate's arrangement: the tail unit kept unsharded after the forward
+        fully_shard([model.model.norm, model.lm_head], mesh=mesh, reshard_after_forward=False)
+        head = model.lm_head
+    else:
+        for layer in model.bert.encoder.layer:
+            fully_shard(layer, mesh=mesh)
+        head = model.classifier
+    fully_shard(model, mesh=mesh)
+    assert isinstance(head.weight, DTensor) and head.weight.to_local().shape[0] < head.weight.shape[0]
+    opt = torch.optim.SGD(model.parameters(), lr=tr.args.learning_rate)
+    items, losses = tr.train_dataset, []
+    for step in range(STEPS):  # micro-batch 2 * step + rank: the one-process run's order
+        lo = (WORLD * step + rank) * MICRO
+        batch = default_data_collator(items[lo:lo + MICRO])
+        if kind == "rholoss":
+            batch["dataset_index"] = torch.arange(lo, lo + MICRO)
+        model.train()
+        loss = tr.compute_loss(model, batch)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        mean = loss.detach().clone()
+        dist.all_reduce(mean)
+        losses.append(mean.item() / WORLD)
+    return losses
+
+
+def _one_process_by_hand(kind, tmpdir):
+    """The same micro-batches, one process, accumulated by hand."""
+    from transformers import default_data_collator
+
+    tr = _trainer(kind, tmpdir, "one-hand")
+    model = tr.model
+    opt = torch.optim.SGD(model.parameters(), lr=tr.args.learning_rate)
+    items, losses = tr.train_dataset, []
+    for step in range(STEPS):
+        total = 0.0
+        for r in range(WORLD):
+            lo = (WORLD * step + r) * MICRO
+            batch = default_data_collator(items[lo:lo + MICRO])
+            if kind == "rholoss":
+                batch["dataset_index"] = torch.arange(lo, lo + MICRO)
+            model.train()
+            loss = tr.compute_loss(model, batch)
+            (loss / WORLD).backward()
+            total += loss.item() / WORLD
+        opt.step()
+        opt.zero_grad()
+        losses.append(total)
+    return losses
+
+
 def _trainer_worker(rank, engine, tmpdir, want):
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD) if engine == "fsdp2" else None
     for kind in ("rho1", "rholoss"):
-        got = _train(kind, tmpdir, engine)
+        got = _fsdp2_compute_loss(rank, kind, tmpdir) if engine == "fsdp2" else _train(kind, tmpdir, engine)
         assert got == pytest.approx(want[kind], rel=1e-5, abs=1e-6), (kind, engine, got, want[kind])
         if rank == 0:
             print(f"{kind} under {engine}: losses {got} (one process with accumulation: {want[kind]})")
@@ -352,14 +415,17 @@ def one_process_losses(tmp_path_factory):
     """One process, gradient accumulation over the micro-batches the 2 ranks see in one step."""
     pytest.importorskip("transformers")
     tmp = tmp_path_factory.mktemp("one")
-    return {kind: _train(kind, tmp, grad_accum=WORLD) for kind in ("rho1", "rholoss")}
+    return {"zero3": {kind: _train(kind, tmp, grad_accum=WORLD) for kind in ("rho1", "rholoss")},
+            "fsdp2": {kind: _one_process_by_hand(kind, tmp) for kind in ("rho1", "rholoss")}}
 
 
 @pytest.mark.parametrize("engine", ["fsdp2", "zero3"])
 def test_trainers_match_one_process(engine, one_process_losses, tmp_path):
+    """ZeRO-3: Trainer(deepspeed=...) for real.  FSDP2: the trainers' compute_loss on a
+    fully_shard model (see _fsdp2_compute_loss for why not Trainer(fsdp=...) on CPU)."""
     if engine == "zero3" and not HAS_DEEPSPEED:
         pytest.skip(NO_DEEPSPEED)
-    _launch(_trainer_worker, engine, str(tmp_path), one_process_losses)
+    _launch(_trainer_worker, engine, str(tmp_path), one_process_losses[engine])
 
 
 # ------------------------------------------------------------------------------ the recipe
