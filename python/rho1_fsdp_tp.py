@@ -25,13 +25,15 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-import rho_kernels as rk
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # a checkout's package first
+import rho_kernels as rk  # noqa: E402
 
 
 class Block(nn.Module):

@@ -336,13 +336,24 @@ def _train(kind, tmpdir, engine=None, grad_accum=1):
     return [h["loss"] for h in tr.state.log_history if "loss" in h]
 
 
+def _micro_batch_loss(tr, kind, i):
+    """The trainer's compute_loss on micro-batch ``i`` of its train dataset (in order)."""
+    from transformers import default_data_collator
+
+    lo = i * MICRO
+    batch = default_data_collator(tr.train_dataset[lo:lo + MICRO])
+    if kind == "rholoss":
+        batch["dataset_index"] = torch.arange(lo, lo + MICRO)
+    tr.model.train()
+    return tr.compute_loss(tr.model, batch)
+
+
 def _fsdp2_compute_loss(rank, kind, tmpdir):
     """The trainer's own compute_loss on an FSDP2 model, stepped by hand: accelerate 1.15 enables
     FSDP only on GPU distributed types, so on CPU Trainer(fsdp="full_shard") silently runs DDP."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import DTensor
-    from transformers import default_data_collator
 
     tr = _trainer(kind, tmpdir, "fsdp2")
     model, mesh = tr.model, init_device_mesh("cpu", (WORLD,))
@@ -359,14 +370,9 @@ def _fsdp2_compute_loss(rank, kind, tmpdir):
     fully_shard(model, mesh=mesh)
     assert isinstance(head.weight, DTensor) and head.weight.to_local().shape[0] < head.weight.shape[0]
     opt = torch.optim.SGD(model.parameters(), lr=tr.args.learning_rate)
-    items, losses = tr.train_dataset, []
+    losses = []
     for step in range(STEPS):  # micro-batch 2 * step + rank: the one-process run's order
-        lo = (WORLD * step + rank) * MICRO
-        batch = default_data_collator(items[lo:lo + MICRO])
-        if kind == "rholoss":
-            batch["dataset_index"] = torch.arange(lo, lo + MICRO)
-        model.train()
-        loss = tr.compute_loss(model, batch)
+        loss = _micro_batch_loss(tr, kind, WORLD * step + rank)
         loss.backward()
         opt.step()
         opt.zero_grad()
@@ -378,21 +384,14 @@ def _fsdp2_compute_loss(rank, kind, tmpdir):
 
 def _one_process_by_hand(kind, tmpdir):
     """The same micro-batches, one process, accumulated by hand."""
-    from transformers import default_data_collator
-
     tr = _trainer(kind, tmpdir, "one-hand")
     model = tr.model
     opt = torch.optim.SGD(model.parameters(), lr=tr.args.learning_rate)
-    items, losses = tr.train_dataset, []
+    losses = []
     for step in range(STEPS):
         total = 0.0
         for r in range(WORLD):
-            lo = (WORLD * step + r) * MICRO
-            batch = default_data_collator(items[lo:lo + MICRO])
-            if kind == "rholoss":
-                batch["dataset_index"] = torch.arange(lo, lo + MICRO)
-            model.train()
-            loss = tr.compute_loss(model, batch)
+            loss = _micro_batch_loss(tr, kind, WORLD * step + r)
             (loss / WORLD).backward()
             total += loss.item() / WORLD
         opt.step()
