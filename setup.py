@@ -288,6 +288,8 @@ setup(
         # transformers 5.17.0, accelerate 1.15.0, lightning 2.6.6); Trainer needs accelerate
         "transformers": ["transformers>=5.0", "accelerate"],
         "lightning": ["lightning>=2.2"],
+        # heads partitioned by DeepSpeed ZeRO-3 (pass the head module to the linear ops); CI pins 0.19.8
+        "deepspeed": ["deepspeed>=0.16"],
         "dev": ["pytest", "expecttest", "build", "ninja", "matplotlib", "safetensors", "tqdm"],
     },
     options={"bdist_wheel": {"py_limited_api": "cp310"}} if ext_modules else {},

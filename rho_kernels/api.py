@@ -24,7 +24,7 @@ from typing import NamedTuple, Optional
 import torch
 from torch import Tensor
 
-from . import _autograd, _contract, backends, reference, vocab_parallel
+from . import _autograd, _contract, backends, reference, sharding, vocab_parallel
 from ._contract import METHODS
 
 __all__ = ["Selection", "score", "select", "available_backends", "METHODS", "BACKENDS"]
@@ -61,6 +61,7 @@ def available_backends(device: Optional[torch.device | str] = None) -> list[str]
     return [n for n in BACKENDS if any(backends.unavailable_reason(n, d) is None for d in devices)]
 
 
+@sharding.sharded_logits
 def score(
     logits: Tensor,
     targets: Optional[Tensor] = None,
@@ -122,6 +123,7 @@ def score(
     return s.view(p.lead_shape)
 
 
+@sharding.sharded_logits
 def select(
     logits: Tensor,
     targets: Optional[Tensor] = None,

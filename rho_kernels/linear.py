@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import _contract, backends, reference, tokens, vocab_parallel
+from . import _contract, backends, reference, sharding, tokens, vocab_parallel
 from ._contract import FLOAT_DTYPES, RowProblem
 from .api import Selection
 
@@ -248,6 +248,7 @@ def _scores(hidden, weight, targets, il, bias, method, ignore_index, chunk_size,
 # --------------------------------------------------------------------------- selection
 
 
+@sharding.linear_head
 def linear_score(
     hidden: Tensor,
     weight: Tensor,
@@ -286,6 +287,7 @@ def linear_score(
     return score.view(p.lead_shape)
 
 
+@sharding.linear_head
 def linear_select(
     hidden: Tensor,
     weight: Tensor,
@@ -318,6 +320,7 @@ def linear_select(
     return Selection(idx, score[idx], eligible[idx])
 
 
+@sharding.linear_head
 def linear_select_sequences(
     hidden: Tensor,
     weight: Tensor,
@@ -541,6 +544,7 @@ def max_selected(num_rows: int, ratio: float) -> int:
     return min(num_rows, math.ceil(ratio * num_rows) + 1)
 
 
+@sharding.linear_head
 def selective_linear_cross_entropy(
     hidden: Tensor,
     weight: Tensor,

@@ -25,7 +25,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from . import _contract, backends, reference, vocab_parallel
+from . import _contract, backends, reference, sharding, vocab_parallel
 from ._contract import lse_dtype
 from .api import Selection, label_free_targets, missing_count
 
@@ -132,6 +132,7 @@ def _nonignored(p: _contract.RowProblem) -> Tensor:
     return p.targets != p.ignore_index
 
 
+@sharding.sharded_logits
 def select_mask(
     logits: Tensor,
     targets: Optional[Tensor] = None,
@@ -179,6 +180,7 @@ def select_mask(
     return mask.view(p.lead_shape)
 
 
+@sharding.sharded_logits
 def select_sequences(
     logits: Tensor,
     targets: Optional[Tensor] = None,
@@ -292,6 +294,7 @@ class _SelectiveCE(torch.autograd.Function):
         return grad, None, None, None, None, None, None, None, None
 
 
+@sharding.sharded_logits
 def selective_cross_entropy(
     logits: Tensor,
     targets: Tensor,

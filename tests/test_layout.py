@@ -5,6 +5,7 @@ rule holds for code paths that a test run might not reach:
 
 * no import cycles between the package's modules;
 * the op layer (``_contract``, ``reference``, ``backends``) imports nothing of ours above it;
+* ``sharding`` (the public ops' sharded-head decorators) imports no module of the package;
 * ``training`` and ``integrations`` reach the ops only through the public op modules
   (``api``, ``tokens``, ``linear``), never the contract, the reference or a backend.
 """
@@ -121,3 +122,9 @@ def test_training_and_integrations_use_only_the_public_op_api():
         if _within(name, UPPER_LAYERS):
             bad = sorted(d for d in deps if _within(d, OP_LAYER) or d == "rho_kernels")
             assert not bad, f"{name} imports {bad}; use the public op modules {list(PUBLIC_OPS)}"
+
+
+def test_sharding_imports_nothing_of_the_package():
+    graph = _graph()
+    assert "rho_kernels.sharding" in graph["rho_kernels.linear"]  # the edge exists (the ops' decorators)
+    assert not graph["rho_kernels.sharding"], graph["rho_kernels.sharding"]

@@ -56,11 +56,12 @@ INDEX_COLUMN = "dataset_index"
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
-    """The user's model inside DDP / torch.compile wrappers."""
+    """The user's model inside DDP / DeepSpeed / torch.compile wrappers."""
     while True:
         if hasattr(model, "_orig_mod"):  # torch.compile
             model = model._orig_mod
-        elif isinstance(model, nn.parallel.DistributedDataParallel) or type(model).__name__ == "DataParallel":
+        elif isinstance(model, nn.parallel.DistributedDataParallel) or type(model).__name__ in ("DataParallel",
+                                                                                                "DeepSpeedEngine"):
             model = model.module
         else:
             return model
@@ -234,16 +235,15 @@ class Rho1Trainer(Trainer):
         if self._hidden_path(model):
             outputs = model(**model_inputs, output_hidden_states=True, logits_to_keep=1)
             hidden = outputs.hidden_states[-1][:, :-1]
+            # The head module, not its weight: under FSDP2 / DeepSpeed ZeRO-3 the op then runs inside
+            # its forward, where the weight is gathered and its gradient reduced.
             head = _unwrap(model).get_output_embeddings()
-            loss = _linear.selective_linear_cross_entropy(
-                hidden, head.weight, targets, ref, self.keep_ratio, bias=head.bias, ignore_index=-100,
-                backend=self.backend,
-            )
+            loss = _linear.selective_linear_cross_entropy(hidden, head, targets, ref, self.keep_ratio,
+                                                          ignore_index=-100, backend=self.backend)
             if self.log_selection_stats:  # one more pass over the head, no logits either
                 with torch.no_grad():
-                    excess = _linear.linear_score(hidden.detach(), head.weight.detach(), targets, ref,
-                                                  bias=None if head.bias is None else head.bias.detach(),
-                                                  method="reducible", ignore_index=-100, backend=self.backend)
+                    excess = _linear.linear_score(hidden.detach(), head, targets, ref, method="reducible",
+                                                  ignore_index=-100, backend=self.backend)
                 self._record(excess, targets)
         else:
             outputs = model(**model_inputs)
