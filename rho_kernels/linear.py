@@ -394,8 +394,10 @@ class _SelectiveLinearCE(torch.autograd.Function):
             eligible = torch.empty((0,), dtype=torch.bool, device=hidden.device)
         else:
             score, lse, ce, eligible = torch.cat(scores), torch.cat(lses), torch.cat(ces), torch.cat(eligibles)
-        mask = tokens.top_fraction_mask(score, eligible, p.targets != ignore_index, ratio)
-        out, n_sel = tokens.reduce_selected(ce, mask, reduction, p.lead_shape)
+        counted = p.targets != ignore_index
+        mask = tokens.top_fraction_mask(score, eligible, counted, ratio)
+        out, n_sel = tokens.reduce_selected(ce, mask, reduction, p.lead_shape, counted, lse)
+        tokens.warn_if_nothing_eligible(counted, eligible, p.il, lse)
         # The backward needs only the selected rows.  Their number k lives on the device; a fixed
         # superset of max_selected(n, ratio) rows (the best by the ordering key, so every selected
         # row is among them) keeps shapes static.  Ascending row order: a deterministic sum.

@@ -20,6 +20,7 @@ the k-th largest key.
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Optional
 
 import torch
@@ -251,16 +252,93 @@ def target_logits(logits: Tensor, targets: Tensor, live: Tensor) -> Tensor:
     return logits.gather(-1, safe_t.view(*logits.shape[:-1], 1)).reshape(-1)
 
 
-def reduce_selected(ce: Tensor, mask: Tensor, reduction: str, lead_shape: torch.Size) -> tuple[Tensor, Tensor]:
+def reduce_selected(ce: Tensor, mask: Tensor, reduction: str, lead_shape: torch.Size, counted: Tensor,
+                    lse: Tensor) -> tuple[Tensor, Tensor]:
     """(the selective loss under ``reduction``, the number of selected rows) from per-row CE:
-    unselected rows count as 0; "mean" divides by the selected count (0 when none is)."""
+    unselected rows count as 0; "mean" divides by the selected count (0 when none is counted).
+
+    The divergence rule: a counted row (target not ignored) whose own log-sum-exp is not finite
+    (NaN / inf in the model's logits, hidden state or head) makes the loss NaN, selected or not,
+    as F.cross_entropy's would be; so does a batch that counted tokens but could select none
+    (every reference loss NaN, say).  "none": NaN on those rows.  A NaN reference loss alone only
+    keeps its row out of the selection.  Decided on the device: no host sync.
+    """
     ce = torch.where(mask, ce, torch.zeros_like(ce))
     n_sel = mask.sum()
+    poison = counted & (~torch.isfinite(lse) | (n_sel == 0))
+    if reduction == "none":
+        return torch.where(poison, math.nan, ce).view(lead_shape), n_sel
+    nan = torch.where(poison.any(), math.nan, 0.0).to(ce.dtype)
     if reduction == "mean":
-        return ce.sum() / n_sel.clamp_min(1).to(ce.dtype), n_sel
-    if reduction == "sum":
-        return ce.sum(), n_sel
-    return ce.view(lead_shape), n_sel
+        return ce.sum() / n_sel.clamp_min(1).to(ce.dtype) + nan, n_sel
+    return ce.sum() + nan, n_sel
+
+
+# Once per process: the first batch that counted tokens but could select none.
+_STARVED_WARNED = False
+# CUDA: (event, pinned host copy) of recent batches' counts, read once their copy has landed
+# (a call behind) so that the check never waits for the device.
+_PENDING: list = []
+_MAX_PENDING = 8
+
+
+def warn_if_nothing_eligible(counted: Tensor, eligible: Tensor, il: Optional[Tensor], lse: Tensor) -> None:
+    """Warn (once per process) when a batch counted tokens but none was eligible for selection.
+
+    The loss is then NaN (:func:`reduce_selected`); this says why.  Costs no host sync: CPU
+    tensors are read at once; CUDA counts travel by a non-blocking copy and are read at a later
+    call once their event has completed; nothing under torch.compile or CUDA-graph capture.
+    """
+    global _STARVED_WARNED
+    if _STARVED_WARNED or _contract.is_compiling():
+        return
+    dev = counted.device
+    if dev.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return
+    with torch.no_grad():
+        ref_nan = counted & torch.isnan(il) if il is not None else torch.zeros_like(counted)
+        counts = torch.stack([counted.sum(), (counted & eligible).sum(), ref_nan.sum(),
+                              (counted & ~torch.isfinite(lse)).sum()])
+    if dev.type == "cpu":
+        _report_counts(counts.tolist())
+        return
+    if dev.type != "cuda":
+        return
+    _poll_pending()
+    host = torch.empty(counts.shape, dtype=counts.dtype, pin_memory=True)
+    host.copy_(counts, non_blocking=True)
+    event = torch.cuda.Event()
+    event.record()
+    _PENDING.append((event, host))
+    del _PENDING[:-_MAX_PENDING]
+
+
+def _poll_pending() -> None:
+    while _PENDING and _PENDING[0][0].query():
+        _report_counts(_PENDING.pop(0)[1].tolist())
+
+
+def _report_counts(counts: list) -> None:
+    global _STARVED_WARNED
+    n_counted, n_eligible, n_ref_nan, n_bad = counts
+    if _STARVED_WARNED or n_counted == 0 or n_eligible > 0:
+        return
+    _STARVED_WARNED = True
+    _PENDING.clear()
+    why = []
+    if n_ref_nan:
+        why.append(f"{n_ref_nan} have a NaN reference loss")
+    if n_bad:
+        why.append(f"{n_bad} have non-finite logits (NaN / inf: a diverged model?)")
+    if not why:
+        why.append("their scores are NaN (targets outside [0, V), unchecked on the GPU)")
+    warnings.warn(f"selective cross-entropy: none of the {n_counted} counted tokens of a batch could be selected "
+                  f"({'; '.join(why)}); the loss is NaN.  (Warned once per process.)", RuntimeWarning,
+                  stacklevel=3)
+
+
+# What vocab_parallel.SelectiveCE takes from this module (it imports nothing above the op layer).
+_LOSS_RULES = (top_fraction_mask, reduce_selected, warn_if_nothing_eligible)
 
 
 class _SelectiveCE(torch.autograd.Function):
@@ -273,7 +351,9 @@ class _SelectiveCE(torch.autograd.Function):
         mask = top_fraction_mask(score, eligible, _nonignored(p), ratio)
         # CE = lse - z_y in the accumulation dtype: the same value the kernel subtracted IL from.
         ce = lse - target_logits(logits, p.targets, eligible).to(lse.dtype)
-        out, n_sel = reduce_selected(ce, mask, reduction, p.lead_shape)
+        counted = _nonignored(p)
+        out, n_sel = reduce_selected(ce, mask, reduction, p.lead_shape, counted, lse)
+        warn_if_nothing_eligible(counted, eligible, p.il, lse)
         ctx.save_for_backward(logits, p.targets, lse, mask, n_sel)
         ctx.config = (ignore_index, reduction, grad_name, inplace)
         return out
@@ -343,7 +423,7 @@ def selective_cross_entropy(
     if process_group is not None:  # vocabulary-parallel logits: the gradient of this shard
         vocab_parallel.prepare(logits, targets, reference_loss, "reducible", ignore_index)
         return vocab_parallel.SelectiveCE.apply(logits, targets, reference_loss, ratio, ignore_index, reduction,
-                                                vocab_start_index, process_group, top_fraction_mask)
+                                                vocab_start_index, process_group, _LOSS_RULES)
     # Validate now (clear errors before autograd); forward() normalises again, cheaply.
     _contract.prepare(logits, targets, reference_loss, "reducible", ignore_index)
     forward_name, grad_name = resolve_names(backend, logits.device)

@@ -169,22 +169,19 @@ def ce_grad_rows(z: Tensor, targets: Tensor, lse: Tensor, row_scale: Tensor, ign
 
 
 class SelectiveCE(torch.autograd.Function):
-    """The selective CE on a logits shard; ``mask_fn(score, eligible, counted, ratio)`` is the
-    ratio rule (passed in, so that this module needs nothing above the op layer)."""
+    """The selective CE on a logits shard; ``rules = (mask_fn, reduce_fn, warn_fn)`` are the
+    ratio rule, the reduction (with its divergence rule) and the nothing-eligible warning of
+    rho_kernels.tokens (passed in, so that this module needs nothing above the op layer)."""
 
     @staticmethod
-    def forward(ctx, logits, targets, reference_loss, ratio, ignore_index, reduction, vocab_start, group, mask_fn):
+    def forward(ctx, logits, targets, reference_loss, ratio, ignore_index, reduction, vocab_start, group, rules):
+        mask_fn, reduce_fn, warn_fn = rules
         p = prepare(logits, targets, reference_loss, "reducible", ignore_index)
         f = score_rows(p, vocab_start, group)
-        mask = mask_fn(f.score, f.eligible, p.targets != ignore_index, ratio)
-        ce = torch.where(mask, f.ce, torch.zeros_like(f.lse))
-        n_sel = mask.sum()
-        if reduction == "mean":
-            out = ce.sum() / n_sel.clamp_min(1).to(ce.dtype)
-        elif reduction == "sum":
-            out = ce.sum()
-        else:
-            out = ce.view(p.lead_shape)
+        counted = p.targets != ignore_index
+        mask = mask_fn(f.score, f.eligible, counted, ratio)
+        out, n_sel = reduce_fn(f.ce, mask, reduction, p.lead_shape, counted, f.lse)
+        warn_fn(counted, f.eligible, p.il, f.lse)
         ctx.save_for_backward(logits, p.targets, f.lse, mask, n_sel)
         ctx.config = (ignore_index, reduction, vocab_start)
         return out

@@ -8,6 +8,7 @@ downloaded.  Every expectation is recomputed by hand from the same inputs and we
 from __future__ import annotations
 
 import copy
+import math
 import os
 import subprocess
 import sys
@@ -205,6 +206,28 @@ def test_rho1_reference_column_and_resume(tmp_path):
     resumed.train(resume_from_checkpoint=str(ckpt))
     for p, q in zip(full.model.parameters(), resumed.model.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
+def test_rho1_surfaces_a_nan_loss(tmp_path):
+    """A batch with nothing selectable (every reference loss NaN) and a diverged model (a NaN in
+    the LM head) give NaN losses; the Trainer's logging_nan_inf_filter would log a stale average
+    (or 0.0) instead: the log says NaN and how many, with a warning."""
+    data = lm_dataset(4, with_reference=torch.full((4, SEQ), float("nan")))
+    tr = rkt.Rho1Trainer(model=tiny_llama(0), args=args(tmp_path / "a", max_steps=2), train_dataset=data)
+    with pytest.warns(RuntimeWarning, match="loss\\(es\\) since the last log were NaN"):
+        tr.train()
+    logs = [h for h in tr.state.log_history if "loss" in h]
+    assert len(logs) == 2 and all(math.isnan(h["loss"]) and h["rho1/nonfinite_losses"] == 1 for h in logs)
+    for hidden in (False, True):
+        model = tiny_llama(0)
+        with torch.no_grad():
+            model.lm_head.weight[3, 5] = float("nan")
+        tr = rkt.Rho1Trainer(model=model, args=args(tmp_path / f"b{hidden}", max_steps=1), use_hidden_states=hidden,
+                             train_dataset=lm_dataset(4), reference_model=tiny_llama(1))
+        with pytest.warns(RuntimeWarning, match="were NaN"):
+            tr.train()
+        log = next(h for h in tr.state.log_history if "loss" in h)
+        assert math.isnan(log["loss"]) and log["rho1/nonfinite_losses"] == 1, (hidden, log)
 
 
 def test_rho1_needs_a_reference(tmp_path):

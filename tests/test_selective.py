@@ -17,6 +17,7 @@ import math
 import os
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -569,3 +570,71 @@ def test_no_host_sync_on_gpu(backend):
         step()
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+# --------------------------------------------------------------------------- divergence (NaN) rule
+
+
+@pytest.fixture
+def fresh_nan_warning(monkeypatch):
+    """The nothing-eligible warning is once per process: re-arm it for one test."""
+    monkeypatch.setattr(tokens, "_STARVED_WARNED", False)
+    monkeypatch.setattr(tokens, "_PENDING", [])
+
+
+def test_divergence_makes_the_loss_nan(backend, fresh_nan_warning):
+    """The model's own non-finite logits on a counted token make the loss NaN (as F.cross_entropy);
+    a NaN reference loss only keeps its token out of the selection; counted tokens but none
+    selectable: NaN and one warning naming why."""
+    logits, targets, ref_loss = make_lm_batch(2, 9, 40 if is_slow_backend(backend) else 300, n_ignored=2)
+    counted = targets != -100
+    r, c = counted.nonzero()[0].tolist()
+    run = lambda z, il, ratio, red="mean": tokens.selective_cross_entropy(  # noqa: E731
+        z, targets, il, ratio, reduction=red, backend=backend)
+    for bad in (math.nan, math.inf):
+        z = logits.clone()
+        z[r, c, 5] = bad
+        assert torch.isnan(F_ce(z, targets)), "the premise: F.cross_entropy is NaN"
+        for ratio in (1.0, 0.3):
+            x = z.clone().requires_grad_()
+            assert torch.isnan(run(x, ref_loss, ratio)), f"{backend}: {bad} logit, ratio {ratio}"
+            assert torch.isnan(run(z, ref_loss, ratio, "sum"))
+            per_token = run(z, ref_loss, ratio, "none")
+            assert torch.isnan(per_token[r, c]) and not bool(torch.isnan(per_token).sum() > 1)
+        if math.isnan(bad):  # unselectable (NaN score): the other tokens' gradients stay usable
+            run(x, ref_loss, 0.3).backward()
+            assert bool(torch.isfinite(x.grad).all()) and bool((x.grad[r, c] == 0).all())
+    z = torch.full_like(logits, math.nan)  # a fully diverged model: NaN, not 0
+    with pytest.warns(RuntimeWarning, match=r"none of the 16 counted tokens .*16 have non-finite logits"):
+        assert torch.isnan(run(z, ref_loss, 1.0)) and torch.isnan(run(z, ref_loss, 0.5, "sum"))
+    tokens._STARVED_WARNED = False  # re-arm (the fixture restores it)
+    # A diverged token that is ignored does not count.
+    z, t_ign = logits.clone(), targets.clone()
+    z[r, c] = math.nan
+    t_ign[r, c] = -100
+    assert torch.isfinite(tokens.selective_cross_entropy(z, t_ign, ref_loss, 0.5, backend=backend))
+
+    # NaN reference loss: ineligible, the loss stays that of the others (ratio 1: plain CE of them).
+    il = ref_loss.clone()
+    il[r, c] = math.nan
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="selective cross-entropy")
+        got = run(logits, il, 1.0)
+    t_rest = targets.clone()
+    t_rest[r, c] = -100
+    assert torch.allclose(got, F_ce(logits, t_rest), rtol=1e-5), backend
+    # Every reference loss NaN: no token to train on.  NaN and one warning, once per process.
+    with pytest.warns(RuntimeWarning, match=r"none of the 16 counted tokens .*16 have a NaN reference loss"):
+        assert torch.isnan(run(logits, torch.full_like(il, math.nan), 0.5))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="selective cross-entropy")
+        assert torch.isnan(run(logits, torch.full_like(il, math.nan), 0.5, "sum"))
+    # Nothing counted (every target ignored): still 0, no warning.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="selective cross-entropy")
+        assert tokens.selective_cross_entropy(logits, torch.full_like(targets, -100), il, 0.5,
+                                              backend=backend).item() == 0.0
+
+
+def F_ce(logits, targets):
+    return torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1))

@@ -91,12 +91,16 @@ def _worker(rank: int, world: int, port: int) -> None:
             assert torch.equal(seq.indices, ref_seq.indices), method
             _close(seq.scores, ref_seq.scores, f"sequences/{method}")
 
-        # The selective CE: same loss everywhere, each rank the gradient of its own columns.
-        for reduction in ("mean", "none"):
+        # The selective CE: same loss everywhere, each rank the gradient of its own columns.  Rows
+        # 9 (NaN) and 10 (+inf) are a diverged model's: counted, they make the loss NaN (below).
+        finite_t = targets.clone()
+        finite_t.view(-1)[[9, 10]] = -100
+        for reduction, tgt in (("mean", finite_t), ("none", targets), ("sum", targets)):
             x = shard.clone().requires_grad_()
             full = logits.clone().requires_grad_()
-            loss = rk.selective_cross_entropy(x, targets, il, 0.5, reduction=reduction, **kw)
-            want = rk.selective_cross_entropy(full, targets, il, 0.5, reduction=reduction, backend="reference")
+            loss = rk.selective_cross_entropy(x, tgt, il, 0.5, reduction=reduction, **kw)
+            want = rk.selective_cross_entropy(full, tgt, il, 0.5, reduction=reduction, backend="reference")
+            assert torch.isnan(loss).any() == (tgt is targets), reduction
             _close(loss.detach(), want.detach(), f"selective CE/{reduction}")
             _same_on_every_rank(loss.detach(), "selective CE")
             up = torch.rand(loss.shape, generator=torch.Generator().manual_seed(3)) + 0.5
@@ -143,6 +147,20 @@ def _worker(rank: int, world: int, port: int) -> None:
         gh = h1.grad.clone()
         dist.all_reduce(gh)  # each shard's share of hidden's gradient sums to the full one
         assert torch.allclose(gh, h2.grad, rtol=1e-5, atol=1e-6), "hidden gradient (group sum)"
+
+        # Every reference loss NaN: nothing to select although tokens count: NaN and a warning.
+        import rho_kernels.tokens as tokens_module
+
+        tokens_module._STARVED_WARNED = False
+        with pytest.warns(RuntimeWarning, match="counted tokens of a batch could be selected"):
+            loss = rk.selective_cross_entropy(shard, finite_t, torch.full_like(il, math.nan), 0.5, **kw)
+        assert torch.isnan(loss)
+        loss = rk.selective_linear_cross_entropy(hidden, w_s, tgt, torch.full_like(il, math.nan), 0.5, bias=b_s,
+                                                 **lkw)
+        assert torch.isnan(loss)
+        h_nan = hidden.clone()
+        h_nan[0, 0, 0] = math.nan  # a diverged hidden state on a counted token
+        assert torch.isnan(rk.selective_linear_cross_entropy(h_nan, w_s, tgt, il, 0.5, bias=b_s, **lkw))
 
         # A target no rank owns: the same clear error on every rank.
         bad = targets.clone()

@@ -23,6 +23,7 @@ from __future__ import annotations
 import inspect
 import math
 import os
+import warnings
 from typing import Any, Callable, Optional, Union
 
 import torch
@@ -95,6 +96,34 @@ def shifted_reference_loss(reference: Tensor, labels: Tensor) -> Tensor:
     )
 
 
+class _NonFiniteLosses:
+    """Counts the training micro-batches whose loss was NaN / inf, on the device (no sync).
+
+    The Trainer's ``logging_nan_inf_filter`` (on by default) logs the running average instead
+    of such a loss, so a diverged model (a NaN loss: see selective_cross_entropy) would look
+    healthy.  At each training log the count is read (the log syncs anyway); if any, the logged
+    ``loss`` is NaN, ``<prefix>/nonfinite_losses`` says how many, and a warning is raised.
+    """
+
+    def __init__(self, prefix: str) -> None:
+        self.prefix = prefix
+        self.count: Optional[Tensor] = None
+
+    def record(self, loss: Tensor) -> None:
+        bad = (~torch.isfinite(loss.detach())).sum()
+        self.count = bad if self.count is None else self.count + bad
+
+    def surface(self, logs: dict) -> None:
+        if self.count is None:
+            return
+        n, self.count = int(self.count), None
+        if n:
+            logs["loss"] = math.nan
+            logs[f"{self.prefix}/nonfinite_losses"] = n
+            warnings.warn(f"{n} training micro-batch loss(es) since the last log were NaN / inf (a diverged model, "
+                          "or a batch with nothing to select); the logged loss is NaN", RuntimeWarning, stacklevel=3)
+
+
 # ============================================================================== Rho-1
 class Rho1Trainer(Trainer):
     """``transformers.Trainer`` whose training loss is Rho-1's selective cross-entropy.
@@ -157,6 +186,7 @@ class Rho1Trainer(Trainer):
         # the number of accumulation steps (it does so only when this flag is False).
         self.model_accepts_loss_kwargs = False
         self._rho_acc: Optional[Tensor] = None  # kept, counted, kept excess sum, dropped excess sum
+        self._nonfinite = _NonFiniteLosses("rho1")
 
     # -------------------------------------------------------------- data
     def _set_signature_columns_if_needed(self) -> None:
@@ -253,6 +283,7 @@ class Rho1Trainer(Trainer):
             if self.log_selection_stats:
                 self._record(api.score(logits.detach(), targets, ref, method="reducible", ignore_index=-100,
                                        backend=self.backend), targets)
+        self._nonfinite.record(loss)
         return (loss, outputs) if return_outputs else loss
 
     # -------------------------------------------------------------- logging
@@ -277,6 +308,7 @@ class Rho1Trainer(Trainer):
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
         if "loss" in logs:  # a training log (not eval metrics or the end-of-training summary)
             logs.update(self.selection_stats())
+            self._nonfinite.surface(logs)
         super().log(logs, *args, **kwargs)
 
 
@@ -346,6 +378,7 @@ class RhoLossTrainer(Trainer):
                 raise ValueError(f"the irreducible-loss store has {len(irreducible_loss)} entries but the train "
                                  f"dataset has {n} examples")
         self.model_accepts_loss_kwargs = False  # mean over the picks; the Trainer averages micro-batches
+        self._nonfinite = _NonFiniteLosses("rho_loss")
 
     def _set_signature_columns_if_needed(self) -> None:
         super()._set_signature_columns_if_needed()
@@ -377,6 +410,7 @@ class RhoLossTrainer(Trainer):
         index, x, y = self.selector.select((index, inputs, labels))
         outputs = model(**x)
         loss = F.cross_entropy(outputs.logits.float(), y, ignore_index=self.selector.ignore_index)
+        self._nonfinite.record(loss)
         return (loss, outputs) if return_outputs else loss
 
     def selection_stats(self, reset: bool = True) -> dict[str, float]:
@@ -392,6 +426,7 @@ class RhoLossTrainer(Trainer):
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
         if "loss" in logs:
             logs.update(self.selection_stats())
+            self._nonfinite.surface(logs)
         super().log(logs, *args, **kwargs)
 
     # The selector's step counter (temperature schedules) and RNG travel with checkpoints.
