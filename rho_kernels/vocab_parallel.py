@@ -99,7 +99,7 @@ def exchange(stats: Tensor, process_group) -> Tensor:
 def merge_and_finalize(parts: Tensor, targets: Tensor, il: Optional[Tensor], method: int,
                        ignore_index: int) -> Finalized:
     """rho::acc_merge over the ranks' partials, then finalize_lse / finalize_score."""
-    m_w, d_w, t_w, dx_w, s2x_w, zy_w, own_w = parts.unbind(-1)
+    m_w, d_w, t_w, dx_w, s2x_w, zy_w, own_w = parts[..., :NUM_STATS].unbind(-1)  # the tile path adds zsum
     m = m_w.amax(0)  # NaN anywhere -> NaN
     same = (d_w == 0) | (m_w == m)  # acc_rescale's guard: no exp(-inf - -inf)
     shift = m_w - m

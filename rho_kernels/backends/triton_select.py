@@ -47,7 +47,8 @@ import triton.language as tl
 from torch import Tensor
 from ._triton_compat import triton_op, wrap_triton
 
-from .._contract import RowProblem, lse_dtype
+from .. import reference
+from .._contract import RowProblem, has_transform, lse_dtype
 from . import triton_ce_grad
 from .triton_ce_grad import _device_guard
 
@@ -691,20 +692,25 @@ if _INTERPRETED:
 # ----------------------------------------------------------------------------------------------
 
 
-def score_rows(p: RowProblem, with_lse: bool = True) -> tuple[Tensor, Tensor]:
+# Interim: the kernels do not apply the logit transform yet; a transformed problem runs on the
+# materialised z' (reference.plain_problem: same numbers, one more N x V pass).
+def score_rows(p: RowProblem, with_lse: bool = True, with_zsum: bool = False):
     """Per-row score (float32 ``[N]``) and log-sum-exp (``[N]``, NaN for ``irreducible``; an
-    empty ``[0]`` tensor when ``with_lse`` is False)."""
-    score, lse = torch.ops.rho_kernels.triton_score_rows(p.logits, p.targets, p.il, p.method,
-                                                         p.ignore_index)
+    empty ``[0]`` tensor when ``with_lse`` is False); with ``with_zsum`` also ``sum_j z'_j``."""
+    q = reference.plain_problem(p)
+    score, lse = torch.ops.rho_kernels.triton_score_rows(q.logits, q.targets, q.il, q.method,
+                                                         q.ignore_index)
     # The kernels always write the lse (one compiled variant; an N-sized write is noise on a
     # GPU next to the N x V read), so it is only dropped here.
-    return score, (lse if with_lse else lse.new_empty((0,)))
+    lse = lse if with_lse else lse.new_empty((0,))
+    return (score, lse, reference.row_zsum(q)) if with_zsum else (score, lse)
 
 
 def select_rows(p: RowProblem, k: int) -> tuple[Tensor, Tensor, Tensor]:
     """Top ``k`` rows in the contract's order: (indices int64, scores float32, valid bool)."""
-    return torch.ops.rho_kernels.triton_select_rows(p.logits, p.targets, p.il, k, p.method,
-                                                    p.ignore_index)
+    q = reference.plain_problem(p)
+    return torch.ops.rho_kernels.triton_select_rows(q.logits, q.targets, q.il, k, q.method,
+                                                    q.ignore_index)
 
 
 def ce_grad_unavailable_reason(device: torch.device) -> Optional[str]:
@@ -713,9 +719,13 @@ def ce_grad_unavailable_reason(device: torch.device) -> Optional[str]:
 
 
 def ce_grad_rows(logits: Tensor, targets: Tensor, lse: Tensor, row_scale: Tensor, ignore_index: int,
-                 inplace: bool = False) -> Tensor:
-    """``row_scale * (softmax - onehot)`` per row (see ``triton_ce_grad``); in place over the logits
-    when ``inplace``."""
+                 inplace: bool = False, *, softcap: float = 0.0, logit_scale: float = 1.0,
+                 label_smoothing: float = 0.0, z_loss: float = 0.0) -> Tensor:
+    """``row_scale * (softmax - onehot)`` per row (see ``triton_ce_grad``; the general form in
+    ``reference.ce_grad_rows``); in place over the logits when ``inplace``."""
+    if has_transform(softcap, logit_scale) or label_smoothing != 0.0 or z_loss != 0.0:
+        return reference.ce_grad_rows(logits, targets, lse, row_scale, ignore_index, inplace, softcap=softcap,
+                                      logit_scale=logit_scale, label_smoothing=label_smoothing, z_loss=z_loss)
     if inplace:
         triton_ce_grad.ce_grad_rows_(logits, targets, lse, row_scale, ignore_index)
         return logits
