@@ -648,3 +648,100 @@ def test_divergence_makes_the_loss_nan(backend, tiled, monkeypatch):
     with pytest.warns(RuntimeWarning, match=r"none of the 19 counted tokens .*19 have a NaN reference loss"):
         assert torch.isnan(run(h, w, torch.full_like(il, math.nan)))
     assert used if tiled else True, "the tiled forward did not run"
+
+
+# --------------------------------------------------------------------------- soft-cap, scale, smoothing, z-loss, weights
+
+LOSS_OPTIONS = dict(softcap=1.5, logit_scale=1.7, label_smoothing=0.1, z_loss=1e-3)
+
+
+@pytest.mark.parametrize("path", ["chunks", "tiles", "vocab_slices"])
+def test_loss_options_match_the_materialised_formula(backend, path, monkeypatch):
+    """softcap / logit_scale / label_smoothing / z_loss / weights from hidden states: loss and the
+    gradients of hidden, weight and bias against the float64 formula on the materialised logits,
+    through each forward / backward layout (row chunks, the cpu backend's tiles, the half-precision
+    backward by vocabulary slice)."""
+    from test_selective import _token_weights, definition_loss
+
+    dtype, chunk, v = torch.float32, 5, 60
+    if path == "tiles":
+        _tiled_backend(backend)
+        used = _force_tiles(monkeypatch, 8, 16, dtype)
+        chunk = None
+    if path == "vocab_slices":
+        if backend.partition("-")[0] not in ("reference", "cpu"):
+            pytest.skip("the sliced backward is backend-independent torch; two backends suffice")
+        dtype = torch.bfloat16
+        sliced = []
+        real = linear._vocab_slices
+        monkeypatch.setattr(linear, "_vocab_slices", lambda *a: sliced.append(1) or real(*a))
+    h, w, b, targets, il = _loss_case(dtype, lead=(2, 13), v=v)
+    h = h * 4  # |z| up to ~40: the cap saturates
+    weights = _token_weights(targets.shape)
+    for ratio, reduction in ((0.5, "mean"), (1.0, "sum"), (0.3, "none")):
+        what = f"{backend}/{path}/{ratio}/{reduction}"
+        got_in, want_in = _leaves(h, w, b), _leaves(h.double(), w.double(), b.double())
+        got = rk.selective_linear_cross_entropy(got_in[0], got_in[1], targets, il, ratio, bias=got_in[2],
+                                                reduction=reduction, chunk_size=chunk, backend=backend,
+                                                weights=weights, **LOSS_OPTIONS)
+        want = definition_loss(materialise(*want_in), targets, il, ratio, weights=weights, reduction=reduction,
+                               **LOSS_OPTIONS)
+        tol = 2e-5 if dtype == torch.float32 else 2e-2
+        assert torch.allclose(got.double(), want, rtol=tol, atol=tol), f"{what}: {got} vs {want}"
+        up = torch.rand(got.shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64).to(DEVICE)
+        grads = torch.autograd.grad((got * up.to(got.dtype)).sum(), got_in)
+        wants = torch.autograd.grad((want * up).sum(), want_in)
+        for name, gx, gw in zip(("hidden", "weight", "bias"), grads, wants):
+            err = (gx.double() - gw).abs().max().item()
+            assert err <= tol * max(1.0, gw.abs().max().item()), f"{what}/{name}: grad error {err:.3g}"
+    if path == "tiles":
+        assert used
+    if path == "vocab_slices":
+        assert sliced
+
+
+def test_linear_selection_with_a_transform(backend):
+    """linear_score / linear_select / linear_select_sequences with softcap / logit_scale = the
+    logits ops with the same transform on the materialised logits, and the float64 formula."""
+    from test_selective import transformed
+
+    h, w, b, targets, il = exact_inputs((3, 8), 50, torch.float32, seed=5)
+    logits = materialise(h, w, b)
+    slow = is_slow_backend(backend)  # the Triton interpreter: one case
+    for softcap, scale in ((3.0, 2.5),) if slow else ((2.0, 1.0), (None, 0.3), (3.0, 2.5)):
+        kw = dict(softcap=softcap, logit_scale=scale)
+        for method in ("reducible",) if slow else ("reducible", "loss", "entropy"):
+            got = rk.linear_score(h, w, targets, il, bias=b, method=method, chunk_size=7, backend=backend, **kw)
+            truth = truth_scores(transformed(logits, softcap, scale), targets, il, method)
+            eager = rk.score(transformed(logits, softcap, scale).float(), targets, il, method=method,
+                             backend="reference").double()
+            assert_accurate(got, eager, truth, f"{backend}/{method}/{kw}")
+            sel = rk.linear_select(h, w, targets, il, 9, bias=b, method=method, chunk_size=7, backend=backend, **kw)
+            ref = rk.select(logits, targets, il, 9, method=method, backend=backend, **kw)
+            assert torch.equal(sel.indices, ref.indices), f"{backend}/{method}/{kw}"
+            seq = rk.linear_select_sequences(h, w, targets, il, 2, bias=b, method=method, chunk_size=7,
+                                             backend=backend, **kw)
+            ref_seq = rk.select_sequences(logits, targets, il, 2, method=method, backend=backend, **kw)
+            assert torch.equal(seq.indices, ref_seq.indices), f"{backend}/{method}/{kw}"
+    with pytest.raises(ValueError, match="softcap must be > 0"):
+        rk.linear_score(h, w, targets, il, softcap=-1.0)
+    with pytest.raises(ValueError, match="logit_scale must be non-zero"):
+        rk.selective_linear_cross_entropy(h, w, targets, il, 0.5, logit_scale=0.0)
+
+
+def test_linear_loss_options_gradcheck_float64(grad_impl):
+    from test_selective import _token_weights
+
+    g = torch.Generator().manual_seed(6)
+    h, w, b = (torch.randn(shape, generator=g, dtype=torch.float64).to(DEVICE) for shape in ((2, 5, 4), (11, 4), (11,)))
+    targets = torch.randint(0, 11, (2, 5), generator=g).to(DEVICE)
+    il = torch.rand(2, 5, generator=g, dtype=torch.float64).to(DEVICE)
+    targets[0, 1] = -100
+    weights = _token_weights(targets.shape)
+    h, w, b = _leaves(h, w, b)
+
+    def fn(h, w, b):
+        return rk.selective_linear_cross_entropy(h, w, targets, il, 0.6, bias=b, chunk_size=3, backend=grad_impl,
+                                                 weights=weights, **LOSS_OPTIONS)
+
+    assert torch.autograd.gradcheck(fn, (h, w, b), fast_mode=is_slow_backend(grad_impl))
