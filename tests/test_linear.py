@@ -410,6 +410,17 @@ def test_gradcheck_float64(grad_impl):
     # fast_mode (random projections of the Jacobian): the interpreted Triton kernel is slow.
     assert torch.autograd.gradcheck(fn, (h, w, b), fast_mode=is_slow_backend(grad_impl))
 
+    # Every loss option at once: transform, smoothing, z-loss, weights (with zeros).
+    from test_selective import _token_weights
+
+    weights = _token_weights(targets.shape)
+
+    def with_options(h, w, b):
+        return rk.selective_linear_cross_entropy(h, w, targets, il, 0.6, bias=b, chunk_size=3, backend=grad_impl,
+                                                 weights=weights, **LOSS_OPTIONS)
+
+    assert torch.autograd.gradcheck(with_options, (h, w, b), fast_mode=is_slow_backend(grad_impl))
+
 
 # --------------------------------------------------------------------------- torch.compile
 
@@ -728,20 +739,3 @@ def test_linear_selection_with_a_transform(backend):
     with pytest.raises(ValueError, match="logit_scale must be non-zero"):
         rk.selective_linear_cross_entropy(h, w, targets, il, 0.5, logit_scale=0.0)
 
-
-def test_linear_loss_options_gradcheck_float64(grad_impl):
-    from test_selective import _token_weights
-
-    g = torch.Generator().manual_seed(6)
-    h, w, b = (torch.randn(shape, generator=g, dtype=torch.float64).to(DEVICE) for shape in ((2, 5, 4), (11, 4), (11,)))
-    targets = torch.randint(0, 11, (2, 5), generator=g).to(DEVICE)
-    il = torch.rand(2, 5, generator=g, dtype=torch.float64).to(DEVICE)
-    targets[0, 1] = -100
-    weights = _token_weights(targets.shape)
-    h, w, b = _leaves(h, w, b)
-
-    def fn(h, w, b):
-        return rk.selective_linear_cross_entropy(h, w, targets, il, 0.6, bias=b, chunk_size=3, backend=grad_impl,
-                                                 weights=weights, **LOSS_OPTIONS)
-
-    assert torch.autograd.gradcheck(fn, (h, w, b), fast_mode=is_slow_backend(grad_impl))
