@@ -246,7 +246,36 @@ def record_launches() -> list[tuple[str, Any, tuple, dict, str]]:
                         IGNORE_INDEX)
             case = f"ce_grad {list(shape)} {dtype}"
             out += [(kern.__name__, kern, a, kw, case) for kern, _, a, kw in rec.launches[start:]]
+        # The logit transform's variants (TRANSFORM=1 scale, 2 soft-cap; ZSUM; GENERAL ce_grad).
+        for op, shape, dtype, method, k, softcap, scale in TRANSFORM_CASES:
+            logits = torch.empty(shape, dtype=getattr(torch, dtype), device=meta)
+            targets = torch.empty((shape[0],), dtype=torch.int64, device=meta)
+            il = torch.empty((shape[0],), dtype=torch.float32, device=meta) if method in (0, 2) else None
+            start = len(rec.launches)
+            if op == "score":
+                ts.triton_score_rows._init_fn(logits, targets, il, method, IGNORE_INDEX, softcap, scale, True)
+            elif op == "select":
+                ts.triton_select_rows._init_fn(logits, targets, il, k, method, IGNORE_INDEX, softcap, scale)
+            else:
+                lse = torch.empty((shape[0],), dtype=torch.float32, device=meta)
+                tce._launch(logits, torch.empty_like(logits), targets, lse, lse, IGNORE_INDEX, softcap, scale,
+                            0.1, 1e-4)
+            case = f"{op} {list(shape)} {dtype} method={method} softcap={softcap} logit_scale={scale}"
+            out += [(kern.__name__, kern, a, kw, case) for kern, _, a, kw in rec.launches[start:]]
     return out
+
+
+# (op, shape, dtype, method, k, softcap, logit_scale): Gemma-2's soft-capped head (score with zsum
+# on the whole-row and split-V paths, select two-stage and fused, the general CE gradient) and
+# a scaled (Cohere-like) one.
+TRANSFORM_CASES = (
+    ("score", (16384, 256000), "bfloat16", 0, 0, 30.0, 1.0),
+    ("score", (4, 256000), "bfloat16", 4, 0, 30.0, 1.0),
+    ("select", (16384, 256000), "bfloat16", 0, 1638, 30.0, 1.0),
+    ("select", (64, 1000), "float32", 3, 8, 30.0, 1.0),
+    ("score", (8192, 32000), "float32", 1, 0, 0.0, 0.0625),
+    ("ce_grad", (4096, 256000), "bfloat16", 0, 0, 30.0, 1.0),
+)
 
 
 def _variant_label(signature: dict, constexprs: dict, kernel, options: dict) -> str:

@@ -19,6 +19,11 @@ pairs it with the forward backend); ``gradnorm`` and ``entropy`` use the torch c
 backend.  Rows whose score does not depend on the inputs (ignored target, target outside
 ``[0, V)``) get exact zeros, as autograd through the reference gives.  First-order only:
 ``create_graph=True`` (double backward) raises instead of silently dropping terms.
+
+With a logit transform (``softcap``/``logit_scale``, ``z' = softcap * tanh(logit_scale * z /
+softcap)``) the table holds for z' (p = softmax(z'), lse of z'), and the chain rule multiplies
+each class's gradient by ``dz'/dz = logit_scale * (1 - (z'/softcap)^2)`` (``logit_scale``
+without a cap): ``ce_grad_rows`` does it in the kernel, the torch code below in torch.
 """
 
 from __future__ import annotations
@@ -30,7 +35,8 @@ import torch
 from torch import Tensor
 
 from . import backends
-from ._contract import METHOD_IDS, RowProblem, is_compiling
+from . import reference
+from ._contract import METHOD_IDS, RowProblem, has_transform, is_compiling
 
 _REDUCIBLE, _LOSS, _IRREDUCIBLE = METHOD_IDS["reducible"], METHOD_IDS["loss"], METHOD_IDS["irreducible"]
 _ENTROPY = METHOD_IDS["entropy"]
@@ -52,18 +58,19 @@ def scores_with_grad(p: RowProblem, forward_name: str, device_backend: str) -> T
     """float32 ``[N]`` scores of ``p`` by backend ``forward_name``, differentiable with respect to
     the logits and the irreducible loss (``device_backend``: the user's ``backend`` argument)."""
     grad_name = backends.grad_backend_for(device_backend, forward_name, p.logits.device)
-    return _ScoreRows.apply(p.logits, p.il, p.targets, p.method, p.ignore_index, forward_name, grad_name)
+    return _ScoreRows.apply(p.logits, p.il, p.targets, p.method, p.ignore_index, forward_name, grad_name,
+                            p.softcap, p.logit_scale)
 
 
 class _ScoreRows(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits: Tensor, il: Optional[Tensor], targets: Tensor, method: int, ignore_index: int,
-                forward_name: str, grad_name: str) -> Tensor:
+                forward_name: str, grad_name: str, softcap: float, logit_scale: float) -> Tensor:
         p = RowProblem(logits, targets, il, method, ignore_index, logits.shape[:-1], targets.shape[0],
-                       logits.shape[-1])
+                       logits.shape[-1], softcap, logit_scale)
         score, lse = backends.get(forward_name).score_rows(p)
         ctx.save_for_backward(logits, targets, lse)
-        ctx.config = (method, ignore_index, grad_name)
+        ctx.config = (method, ignore_index, grad_name, softcap, logit_scale)
         # ``score`` must not be the very tensor object of another op's result in this forward
         # (a no-op .to()/.contiguous(), an in-place op): torch 2.11's torch.compile then gives
         # zero gradients (pytorch/pytorch#180642).  Every backend's score_rows returns a fresh one.
@@ -78,7 +85,7 @@ class _ScoreRows(torch.autograd.Function):
                 "double backward through rk.score or rk.select is not supported"
             )
         logits, targets, lse = ctx.saved_tensors
-        method, ignore_index, grad_name = ctx.config
+        method, ignore_index, grad_name, softcap, logit_scale = ctx.config
         g = grad_score.reshape(-1)
         grad_logits = grad_il = None
         if ctx.needs_input_grad[1]:
@@ -88,16 +95,23 @@ class _ScoreRows(torch.autograd.Function):
         if ctx.needs_input_grad[0] and method != _IRREDUCIBLE:
             if method in (_REDUCIBLE, _LOSS):
                 row_scale = g.to(lse.dtype).contiguous()
-                grad_logits = backends.get(grad_name).ce_grad_rows(logits, targets, lse, row_scale, ignore_index)
+                impl = backends.get(grad_name)
+                if has_transform(softcap, logit_scale):
+                    grad_logits = impl.ce_grad_rows(logits, targets, lse, row_scale, ignore_index,
+                                                    softcap=softcap, logit_scale=logit_scale)
+                else:  # the plain call: every backend's original signature
+                    grad_logits = impl.ce_grad_rows(logits, targets, lse, row_scale, ignore_index)
             else:
-                grad_logits = probability_score_grad(logits, targets, lse, g, method, ignore_index)
-        return grad_logits, grad_il, None, None, None, None, None
+                grad_logits = probability_score_grad(logits, targets, lse, g, method, ignore_index, softcap,
+                                                     logit_scale)
+        return grad_logits, grad_il, None, None, None, None, None, None, None
 
 
 def probability_score_grad(logits: Tensor, targets: Tensor, lse: Tensor, g: Tensor, method: int,
-                           ignore_index: int) -> Tensor:
+                           ignore_index: int, softcap: float = 0.0, logit_scale: float = 1.0) -> Tensor:
     """``g[r] * d score_r / d z_r`` for ``gradnorm`` and ``entropy``, in the accumulation dtype of
-    ``lse``, from the saved log-sum-exp; exact zeros where ``g`` is 0 or the target masks the row.
+    ``lse``, from the saved log-sum-exp (of the transformed logits z'); exact zeros where ``g`` is
+    0 or the target masks the row.
 
     Row chunks keep eager temporaries at a few MiB; under torch.compile one expression.
     """
@@ -111,10 +125,15 @@ def probability_score_grad(logits: Tensor, targets: Tensor, lse: Tensor, g: Tens
     chunk = n if is_compiling() else max(1, (1 << 20) // max(v, 1))
     for r0 in range(0, n, chunk):
         sl = slice(r0, min(n, r0 + chunk))
-        z = z_rows[sl].to(acc)
+        z = reference.transform(z_rows[sl].to(acc), softcap, logit_scale)
         logp = z - lse[sl, None]
         p = torch.exp(logp)
         if method == _ENTROPY:
+            # Re-centre log p on the row's own sum: the saved lse is rounded to an ulp of lse, which
+            # for large (e.g. scaled) logits is large next to log p + H.
+            s = p.sum(1, keepdim=True)
+            logp = logp - torch.where(torch.isfinite(s) & (s > 0), torch.log(s), torch.zeros_like(s))
+            p = torch.exp(logp)
             # A -inf logit is an impossible class: p log p = 0 and so is its gradient.
             plogp = torch.where(z == -math.inf, torch.zeros_like(p), p * logp)
             h = -plogp.sum(1, keepdim=True)
@@ -127,5 +146,7 @@ def probability_score_grad(logits: Tensor, targets: Tensor, lse: Tensor, g: Tens
             d = torch.where(norm > 0, p * (r - c) / torch.where(norm > 0, norm, torch.ones_like(norm)),
                             torch.zeros_like(p))
         d = d * scale[sl, None]
+        if has_transform(softcap, logit_scale):
+            d = d * reference.transform_grad(z, softcap, logit_scale)
         out[sl] = torch.where(live[sl, None], d, torch.zeros_like(d)).to(logits.dtype)
     return out.view(logits.shape)

@@ -9,6 +9,8 @@ check (targets outside ``[0, V)``) runs only eagerly on CPU tensors, where it is
 
 from __future__ import annotations
 
+import math
+import numbers
 import operator
 from typing import NamedTuple, Optional
 
@@ -41,6 +43,41 @@ class RowProblem(NamedTuple):
     lead_shape: torch.Size
     num_rows: int
     num_classes: int
+    softcap: float = 0.0
+    logit_scale: float = 1.0
+
+
+def has_transform(softcap: float, logit_scale: float) -> bool:
+    """Whether ``(softcap, logit_scale)`` (as :func:`check_transform` returns them) changes the logits."""
+    return softcap != 0.0 or logit_scale != 1.0
+
+
+def _real(name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {value!r} of type {type(value).__name__}")
+    out = float(value)
+    if not math.isfinite(out):
+        raise ValueError(f"{name} must be finite, got {value!r}")
+    return out
+
+
+def check_transform(softcap, logit_scale) -> tuple[float, float]:
+    """``(softcap, logit_scale)`` as floats, softcap None -> 0.0 (no cap).
+
+    The logits every method sees are ``z' = softcap * tanh(logit_scale * z / softcap)``, or
+    ``logit_scale * z`` without a cap, as Hugging Face's models compute them (Gemma 2/3's
+    ``final_logit_softcapping``, Cohere's ``logit_scale``, Granite's ``1 / logits_scaling``).
+    ``softcap`` must be > 0 and finite, ``logit_scale`` finite and non-zero.
+    """
+    cap = 0.0
+    if softcap is not None:
+        cap = _real("softcap", softcap)
+        if not cap > 0.0:
+            raise ValueError(f"softcap must be > 0 (or None for no cap), got {softcap!r}")
+    scale = _real("logit_scale", logit_scale)
+    if scale == 0.0:
+        raise ValueError(f"logit_scale must be non-zero, got {logit_scale!r}")
+    return cap, scale
 
 
 def is_compiling() -> bool:
@@ -62,9 +99,13 @@ def prepare(
     irreducible_loss: Optional[Tensor],
     method: str,
     ignore_index: int,
+    *,
+    softcap=None,
+    logit_scale=1.0,
 ) -> RowProblem:
     """Validate the arguments of ``score``/``select`` and normalise them into a RowProblem."""
     mid = method_id(method)
+    cap, scale = check_transform(softcap, logit_scale)
     if not isinstance(logits, Tensor):
         raise TypeError(f"logits must be a torch.Tensor, got {type(logits).__name__}")
     if not isinstance(targets, Tensor):
@@ -120,7 +161,7 @@ def prepare(
     flat_targets = targets.reshape(-1).to(torch.int64).contiguous()
     if logits.device.type == "cpu" and not is_compiling():
         check_targets_in_range(flat_targets, num_classes, ignore_index)
-    return RowProblem(logits, flat_targets, il, mid, ignore_index, lead_shape, num_rows, num_classes)
+    return RowProblem(logits, flat_targets, il, mid, ignore_index, lead_shape, num_rows, num_classes, cap, scale)
 
 
 def check_targets_in_range(flat_targets: Tensor, num_classes: int, ignore_index: int) -> None:

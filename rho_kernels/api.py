@@ -72,11 +72,14 @@ def score(
     backend: str = "auto",
     process_group=None,
     vocab_start_index: int = 0,
+    softcap: Optional[float] = None,
+    logit_scale: float = 1.0,
 ) -> Tensor:
     """Score every row of ``logits`` in one fused pass.
 
     Methods (per row: logits ``z``, target ``y``, irreducible loss ``IL``; ``p = softmax(z)``,
-    CE = logsumexp(z) - z_y):
+    CE = logsumexp(z) - z_y; with ``softcap``/``logit_scale`` every ``z`` here is the transformed
+    ``z' = softcap * tanh(logit_scale * z / softcap)``, or ``logit_scale * z`` without a cap):
 
     =============  ==========================================  ===========================
     method         score (higher = selected first)             reads
@@ -101,11 +104,17 @@ def score(
         process_group, vocab_start_index: vocabulary parallel: ``logits`` holds the columns
             ``[vocab_start_index, vocab_start_index + V_local)`` and every rank of the group gets
             the scores of the full rows (see ``rho_kernels.vocab_parallel``; ``backend`` unused).
+        softcap: None (no cap) or a finite float > 0: the logits are soft-capped as Gemma 2/3's
+            ``final_logit_softcapping``, ``z' = softcap * tanh(logit_scale * z / softcap)``.
+        logit_scale: a finite non-zero float multiplying the logits first (Cohere's
+            ``logit_scale``; Granite's ``1 / logits_scaling``).  Scores, selections and gradients
+            are those of z', computed in the kernel (z' is never materialised).
 
     Returns:
         float32 tensor of shape ``targets.shape`` (``logits.shape[:-1]``).  Differentiable with
         respect to ``logits`` and ``irreducible_loss`` on every backend: for the CE methods
-        d/dz = (softmax(z) - onehot(y)) * g from the log-sum-exp saved by the forward, and
+        d/dz = (softmax(z) - onehot(y)) * g from the log-sum-exp saved by the forward (with a
+        transform: softmax(z') times dz'/dz = logit_scale * (1 - (z'/softcap)^2)), and
         d/dIL = -g; ``gradnorm`` and ``entropy`` have their exact gradients; rows whose target is
         ignored (or outside ``[0, V)``) get zeros.  First-order only.  Under ``no_grad`` (or
         with inputs that need no gradient) nothing is saved.
@@ -113,9 +122,10 @@ def score(
     targets, ignore_index = label_free_targets(logits, targets, method, ignore_index)
     vocab_parallel.check_shard(process_group, vocab_start_index)
     if process_group is not None:  # not differentiable: selection only
-        p = vocab_parallel.prepare(logits, targets, irreducible_loss, method, ignore_index)
+        p = _sharded_problem(logits, targets, irreducible_loss, method, ignore_index, softcap, logit_scale)
         return vocab_parallel.score_rows(p, vocab_start_index, process_group).score.view(p.lead_shape)
-    p = _contract.prepare(logits, targets, irreducible_loss, method, ignore_index)
+    p = _contract.prepare(logits, targets, irreducible_loss, method, ignore_index, softcap=softcap,
+                          logit_scale=logit_scale)
     impl = backends.resolve(backend, logits.device)
     if _autograd.needs_grad(p):
         return _autograd.scores_with_grad(p, impl.NAME, backend).view(p.lead_shape)
@@ -135,6 +145,8 @@ def select(
     backend: str = "auto",
     process_group=None,
     vocab_start_index: int = 0,
+    softcap: Optional[float] = None,
+    logit_scale: float = 1.0,
 ) -> Selection:
     """Score every row and return the top ``k`` (score descending, ties to the lower index).
 
@@ -143,8 +155,8 @@ def select(
     reads no irreducible loss, pass ``k`` by keyword: ``select(logits, targets, k=8,
     method="loss")``.  No host synchronisation: usable under ``torch.compile(fullgraph=True)``
     and CUDA graphs.  Rows that are ineligible (ignored target, NaN score) come after every
-    eligible row and are flagged ``valid=False``.  ``process_group``/``vocab_start_index``: as
-    for :func:`score`.
+    eligible row and are flagged ``valid=False``.  ``process_group``/``vocab_start_index`` and
+    ``softcap``/``logit_scale`` (the logit transform): as for :func:`score`.
 
     ``Selection.scores`` is differentiable like :func:`score` (a gather of the scores); when a
     gradient is needed the rows are scored once more to save the log-sum-exp.
@@ -154,12 +166,13 @@ def select(
     targets, ignore_index = label_free_targets(logits, targets, method, ignore_index)
     vocab_parallel.check_shard(process_group, vocab_start_index)
     if process_group is not None:
-        p = vocab_parallel.prepare(logits, targets, irreducible_loss, method, ignore_index)
+        p = _sharded_problem(logits, targets, irreducible_loss, method, ignore_index, softcap, logit_scale)
         k = _contract.check_k(k, p.num_rows)
         f = vocab_parallel.score_rows(p, vocab_start_index, process_group)
         idx = reference.order_rows(f.score, f.eligible)[:k]
         return Selection(idx, f.score[idx], f.eligible[idx])
-    p = _contract.prepare(logits, targets, irreducible_loss, method, ignore_index)
+    p = _contract.prepare(logits, targets, irreducible_loss, method, ignore_index, softcap=softcap,
+                          logit_scale=logit_scale)
     k = _contract.check_k(k, p.num_rows)
     impl = backends.resolve(backend, logits.device)
     if _autograd.needs_grad(p):
@@ -168,6 +181,13 @@ def select(
         return Selection(indices, scores, valid)
     indices, scores, valid = impl.select_rows(p, k)
     return Selection(indices, scores, valid)
+
+
+def _sharded_problem(logits, targets, irreducible_loss, method, ignore_index, softcap, logit_scale):
+    """vocab_parallel's RowProblem of a shard, carrying the checked logit transform."""
+    cap, scale = _contract.check_transform(softcap, logit_scale)
+    p = vocab_parallel.prepare(logits, targets, irreducible_loss, method, ignore_index)
+    return p._replace(softcap=cap, logit_scale=scale)
 
 
 # --------------------------------------------------------------------------- argument habits

@@ -123,7 +123,7 @@ def chunk_rows(num_rows: int, num_classes: int, dtype: torch.dtype, device: torc
 
 
 def _prepare(hidden, weight, targets, irreducible_loss, bias, method, ignore_index, il_name="irreducible_loss",
-             sharded=False):
+             sharded=False, softcap=None, logit_scale=1.0):
     """Validate and normalise: a RowProblem whose logits are a zero-storage stand-in of the
     ``[*lead, V]`` logits (the checks read only their metadata; no chunk is computed yet)."""
     _check_linear(hidden, weight, bias)
@@ -131,7 +131,8 @@ def _prepare(hidden, weight, targets, irreducible_loss, bias, method, ignore_ind
     _check_lead(il_name, irreducible_loss, hidden)
     stand_in = torch.empty((), dtype=hidden.dtype, device=hidden.device).expand(*hidden.shape[:-1], weight.shape[0])
     return (vocab_parallel.prepare if sharded else _contract.prepare)(stand_in, targets, irreducible_loss, method,
-                                                                      ignore_index)
+                                                                      ignore_index, softcap=softcap,
+                                                                      logit_scale=logit_scale)
 
 
 def _ranges(num_rows: int, chunk: int) -> list[tuple[int, int]]:
@@ -205,32 +206,35 @@ def _score_tiles(p: RowProblem, hidden: Tensor, weight: Tensor, bias: Optional[T
                     torch.mm(h[r0:r1], ws.t(), out=z)
                 else:
                     torch.addmm(bs, h[r0:r1], ws.t(), out=z)
-            part = impl.partial_rows(z, p.targets[r0:r1], part, v0, p.method, p.ignore_index)
+            part = impl.partial_rows(z, p.targets[r0:r1], part, v0, p.method, p.ignore_index, softcap=p.softcap,
+                                     logit_scale=p.logit_scale)
         parts.append(part)
     return vocab_parallel.merge_and_finalize(torch.cat(parts)[None], p.targets, p.il, p.method, p.ignore_index)
 
 
 def _score_chunks_sharded(p: RowProblem, hidden: Tensor, weight: Tensor, bias: Optional[Tensor], chunk: int,
-                          vocab_start: int, group) -> vocab_parallel.Finalized:
+                          vocab_start: int, group, with_zsum: bool = False) -> vocab_parallel.Finalized:
     """Vocabulary parallel: this shard's partials chunk by chunk, then ONE exchange for all rows."""
     n, d = p.num_rows, hidden.shape[-1]
     h = hidden.detach().reshape(n, d)
     w = weight.detach()
     b = None if bias is None else bias.detach()
     parts = [vocab_parallel.local_stats(F.linear(h[r0:r1], w, b), p.targets[r0:r1], vocab_start, p.method,
-                                        p.ignore_index) for r0, r1 in _ranges(n, chunk)]
-    stats = torch.cat(parts) if parts else torch.empty((0, vocab_parallel.NUM_STATS),
+                                        p.ignore_index, p.softcap, p.logit_scale, with_zsum)
+             for r0, r1 in _ranges(n, chunk)]
+    stats = torch.cat(parts) if parts else torch.empty((0, vocab_parallel.NUM_COLUMNS),
                                                        dtype=_contract.lse_dtype(hidden.dtype), device=h.device)
     return vocab_parallel.merge_and_finalize(vocab_parallel.exchange(stats, group), p.targets, p.il, p.method,
                                              p.ignore_index)
 
 
 def _scores(hidden, weight, targets, il, bias, method, ignore_index, chunk_size, backend, process_group,
-            vocab_start_index, il_name="irreducible_loss") -> tuple[RowProblem, Tensor, Tensor]:
+            vocab_start_index, il_name="irreducible_loss", softcap=None,
+            logit_scale=1.0) -> tuple[RowProblem, Tensor, Tensor]:
     """(problem, score, eligible) of every row, sharded or not, without autograd."""
     vocab_parallel.check_shard(process_group, vocab_start_index)
     sharded = process_group is not None
-    p = _prepare(hidden, weight, targets, il, bias, method, ignore_index, il_name, sharded)
+    p = _prepare(hidden, weight, targets, il, bias, method, ignore_index, il_name, sharded, softcap, logit_scale)
     chunk = chunk_rows(p.num_rows, p.num_classes, hidden.dtype, hidden.device, chunk_size)
     with torch.no_grad():
         if sharded:
@@ -262,6 +266,8 @@ def linear_score(
     backend: str = "auto",
     process_group=None,
     vocab_start_index: int = 0,
+    softcap: Optional[float] = None,
+    logit_scale: float = 1.0,
 ) -> Tensor:
     """:func:`rho_kernels.score` of the logits ``F.linear(hidden, weight, bias)``, never materialised.
 
@@ -278,12 +284,16 @@ def linear_score(
             exchange (``rho_kernels.vocab_parallel``).  The same two arguments exist on every op
             of this module; the loss then returns each rank's own gradient of ``weight``/``bias``
             and this shard's share of ``hidden``'s gradient (the group's sum is the full one).
+        softcap, logit_scale: the logits are ``z' = softcap * tanh(logit_scale * z / softcap)``
+            (``logit_scale * z`` without a cap) of ``z = F.linear(hidden, weight, bias)``, as for
+            :func:`rho_kernels.score`, applied block by block (z' is never materialised either).
+            The same two arguments exist on every op of this module.
 
     Returns:
         float32 scores of shape ``targets.shape`` (not differentiable).
     """
     p, score, _ = _scores(hidden, weight, targets, irreducible_loss, bias, method, ignore_index, chunk_size, backend,
-                          process_group, vocab_start_index)
+                          process_group, vocab_start_index, softcap=softcap, logit_scale=logit_scale)
     return score.view(p.lead_shape)
 
 
@@ -302,6 +312,8 @@ def linear_select(
     backend: str = "auto",
     process_group=None,
     vocab_start_index: int = 0,
+    softcap: Optional[float] = None,
+    logit_scale: float = 1.0,
 ) -> Selection:
     """:func:`rho_kernels.select` of the logits ``F.linear(hidden, weight, bias)``, never materialised.
 
@@ -312,7 +324,7 @@ def linear_select(
     if isinstance(targets, Tensor):
         _contract.check_k(k, targets.numel())  # before any matmul
     p, score, eligible = _scores(hidden, weight, targets, irreducible_loss, bias, method, ignore_index, chunk_size,
-                                 backend, process_group, vocab_start_index)
+                                 backend, process_group, vocab_start_index, softcap=softcap, logit_scale=logit_scale)
     k = _contract.check_k(k, p.num_rows)
     with torch.no_grad():
         # Keys are unique and encode the whole ordering rule: their top k is the selection.
@@ -335,6 +347,8 @@ def linear_select_sequences(
     backend: str = "auto",
     process_group=None,
     vocab_start_index: int = 0,
+    softcap: Optional[float] = None,
+    logit_scale: float = 1.0,
 ) -> Selection:
     """:func:`rho_kernels.select_sequences` of ``F.linear(hidden, weight, bias)``, never materialised.
 
@@ -348,7 +362,7 @@ def linear_select_sequences(
     if isinstance(hidden, Tensor):
         _contract.check_k(k, hidden.shape[0])  # before any matmul
     p, score, _ = _scores(hidden, weight, targets, reference_loss, bias, method, ignore_index, chunk_size, backend,
-                          process_group, vocab_start_index, "reference_loss")
+                          process_group, vocab_start_index, "reference_loss", softcap, logit_scale)
     num_seq, seq_len = p.lead_shape
     k = _contract.check_k(k, num_seq)
     with torch.no_grad():
@@ -366,21 +380,27 @@ def _grad_accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
 
 class _SelectiveLinearCE(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, reference_loss, ratio, ignore_index, reduction, chunk,
-                plan, forward_name, grad_name, vocab_start, group):
+    def forward(ctx, hidden, weight, bias, targets, reference_loss, weights, ratio, ignore_index, reduction, chunk,
+                plan, forward_name, grad_name, vocab_start, group, config):
+        softcap, logit_scale, label_smoothing, z_loss = config
+        smooth = label_smoothing != 0.0
         p = _prepare(hidden, weight, targets, reference_loss, bias, "reducible", ignore_index,
-                     sharded=group is not None)
+                     sharded=group is not None, softcap=softcap or None, logit_scale=logit_scale)
         n, d = p.num_rows, hidden.shape[-1]
         h = hidden.reshape(n, d)
         impl = backends.get(forward_name)
-        scores, lses, ces, eligibles = [], [], [], []
+        scores, lses, ces, eligibles, zsums = [], [], [], [], []
         for r0, r1 in _ranges(n, chunk) if group is None and plan is None else ():
             z = F.linear(h[r0:r1], weight, bias)
             pc = _chunk_problem(p, z, r0, r1)
-            s, lse = impl.score_rows(pc)
+            if smooth:
+                s, lse, zs = impl.score_rows(pc, with_zsum=True)
+                zsums.append(zs)
+            else:
+                s, lse = impl.score_rows(pc)
             e = reference.eligible_rows(pc, s)
-            # CE = lse - z_y in the accumulation dtype: the value the kernel subtracted IL from.
-            ces.append(lse - tokens.target_logits(z, pc.targets, e).to(lse.dtype))
+            # CE = lse - z'_y in the accumulation dtype: the value the kernel subtracted IL from.
+            ces.append(lse - tokens.transformed_target_logits(z, pc.targets, e, lse.dtype, softcap, logit_scale))
             scores.append(s)
             lses.append(lse)
             eligibles.append(e)
@@ -388,42 +408,45 @@ class _SelectiveLinearCE(torch.autograd.Function):
             # next F.linear (the old one still bound to z), doubling the peak.
             del z, pc
         acc = _contract.lse_dtype(hidden.dtype)
+        num_classes = p.num_classes
         if group is not None or plan is not None:  # merged partials: of every rank, or of every tile
             if group is not None:
-                f = _score_chunks_sharded(p, hidden, weight, bias, chunk, vocab_start, group)
+                f = _score_chunks_sharded(p, hidden, weight, bias, chunk, vocab_start, group, smooth)
+                num_classes = f.num_classes
             else:
                 f = _score_tiles(p, hidden, weight, bias, plan)
-            score, lse, eligible, ce = f.score, f.lse, f.eligible, f.ce
+            score, lse, eligible, ce, zsum = f.score, f.lse, f.eligible, f.ce, f.zsum
         elif n == 0:
             score = torch.empty((0,), dtype=torch.float32, device=hidden.device)
-            lse = ce = torch.empty((0,), dtype=acc, device=hidden.device)
+            lse = ce = zsum = torch.empty((0,), dtype=acc, device=hidden.device)
             eligible = torch.empty((0,), dtype=torch.bool, device=hidden.device)
         else:
             score, lse, ce, eligible = torch.cat(scores), torch.cat(lses), torch.cat(ces), torch.cat(eligibles)
-        mask = tokens.top_fraction_mask(score, eligible, p.targets != ignore_index, ratio)
-        out, n_sel = tokens.reduce_selected(ce, mask, reduction, p.lead_shape)
+            zsum = torch.cat(zsums) if smooth else None
+        counted = p.targets != ignore_index
+        mask = tokens.top_fraction_mask(score, eligible, counted, ratio)
+        loss = tokens.row_losses(ce, lse, zsum, num_classes, label_smoothing, z_loss)
+        out, den = tokens.reduce_selected(loss, mask, reduction, p.lead_shape, counted, lse, weights)
+        tokens.warn_if_nothing_eligible(counted, eligible, p.il, lse)
         # The backward needs only the selected rows.  Their number k lives on the device; a fixed
         # superset of max_selected(n, ratio) rows (the best by the ordering key, so every selected
         # row is among them) keeps shapes static.  Ascending row order: a deterministic sum.
         rows = torch.topk(tokens.ordering_key(score, eligible), max_selected(n, ratio)).indices.sort().values
-        ctx.save_for_backward(hidden, weight, bias, p.targets, lse, mask, n_sel, rows)
-        ctx.config = (ignore_index, reduction, chunk, grad_name, vocab_start, group)
+        sharded_v = num_classes[rows] if isinstance(num_classes, Tensor) else None
+        ctx.save_for_backward(hidden, weight, bias, p.targets, lse, mask, den, rows, weights, sharded_v)
+        ctx.config = (ignore_index, reduction, chunk, grad_name, vocab_start, group, config)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        hidden, weight, bias, targets, lse, mask, n_sel, rows = ctx.saved_tensors
-        ignore_index, reduction, chunk, grad_name, vocab_start, group = ctx.config
+        hidden, weight, bias, targets, lse, mask, den, rows, weights, sharded_v = ctx.saved_tensors
+        ignore_index, reduction, chunk, grad_name, vocab_start, group, config = ctx.config
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         n, d = targets.shape[0], hidden.shape[-1]
         acc = lse.dtype
-        g = grad_out.to(acc)
-        if reduction == "mean":
-            g = g / n_sel.clamp_min(1).to(acc)
-        elif reduction == "none":
-            g = g.reshape(-1)
-        row_scale = torch.where(mask, g, torch.zeros_like(lse))
+        row_scale = tokens.row_scales(grad_out, mask, reduction, den, weights, acc)
         impl = backends.get(grad_name)
+        grad_kw = tokens.grad_options(config)
         h = hidden.reshape(n, d)
         # Gather the candidate rows once: the logits are recomputed for them only.
         sel_h, sel_t, sel_lse = h[rows], targets[rows], lse[rows]
@@ -434,10 +457,10 @@ class _SelectiveLinearCE(torch.autograd.Function):
             if slices is not None:
                 grad_h, grad_w, grad_b = _backward_by_vocab_slice(
                     h, weight, bias, rows, sel_h, sel_t, sel_lse, sel_scale, sel_mask, ignore_index, slices,
-                    need_h, need_b)
+                    need_h, need_b, config)
                 return (
                     None if grad_h is None else grad_h.view(hidden.shape), grad_w, grad_b,
-                    None, None, None, None, None, None, None, None, None, None, None,
+                    None, None, None, None, None, None, None, None, None, None, None, None, None,
                 )
         # Exact zeros on every unselected row: they are never written.
         grad_h = torch.zeros_like(h) if need_h else None
@@ -452,10 +475,11 @@ class _SelectiveLinearCE(torch.autograd.Function):
             live = sel_mask[r0:r1, None]
             z = F.linear(sel_h[r0:r1], weight, bias)
             if group is None:
-                gz = impl.ce_grad_rows(z, sel_t[r0:r1], sel_lse[r0:r1], sel_scale[r0:r1], ignore_index, inplace)
+                gz = impl.ce_grad_rows(z, sel_t[r0:r1], sel_lse[r0:r1], sel_scale[r0:r1], ignore_index, inplace,
+                                       **grad_kw)
             else:  # this shard's columns
                 gz = vocab_parallel.ce_grad_rows(z, sel_t[r0:r1], sel_lse[r0:r1], sel_scale[r0:r1], ignore_index,
-                                                 vocab_start)
+                                                 vocab_start, *config, sharded_v[r0:r1])
             if need_h:
                 # where(): zeros on candidates outside the selection, even against non-finite weights.
                 grad_h[rows[r0:r1]] = torch.where(live, gz @ weight, 0.0)
@@ -486,7 +510,7 @@ class _SelectiveLinearCE(torch.autograd.Function):
             None if grad_h is None else grad_h.view(hidden.shape),
             None if grad_w is None else grad_w.to(weight.dtype),
             None if grad_b is None else grad_b.to(bias.dtype),
-            None, None, None, None, None, None, None, None, None, None, None,
+            None, None, None, None, None, None, None, None, None, None, None, None, None,
         )
 
 
@@ -506,7 +530,7 @@ def _vocab_slices(num_rows: int, vocab: int, chunk: int, elem: int) -> Optional[
 
 
 def _backward_by_vocab_slice(h, weight, bias, rows, sel_h, sel_t, sel_lse, sel_scale, sel_mask, ignore_index,
-                             slices, need_h, need_b):
+                             slices, need_h, need_b, config):
     """The selective CE's gradients one vocabulary slice of the head at a time, all candidate rows at once.
 
     Each slice of the weight gradient is ONE matmul over every candidate row, written in the
@@ -522,7 +546,7 @@ def _backward_by_vocab_slice(h, weight, bias, rows, sel_h, sel_t, sel_lse, sel_s
     for v0, v1 in slices:
         w = weight[v0:v1]
         z = F.linear(sel_h, w, None if bias is None else bias[v0:v1])
-        gz = vocab_parallel.ce_grad_rows(z, sel_t, sel_lse, sel_scale, ignore_index, v0)
+        gz = vocab_parallel.ce_grad_rows(z, sel_t, sel_lse, sel_scale, ignore_index, v0, *config, weight.shape[0])
         del z
         grad_w[v0:v1] = gz.t() @ hc
         if need_b:
@@ -559,6 +583,11 @@ def selective_linear_cross_entropy(
     backend: str = "auto",
     process_group=None,
     vocab_start_index: int = 0,
+    softcap: Optional[float] = None,
+    logit_scale: float = 1.0,
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    weights: Optional[Tensor] = None,
 ) -> Tensor:
     """:func:`rho_kernels.selective_cross_entropy` of ``F.linear(hidden, weight, bias)``, never
     materialising the logits or their gradient.
@@ -578,6 +607,12 @@ def selective_linear_cross_entropy(
             :func:`rho_kernels.selective_cross_entropy`.
         chunk_size: rows per logits block; None picks the block from the device's memory budget
             (on the cpu backend's forward, possibly a tile narrower than V).
+        softcap, logit_scale, label_smoothing, z_loss, weights: as for
+            :func:`rho_kernels.selective_cross_entropy` (the transform is applied to each recomputed
+            block, forward and backward).  ``ratio=1.0`` with ``weights`` is a plain weighted fused
+            linear cross-entropy (the logits never exist), with or without smoothing / z-loss.
+        The non-finite rule is that of :func:`rho_kernels.selective_cross_entropy`: a NaN / inf
+        in ``hidden`` (a counted token's row) or in the head makes the loss NaN.
 
     Returns:
         float32 loss (float64 for float64 inputs): a scalar, or ``targets.shape`` for "none".
@@ -586,6 +621,7 @@ def selective_linear_cross_entropy(
         raise ValueError(f"reduction must be one of {list(tokens.REDUCTIONS)}, got {reduction!r}")
     ratio = tokens.check_ratio(ratio)
     tokens.check_reference_loss(targets, reference_loss)
+    config = tokens.loss_config(softcap, logit_scale, label_smoothing, z_loss, weights, targets)
     vocab_parallel.check_shard(process_group, vocab_start_index)
     p = _prepare(hidden, weight, targets, reference_loss, bias, "reducible", ignore_index, "reference_loss",
                  sharded=process_group is not None)
@@ -593,5 +629,6 @@ def selective_linear_cross_entropy(
     forward_name, grad_name = tokens.resolve_names(backend, hidden.device)
     plan = None if process_group is not None else _tile_plan(p.num_rows, p.num_classes, hidden.dtype, hidden.device,
                                                              chunk_size, forward_name)
-    return _SelectiveLinearCE.apply(hidden, weight, bias, targets, reference_loss, ratio, ignore_index, reduction,
-                                    chunk, plan, forward_name, grad_name, vocab_start_index, process_group)
+    return _SelectiveLinearCE.apply(hidden, weight, bias, targets, reference_loss, weights, ratio, ignore_index,
+                                    reduction, chunk, plan, forward_name, grad_name, vocab_start_index, process_group,
+                                    config)

@@ -3,6 +3,8 @@
 This is the definition every other backend is tested against and what the benchmark compares
 with.  It materialises ``N x V`` temporaries on purpose (clarity over speed) and computes in
 float32 (float64 for float64 logits).  The special-value rules are those of csrc/rho_math.h.
+Every method reads the transformed logits ``z' = softcap * tanh(logit_scale * z / softcap)``
+(``logit_scale * z`` without a cap; :func:`transform`), and the special-value rules apply to z'.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import math
 import torch
 from torch import Tensor
 
-from ._contract import IL_METHODS, METHODS, RowProblem, is_compiling, lse_dtype
+from ._contract import IL_METHODS, METHODS, RowProblem, has_transform, is_compiling, lse_dtype
 
 NAME = "reference"
 
@@ -25,14 +27,52 @@ def ce_grad_unavailable_reason(device: torch.device) -> str | None:
     return None
 
 
+def transform(z: Tensor, softcap: float, logit_scale: float) -> Tensor:
+    """``z' = softcap * tanh(logit_scale * z / softcap)`` (``logit_scale * z`` for softcap 0), in
+    ``z``'s dtype, in Hugging Face's order of operations (scale, divide, tanh, multiply)."""
+    if logit_scale != 1.0:
+        z = z * logit_scale
+    if softcap != 0.0:
+        z = torch.tanh(z / softcap) * softcap
+    return z
+
+
+def transform_grad(zt: Tensor, softcap: float, logit_scale: float):
+    """``dz'/dz`` from the transformed logits ``zt``: ``logit_scale * (1 - (z'/softcap)^2)``, or the
+    constant ``logit_scale`` without a cap (a float then)."""
+    if softcap == 0.0:
+        return logit_scale
+    r = zt / softcap
+    return logit_scale * (1.0 - r * r)
+
+
 def row_logits(p: RowProblem) -> Tensor:
-    """The logits as an ``[N, V]`` matrix in the accumulation dtype (a copy)."""
-    return p.logits.reshape(p.num_rows, p.num_classes).to(lse_dtype(p.logits.dtype))
+    """The transformed logits z' as an ``[N, V]`` matrix in the accumulation dtype (a copy)."""
+    z = p.logits.reshape(p.num_rows, p.num_classes).to(lse_dtype(p.logits.dtype))
+    return transform(z, p.softcap, p.logit_scale)
 
 
-def score_rows(p: RowProblem, with_lse: bool = True) -> tuple[Tensor, Tensor]:
+def plain_problem(p: RowProblem) -> RowProblem:
+    """``p`` with its logits replaced by the transformed ones (materialised ``[N, V]`` in the
+    accumulation dtype) and no transform left: how a backend without the transform in its
+    kernel runs a transformed problem (same numbers, one extra ``N x V`` pass)."""
+    if not has_transform(p.softcap, p.logit_scale):
+        return p
+    z = row_logits(p).view(*p.lead_shape, p.num_classes)
+    return p._replace(logits=z, softcap=0.0, logit_scale=1.0)
+
+
+def row_zsum(p: RowProblem) -> Tensor:
+    """``sum_j z'_j`` per row (``[N]``, the lse dtype; NaN for ``irreducible``, which reads no logit)."""
+    if METHODS[p.method] == "irreducible":
+        return torch.full((p.num_rows,), math.nan, dtype=lse_dtype(p.logits.dtype), device=p.targets.device)
+    return row_logits(p).sum(-1)
+
+
+def score_rows(p: RowProblem, with_lse: bool = True, with_zsum: bool = False):
     """Per-row score (float32 ``[N]``) and log-sum-exp (``[N]``, NaN for ``irreducible``; an
-    empty ``[0]`` tensor when ``with_lse`` is False)."""
+    empty ``[0]`` tensor when ``with_lse`` is False), and with ``with_zsum`` a third output,
+    ``sum_j z'_j`` (``[N]``, the lse dtype; NaN for ``irreducible``): label smoothing's sum."""
     method = METHODS[p.method]
     acc = lse_dtype(p.logits.dtype)
     t = p.targets
@@ -44,8 +84,10 @@ def score_rows(p: RowProblem, with_lse: bool = True) -> tuple[Tensor, Tensor]:
         assert p.il is not None
         score = -p.il.to(acc)
         lse = torch.full((p.num_rows,), math.nan, dtype=acc, device=t.device)
+        zsum = lse.clone() if with_zsum else None
     else:
         z = row_logits(p)
+        zsum = z.sum(-1) if with_zsum else None
         # Everything relative to the row max m, as csrc/rho_math.h does: z - lse would lose
         # what lse's rounding absorbs (the log 2 of [3.4e38, 3.4e38, -3.4e38, 0]).  Special
         # values of the header: NaN anywhere -> NaN (amax propagates NaN), +inf -> +inf,
@@ -85,7 +127,8 @@ def score_rows(p: RowProblem, with_lse: bool = True) -> tuple[Tensor, Tensor]:
     # to a dead output slot: all-zero gradients (pytorch/pytorch#180642, fixed in torch 2.12).
     if score.dtype != torch.float32:
         score = score.to(torch.float32)
-    return score, (lse if with_lse else lse.new_empty((0,)))
+    lse = lse if with_lse else lse.new_empty((0,))
+    return (score, lse, zsum) if with_zsum else (score, lse)
 
 
 def eligible_rows(p: RowProblem, score: Tensor) -> Tensor:
@@ -110,9 +153,16 @@ def select_rows(p: RowProblem, k: int) -> tuple[Tensor, Tensor, Tensor]:
 
 
 def ce_grad_rows(logits: Tensor, targets: Tensor, lse: Tensor, row_scale: Tensor, ignore_index: int,
-                 inplace: bool = False) -> Tensor:
-    """``row_scale[r] * (softmax(z_r) - onehot(y_r))`` from the saved log-sum-exp, exact zeros on
-    rows whose scale is 0 or whose target is ignored / outside ``[0, V)``.
+                 inplace: bool = False, *, softcap: float = 0.0, logit_scale: float = 1.0,
+                 label_smoothing: float = 0.0, z_loss: float = 0.0) -> Tensor:
+    """The gradient w.r.t. the raw logits ``z`` of ``sum_r row_scale[r] * L_r`` with
+    ``L_r = (1 - eps)(lse_r - z'_y) + eps(lse_r - mean_j z'_j) + z_loss * lse_r^2`` (``eps`` =
+    ``label_smoothing``, ``lse`` the saved log-sum-exp of z' = the transformed logits):
+
+        dL/dz'_j = s_r [(1 + 2 z_loss lse_r) p_j - (1 - eps)[j == y] - eps / V],  p = exp(z' - lse)
+
+    times ``dz'/dz`` (:func:`transform_grad`).  The plain case is ``s_r (p - onehot(y))``.  Exact
+    zeros on rows whose scale is 0 or whose target is ignored / outside ``[0, V)``.
 
     Processes row chunks so that eager temporaries stay at a few MiB; under torch.compile one
     expression (Inductor fuses it into a single pass).  ``inplace`` writes over ``logits``.
@@ -126,9 +176,17 @@ def ce_grad_rows(logits: Tensor, targets: Tensor, lse: Tensor, row_scale: Tensor
     chunk = n if is_compiling() else max(1, (1 << 20) // max(v, 1))
     for r0 in range(0, n, chunk):
         sl = slice(r0, min(n, r0 + chunk))
-        p = torch.exp(z[sl].to(acc) - lse[sl, None])
-        onehot = torch.zeros_like(p).scatter_(1, safe_t[sl, None], 1.0)
-        g = (p - onehot) * row_scale[sl, None]
+        zt = transform(z[sl].to(acc), softcap, logit_scale)
+        p = torch.exp(zt - lse[sl, None])
+        if z_loss != 0.0:
+            p = p * (1.0 + 2.0 * z_loss * lse[sl, None])
+        onehot = torch.zeros_like(p).scatter_(1, safe_t[sl, None], 1.0 - label_smoothing)
+        g = p - onehot
+        if label_smoothing != 0.0:
+            g = g - label_smoothing / v
+        g = g * row_scale[sl, None]
+        if has_transform(softcap, logit_scale):
+            g = g * transform_grad(zt, softcap, logit_scale)
         out[sl] = torch.where(live[sl, None], g, torch.zeros_like(g)).to(logits.dtype)
     grad = out.view(logits.shape)
     if inplace:

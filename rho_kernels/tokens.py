@@ -20,6 +20,7 @@ the k-th largest key.
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Optional
 
 import torch
@@ -115,10 +116,12 @@ def top_fraction_mask(score: Tensor, eligible: Tensor, counted: Tensor, ratio: f
     return eligible & (key >= kth)
 
 
-def _prepare_detached(logits, targets, reference_loss, method: str, ignore_index: int) -> _contract.RowProblem:
+def _prepare_detached(logits, targets, reference_loss, method: str, ignore_index: int, softcap=None,
+                      logit_scale=1.0) -> _contract.RowProblem:
     # Selection is not differentiable: score a detached view (no copy) so that no autograd
     # bookkeeping reaches the ops.
-    p = _contract.prepare(logits, targets, reference_loss, method, ignore_index)
+    p = _contract.prepare(logits, targets, reference_loss, method, ignore_index, softcap=softcap,
+                          logit_scale=logit_scale)
     return p._replace(logits=p.logits.detach())
 
 
@@ -144,6 +147,8 @@ def select_mask(
     backend: str = "auto",
     process_group=None,
     vocab_start_index: int = 0,
+    softcap: Optional[float] = None,
+    logit_scale: float = 1.0,
 ) -> Tensor:
     """Keep the best ``ratio`` fraction of the non-ignored tokens of the whole batch.
 
@@ -159,6 +164,8 @@ def select_mask(
         ratio: a Python float in ``(0, 1]``; pass it by keyword when the method reads no
             ``reference_loss`` (``select_mask(logits, targets, ratio=0.6, method="loss")``).
         targets: may be None for ``entropy`` (every token counts).
+        softcap, logit_scale: the logit transform (Gemma 2's soft-cap, Cohere's / Granite's
+            scale): tokens are scored and ranked on ``z'``, as for :func:`score`.
         (others as in :func:`score`.)
 
     Returns:
@@ -170,11 +177,12 @@ def select_mask(
     targets, ignore_index = label_free_targets(logits, targets, method, ignore_index)
     check_reference_loss(targets, reference_loss, method)
     vocab_parallel.check_shard(process_group, vocab_start_index)
+    transform = dict(softcap=softcap, logit_scale=logit_scale)
     if process_group is not None:  # vocabulary-parallel logits (see rk.score)
-        p = vocab_parallel.prepare(logits, targets, reference_loss, method, ignore_index)
+        p = vocab_parallel.prepare(logits, targets, reference_loss, method, ignore_index, **transform)
         f = vocab_parallel.score_rows(p, vocab_start_index, process_group)
         return top_fraction_mask(f.score, f.eligible, _nonignored(p), ratio).view(p.lead_shape)
-    p = _prepare_detached(logits, targets, reference_loss, method, ignore_index)
+    p = _prepare_detached(logits, targets, reference_loss, method, ignore_index, **transform)
     score = _row_scores(p, backend)
     mask = top_fraction_mask(score, reference.eligible_rows(p, score), _nonignored(p), ratio)
     return mask.view(p.lead_shape)
@@ -192,6 +200,8 @@ def select_sequences(
     backend: str = "auto",
     process_group=None,
     vocab_start_index: int = 0,
+    softcap: Optional[float] = None,
+    logit_scale: float = 1.0,
 ) -> Selection:
     """Sequence-level selection: the ``k`` sequences with the highest mean token score.
 
@@ -200,7 +210,8 @@ def select_sequences(
     token, or whose mean is NaN (a NaN token score, a target outside ``[0, V)``), is ineligible.
     Order as in :func:`select`: mean descending, ties to the lower sequence index, ineligible last.
     Pass ``k`` by keyword when the method reads no ``reference_loss``; ``targets`` may be None for
-    ``entropy``.  Not differentiable (selection only).
+    ``entropy``; ``softcap``/``logit_scale``: the logit transform of :func:`score`.  Not
+    differentiable (selection only).
 
     Returns:
         :class:`Selection` over sequences: ``indices`` int64 ``[k]`` (index the batch with them),
@@ -214,7 +225,8 @@ def select_sequences(
     vocab_parallel.check_shard(process_group, vocab_start_index)
     sharded = process_group is not None  # vocabulary-parallel logits (see rk.score)
     p = (vocab_parallel.prepare if sharded else _prepare_detached)(logits, targets, reference_loss, method,
-                                                                  ignore_index)
+                                                                  ignore_index, softcap=softcap,
+                                                                  logit_scale=logit_scale)
     if p.logits.dim() != 3:
         raise ValueError(f"select_sequences needs [B, T, V] logits, got shape {tuple(p.logits.shape)}")
     num_seq, seq_len = p.lead_shape
@@ -253,45 +265,206 @@ def target_logits(logits: Tensor, targets: Tensor, live: Tensor) -> Tensor:
     return logits.gather(-1, safe_t.view(*logits.shape[:-1], 1)).reshape(-1)
 
 
-def reduce_selected(ce: Tensor, mask: Tensor, reduction: str, lead_shape: torch.Size) -> tuple[Tensor, Tensor]:
-    """(the selective loss under ``reduction``, the number of selected rows) from per-row CE:
-    unselected rows count as 0; "mean" divides by the selected count (0 when none is)."""
-    ce = torch.where(mask, ce, torch.zeros_like(ce))
-    n_sel = mask.sum()
+def check_loss_options(label_smoothing, z_loss, weights, targets) -> tuple[float, float]:
+    """``(label_smoothing, z_loss)`` as floats, and the metadata of ``weights`` (a CPU tensor's
+    values too, eagerly: free of syncs there), with errors that show the offending value."""
+    for name, value in (("label_smoothing", label_smoothing), ("z_loss", z_loss)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise TypeError(f"{name} must be a float, got {value!r}")
+    if not 0.0 <= float(label_smoothing) <= 1.0:
+        raise ValueError(f"label_smoothing must be in [0, 1] (as F.cross_entropy's), got {label_smoothing!r}")
+    if not (math.isfinite(float(z_loss)) and float(z_loss) >= 0.0):
+        raise ValueError(f"z_loss must be a finite float >= 0, got {z_loss!r}")
+    if weights is not None:
+        if not isinstance(weights, Tensor):
+            raise TypeError(f"weights must be a torch.Tensor or None, got {type(weights).__name__}")
+        if not weights.dtype.is_floating_point:
+            raise TypeError(f"weights must be a float tensor, got dtype {weights.dtype}")
+        if isinstance(targets, Tensor):
+            if weights.shape != targets.shape:
+                raise ValueError(f"weights shape {tuple(weights.shape)} does not match the targets' shape "
+                                 f"{tuple(targets.shape)}")
+            if weights.device != targets.device:
+                raise ValueError(f"weights are on {weights.device} but targets on {targets.device}")
+        if weights.device.type == "cpu" and not _contract.is_compiling() and weights.numel():
+            bad = ~(torch.isfinite(weights) & (weights >= 0))
+            if bool(bad.any()):
+                where = int(bad.reshape(-1).nonzero()[0, 0])
+                raise ValueError(f"weights must be finite and >= 0, got {weights.reshape(-1)[where].item()} at flat "
+                                 f"index {where}")
+    return float(label_smoothing), float(z_loss)
+
+
+def row_losses(ce: Tensor, lse: Tensor, zsum: Optional[Tensor], num_classes, label_smoothing: float,
+               z_loss: float) -> Tensor:
+    """Per-row ``(1 - eps) CE + eps (lse - mean_j z'_j) + z_loss lse^2`` (F.cross_entropy's label
+    smoothing, PaLM's z-loss) from the row's CE, log-sum-exp and logit sum (all of z')."""
+    loss = ce
+    if label_smoothing != 0.0:
+        loss = (1.0 - label_smoothing) * ce + label_smoothing * (lse - zsum / num_classes)
+    if z_loss != 0.0:
+        loss = loss + z_loss * lse * lse
+    return loss
+
+
+def reduce_selected(loss: Tensor, mask: Tensor, reduction: str, lead_shape: torch.Size, counted: Tensor,
+                    lse: Tensor, weights: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+    """(the selective loss under ``reduction``, its denominator) from per-row losses: unselected
+    rows count as 0, selected ones by their weight (1 without ``weights``); "mean" divides by the
+    selected rows' total weight (0 when it is 0, e.g. when nothing is counted).
+
+    The divergence rule: a counted row (target not ignored) whose own log-sum-exp is not finite
+    (NaN / inf in the model's logits, hidden state or head) makes the loss NaN, selected or not,
+    as F.cross_entropy's would be; so does a batch that counted tokens but could select none
+    (every reference loss NaN, say).  "none": NaN on those rows.  A NaN reference loss alone only
+    keeps its row out of the selection.  Decided on the device: no host sync.
+    """
+    w = mask.to(loss.dtype) if weights is None else torch.where(mask, weights.reshape(-1).to(loss.dtype), 0.0)
+    kept = torch.where(mask, loss, torch.zeros_like(loss)) * w
+    den = w.sum()
+    poison = counted & (~torch.isfinite(lse) | ~mask.any())
+    if reduction == "none":
+        return torch.where(poison, math.nan, kept).view(lead_shape), den
+    nan = torch.where(poison.any(), math.nan, 0.0).to(loss.dtype)
     if reduction == "mean":
-        return ce.sum() / n_sel.clamp_min(1).to(ce.dtype), n_sel
-    if reduction == "sum":
-        return ce.sum(), n_sel
-    return ce.view(lead_shape), n_sel
+        return kept.sum() / torch.where(den > 0, den, 1.0) + nan, den
+    return kept.sum() + nan, den
+
+
+def row_scales(grad_out: Tensor, mask: Tensor, reduction: str, den: Tensor, weights: Optional[Tensor],
+               dtype: torch.dtype) -> Tensor:
+    """The backward's per-row scale of :func:`reduce_selected`: ``d loss / d row loss``."""
+    g = grad_out.to(dtype)
+    if reduction == "mean":
+        g = g / torch.where(den > 0, den, 1.0).to(dtype)
+    elif reduction == "none":
+        g = g.reshape(-1)
+    if weights is not None:
+        g = g * weights.reshape(-1).to(dtype)
+    return torch.where(mask, g, torch.zeros((), dtype=dtype, device=mask.device)).contiguous()
+
+
+# Once per process: the first batch that counted tokens but could select none.
+_STARVED_WARNED = False
+# CUDA: (event, pinned host copy) of recent batches' counts, read once their copy has landed
+# (a call behind) so that the check never waits for the device.
+_PENDING: list = []
+_MAX_PENDING = 8
+
+
+def warn_if_nothing_eligible(counted: Tensor, eligible: Tensor, il: Optional[Tensor], lse: Tensor) -> None:
+    """Warn (once per process) when a batch counted tokens but none was eligible for selection.
+
+    The loss is then NaN (:func:`reduce_selected`); this says why.  Costs no host sync: CPU
+    tensors are read at once; CUDA counts travel by a non-blocking copy and are read at a later
+    call once their event has completed; nothing under torch.compile or CUDA-graph capture.
+    """
+    global _STARVED_WARNED
+    if _STARVED_WARNED or _contract.is_compiling():
+        return
+    dev = counted.device
+    if dev.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return
+    with torch.no_grad():
+        ref_nan = counted & torch.isnan(il) if il is not None else torch.zeros_like(counted)
+        counts = torch.stack([counted.sum(), (counted & eligible).sum(), ref_nan.sum(),
+                              (counted & ~torch.isfinite(lse)).sum()])
+    if dev.type == "cpu":
+        _report_counts(counts.tolist())
+        return
+    if dev.type != "cuda":
+        return
+    _poll_pending()
+    host = torch.empty(counts.shape, dtype=counts.dtype, pin_memory=True)
+    host.copy_(counts, non_blocking=True)
+    event = torch.cuda.Event()
+    event.record()
+    _PENDING.append((event, host))
+    del _PENDING[:-_MAX_PENDING]
+
+
+def _poll_pending() -> None:
+    while _PENDING and _PENDING[0][0].query():
+        _report_counts(_PENDING.pop(0)[1].tolist())
+
+
+def _report_counts(counts: list) -> None:
+    global _STARVED_WARNED
+    n_counted, n_eligible, n_ref_nan, n_bad = counts
+    if _STARVED_WARNED or n_counted == 0 or n_eligible > 0:
+        return
+    _STARVED_WARNED = True
+    _PENDING.clear()
+    why = []
+    if n_ref_nan:
+        why.append(f"{n_ref_nan} have a NaN reference loss")
+    if n_bad:
+        why.append(f"{n_bad} have non-finite logits (NaN / inf: a diverged model?)")
+    if not why:
+        why.append("their scores are NaN (targets outside [0, V), unchecked on the GPU)")
+    warnings.warn(f"selective cross-entropy: none of the {n_counted} counted tokens of a batch could be selected "
+                  f"({'; '.join(why)}); the loss is NaN.  (Warned once per process.)", RuntimeWarning,
+                  stacklevel=3)
+
+
+# What vocab_parallel.SelectiveCE takes from this module (it imports nothing above the op layer).
+_LOSS_RULES = (top_fraction_mask, row_losses, reduce_selected, row_scales, warn_if_nothing_eligible)
+
+
+def transformed_target_logits(logits: Tensor, targets: Tensor, live: Tensor, acc: torch.dtype, softcap: float,
+                              logit_scale: float) -> Tensor:
+    """z'[r, y_r] in the accumulation dtype (0 where not ``live``): the target logit, transformed."""
+    return reference.transform(target_logits(logits, targets, live).to(acc), softcap, logit_scale)
 
 
 class _SelectiveCE(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits, targets, reference_loss, ratio, ignore_index, reduction, forward_name, grad_name,
-                inplace):
-        p = _contract.prepare(logits, targets, reference_loss, "reducible", ignore_index)
-        score, lse = backends.get(forward_name).score_rows(p)
+    def forward(ctx, logits, targets, reference_loss, weights, ratio, ignore_index, reduction, forward_name,
+                grad_name, inplace, config):
+        softcap, logit_scale, label_smoothing, z_loss = config
+        p = _contract.prepare(logits, targets, reference_loss, "reducible", ignore_index, softcap=softcap or None,
+                              logit_scale=logit_scale)  # (checked: 0.0 is "no cap")
+        impl = backends.get(forward_name)
+        if label_smoothing != 0.0:
+            score, lse, zsum = impl.score_rows(p, with_zsum=True)
+        else:
+            (score, lse), zsum = impl.score_rows(p), None
         eligible = reference.eligible_rows(p, score)
-        mask = top_fraction_mask(score, eligible, _nonignored(p), ratio)
-        # CE = lse - z_y in the accumulation dtype: the same value the kernel subtracted IL from.
-        ce = lse - target_logits(logits, p.targets, eligible).to(lse.dtype)
-        out, n_sel = reduce_selected(ce, mask, reduction, p.lead_shape)
-        ctx.save_for_backward(logits, p.targets, lse, mask, n_sel)
-        ctx.config = (ignore_index, reduction, grad_name, inplace)
+        counted = _nonignored(p)
+        mask = top_fraction_mask(score, eligible, counted, ratio)
+        # CE = lse - z'_y in the accumulation dtype: the value the kernel subtracted IL from.
+        ce = lse - transformed_target_logits(logits, p.targets, eligible, lse.dtype, softcap, logit_scale)
+        loss = row_losses(ce, lse, zsum, p.num_classes, label_smoothing, z_loss)
+        out, den = reduce_selected(loss, mask, reduction, p.lead_shape, counted, lse, weights)
+        warn_if_nothing_eligible(counted, eligible, p.il, lse)
+        ctx.save_for_backward(logits, p.targets, lse, mask, den, weights)
+        ctx.config = (ignore_index, reduction, grad_name, inplace, config)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        logits, targets, lse, mask, n_sel = ctx.saved_tensors
-        ignore_index, reduction, grad_name, inplace = ctx.config
-        g = grad_out.to(lse.dtype)
-        if reduction == "mean":
-            g = g / n_sel.clamp_min(1).to(lse.dtype)
-        elif reduction == "none":
-            g = g.reshape(-1)
-        row_scale = torch.where(mask, g, torch.zeros_like(lse)).contiguous()
-        grad = backends.get(grad_name).ce_grad_rows(logits, targets, lse, row_scale, ignore_index, inplace)
-        return grad, None, None, None, None, None, None, None, None
+        logits, targets, lse, mask, den, weights = ctx.saved_tensors
+        ignore_index, reduction, grad_name, inplace, config = ctx.config
+        row_scale = row_scales(grad_out, mask, reduction, den, weights, lse.dtype)
+        grad = backends.get(grad_name).ce_grad_rows(logits, targets, lse, row_scale, ignore_index, inplace,
+                                                    **grad_options(config))
+        return grad, None, None, None, None, None, None, None, None, None, None
+
+
+def grad_options(loss_config: tuple) -> dict:
+    """``ce_grad_rows``'s keyword arguments for ``(softcap, logit_scale, label_smoothing, z_loss)``:
+    none for the plain loss (every backend's original call)."""
+    softcap, logit_scale, label_smoothing, z_loss = loss_config
+    if not _contract.has_transform(softcap, logit_scale) and label_smoothing == 0.0 and z_loss == 0.0:
+        return {}
+    return dict(softcap=softcap, logit_scale=logit_scale, label_smoothing=label_smoothing, z_loss=z_loss)
+
+
+def loss_config(softcap, logit_scale, label_smoothing, z_loss, weights, targets) -> tuple:
+    """The checked ``(softcap, logit_scale, label_smoothing, z_loss)`` of a selective loss."""
+    cap, scale = _contract.check_transform(softcap, logit_scale)
+    eps, zl = check_loss_options(label_smoothing, z_loss, weights, targets)
+    return cap, scale, eps, zl
 
 
 @sharding.sharded_logits
@@ -307,6 +480,11 @@ def selective_cross_entropy(
     inplace_backward: bool = False,
     process_group=None,
     vocab_start_index: int = 0,
+    softcap: Optional[float] = None,
+    logit_scale: float = 1.0,
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    weights: Optional[Tensor] = None,
 ) -> Tensor:
     """Rho-1 selective language-modelling loss: CE over the tokens with the highest excess loss.
 
@@ -332,6 +510,25 @@ def selective_cross_entropy(
         inplace_backward: write the gradient over the logits' storage instead of allocating it
             (saves one ``N x V`` buffer).  Opt-in: the logits must be a non-leaf tensor that
             nothing else reads after this loss's backward (e.g. straight out of the LM head).
+        process_group, vocab_start_index: vocabulary-parallel logits (as for :func:`score`).
+        softcap, logit_scale: the logit transform of :func:`score` (Gemma 2's
+            ``final_logit_softcapping``, Cohere's ``logit_scale``, Granite's ``1 / logits_scaling``):
+            selection, loss and gradient are those of ``z'``; the gradient is w.r.t. the raw logits.
+        label_smoothing: in ``[0, 1]``, as ``F.cross_entropy``'s: each kept token's loss is
+            ``(1 - eps) CE + eps (lse - mean_j z'_j)``.
+        z_loss: ``>= 0``: adds ``z_loss * lse(z')^2`` per kept token (PaLM / OLMo).
+        weights: per-token float weights ``>= 0`` of the targets' shape, or None: the loss is
+            ``sum_kept w_i l_i / sum_kept w_i`` ("mean"; 0 when the kept weights sum to 0),
+            ``sum_kept w_i l_i`` ("sum") or ``w_i l_i`` ("none").  With ``ratio=1.0`` this is a
+            plain weighted (smoothed, z-lossed) cross-entropy with a fused backward.
+
+        Selection always ranks by the plain excess ``CE(z') - reference_loss``; smoothing, z-loss and
+        weights shape only the loss of the kept tokens and its (exact) gradient.
+
+    Non-finite values: a NaN / inf logit on a counted token (target not ignored) makes the loss
+    NaN, as ``F.cross_entropy``'s ("none": that token's entry), whether or not it is selected; a
+    NaN ``reference_loss`` only keeps its token out of the selection; a batch that counts tokens
+    but has none selectable (every reference loss NaN) gives NaN and a warning, once per process.
 
     Returns:
         float32 loss (float64 for float64 logits): a scalar, or ``targets.shape`` for "none".
@@ -342,19 +539,20 @@ def selective_cross_entropy(
         raise TypeError(f"inplace_backward must be a bool, got {inplace_backward!r}")
     ratio = check_ratio(ratio)
     check_reference_loss(targets, reference_loss)
+    config = loss_config(softcap, logit_scale, label_smoothing, z_loss, weights, targets)
     vocab_parallel.check_shard(process_group, vocab_start_index)
     if process_group is not None:  # vocabulary-parallel logits: the gradient of this shard
         vocab_parallel.prepare(logits, targets, reference_loss, "reducible", ignore_index)
-        return vocab_parallel.SelectiveCE.apply(logits, targets, reference_loss, ratio, ignore_index, reduction,
-                                                vocab_start_index, process_group, top_fraction_mask)
+        return vocab_parallel.SelectiveCE.apply(logits, targets, reference_loss, weights, ratio, ignore_index,
+                                                reduction, vocab_start_index, process_group, _LOSS_RULES, config)
     # Validate now (clear errors before autograd); forward() normalises again, cheaply.
     _contract.prepare(logits, targets, reference_loss, "reducible", ignore_index)
     forward_name, grad_name = resolve_names(backend, logits.device)
     if inplace_backward and logits.requires_grad and logits.is_leaf:
         raise ValueError("inplace_backward=True overwrites the logits with their gradient; it needs non-leaf "
                          "logits (e.g. the LM head's output), got a leaf tensor")
-    return _SelectiveCE.apply(logits, targets, reference_loss, ratio, ignore_index, reduction, forward_name,
-                              grad_name, inplace_backward)
+    return _SelectiveCE.apply(logits, targets, reference_loss, weights, ratio, ignore_index, reduction,
+                              forward_name, grad_name, inplace_backward, config)
 
 
 def selective_cross_entropy_autograd(

@@ -617,6 +617,15 @@ def _bad_calls():
         ("k in the IL slot", lambda: rk.select(x, t, 2, method="loss"), TypeError, "k=2"),
         ("np k in the IL slot", lambda: rk.select(x, t, np.int64(2), method="loss"), TypeError, "pass the count by keyword"),
         ("targets None, not entropy", lambda: rk.score(x, None, method="loss"), TypeError, "'entropy'"),
+        ("softcap 0", lambda: rk.score(x, t, il, softcap=0.0), ValueError, "softcap must be > 0"),
+        ("softcap negative", lambda: rk.select(x, t, il, 1, softcap=-2.0), ValueError, "-2.0"),
+        ("softcap inf", lambda: rk.score(x, t, il, softcap=math.inf), ValueError, "inf"),
+        ("softcap nan", lambda: rk.score(x, t, il, softcap=math.nan), ValueError, "nan"),
+        ("softcap str", lambda: rk.score(x, t, il, softcap="30"), TypeError, "'30'"),
+        ("softcap bool", lambda: rk.score(x, t, il, softcap=True), TypeError, "True"),
+        ("logit_scale 0", lambda: rk.score(x, t, il, logit_scale=0), ValueError, "non-zero"),
+        ("logit_scale inf", lambda: rk.select(x, t, il, 1, logit_scale=-math.inf), ValueError, "-inf"),
+        ("logit_scale tensor", lambda: rk.score(x, t, il, logit_scale=torch.tensor(2.0)), TypeError, "Tensor"),
     ]
 
 
@@ -1005,3 +1014,272 @@ def test_expected_backends_present():
         assert "triton" in avail, f"TRITON_INTERPRET=1 but triton is not available: {avail}"
     if DEVICE.type == "cuda":
         assert "triton" in avail, avail
+
+
+# --------------------------------------------------------------------------- logit transform
+#
+# z' = softcap * tanh(logit_scale * z / softcap) (or logit_scale * z): every method, score,
+# selection and gradient is that of z'.  Truth: the reference in float64, itself checked against
+# Hugging Face's formula written out independently (log_softmax of the transformed logits).
+# Caps as small as 0.5 saturate tanh for logits ~ 3; scales below and above 1, and negative.
+
+TRANSFORMS = [(None, 0.25), (None, 4.0), (0.5, 1.0), (30.0, 1.0), (2.0, -1.5)]
+TRANSFORM_IDS = [f"cap{c}-scale{s}" for c, s in TRANSFORMS]
+TRANSFORM_SHAPES = [(37, 7), (5, 1000)]
+
+
+def hf_logits(logits, softcap, logit_scale):
+    """The logits as Hugging Face's models compute them (Gemma 2, Cohere), in float64."""
+    z = logits.double() * logit_scale
+    if softcap is not None:
+        z = z / softcap
+        z = torch.tanh(z)
+        z = z * softcap
+    return z
+
+
+def hf_scores(logits, targets, il, method, softcap, logit_scale):
+    z = hf_logits(logits, softcap, logit_scale)
+    logp = torch.log_softmax(z, -1)
+    p = logp.exp()
+    live = targets != -100
+    safe = torch.where(live, targets, 0)
+    ce = -logp.gather(1, safe[:, None]).squeeze(1)
+    onehot = torch.nn.functional.one_hot(safe, z.shape[-1]).double()
+    score = {"reducible": ce - il.double(), "loss": ce, "irreducible": -il.double(),
+             "gradnorm": torch.linalg.vector_norm(p - onehot, dim=-1), "entropy": -(p * logp).sum(-1)}[method]
+    return torch.where(live, score, -math.inf)
+
+
+def transformed_truth(logits, targets, il, method, softcap, logit_scale):
+    p = _contract.prepare(logits.double(), targets, il, method, -100, softcap=softcap, logit_scale=logit_scale)
+    return reference.score_rows(p)[0].double()
+
+
+def test_check_transform():
+    assert _contract.check_transform(None, 1.0) == (0.0, 1.0)
+    assert _contract.check_transform(30, np.float32(0.5)) == (30.0, 0.5)
+    assert _contract.RowProblem(*([None] * 8)).softcap == 0.0  # fields at the end, with defaults
+    assert not _contract.has_transform(0.0, 1.0) and _contract.has_transform(0.0, -1.0)
+
+
+@pytest.mark.parametrize("transform", TRANSFORMS, ids=TRANSFORM_IDS)
+def test_transform_reference_matches_hf(transform):
+    softcap, scale = transform
+    logits, targets, il = make_inputs(40, 300, torch.float64)
+    targets[3] = -100
+    for method in METHODS:
+        want = hf_scores(logits.cpu(), targets.cpu(), il.cpu(), method, softcap, scale)
+        got = transformed_truth(logits, targets, il, method, softcap, scale).cpu()
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6, msg=method)  # float32 scores
+        eager = rk.score(logits.float(), targets, il, method=method, softcap=softcap, logit_scale=scale,
+                         backend="reference").double().cpu()
+        torch.testing.assert_close(eager, want, rtol=1e-5, atol=1e-5, msg=method)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("transform", TRANSFORMS, ids=TRANSFORM_IDS)
+def test_transformed_scores_and_selection(backend, transform, dtype):
+    softcap, scale = transform
+    kw = dict(softcap=softcap, logit_scale=scale)
+    for n, v in TRANSFORM_SHAPES:
+        logits, targets, il = make_inputs(n, v, dtype, seed=3)
+        targets[n // 2] = -100
+        for method in METHODS:
+            what = f"{backend}/{method}/{n}x{v}"
+            truth = transformed_truth(logits, targets, il, method, softcap, scale)
+            eager = rk.score(logits, targets, il, method=method, backend="reference", **kw).double()
+            got = rk.score(logits, targets, il, method=method, backend=backend, **kw)
+            tol = assert_accurate(got, eager, truth, what)
+            k = n // 3
+            sel = rk.select(logits, targets, il, k, method=method, backend=backend, **kw)
+            assert_selection_consistent(sel, got, eligible_of(targets, got, v), k, what)
+            ref = rk.select(logits, targets, il, k, method=method, backend="reference", **kw)
+            assert_selection_matches_reference(sel, ref, truth, tol, what)
+
+
+def _transform_special_inputs(dtype):
+    logits, targets, il = _special_inputs(torch.float32)
+    logits = logits.cpu()
+    logits[11, :] = 1e30  # saturates every cap: a uniform row of z' = softcap
+    logits[11, 3] = -1e30
+    return logits.to(dtype).to(DEVICE), targets, il
+
+
+@pytest.mark.parametrize("transform", [(0.5, 1.0), (None, -1.0), (3.0, 100.0)], ids=["cap0.5", "neg", "cap3-scale100"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_transformed_special_values(backend, transform, dtype):
+    """+-inf and NaN logits through the transform: a cap maps +-inf to +-softcap (finite), a
+    negative scale swaps +inf and -inf, NaN stays NaN (the rules of rho_math.h, for z')."""
+    softcap, scale = transform
+    logits, targets, il = _transform_special_inputs(dtype)
+    for method in METHODS:
+        truth = transformed_truth(logits, targets, il, method, softcap, scale)
+        kw = dict(method=method, softcap=softcap, logit_scale=scale)
+        got = rk.score(logits, targets, il, backend=backend, **kw)
+        assert_accurate(got, rk.score(logits, targets, il, backend="reference", **kw), truth, method)
+        sel = rk.select(logits, targets, il, 6, backend=backend, **kw)
+        assert_selection_consistent(sel, got, eligible_of(targets, got, 37), 6, method)
+
+
+@pytest.mark.parametrize("dtype", DTYPES + [torch.float64], ids=str)
+def test_score_rows_with_zsum(backend, dtype):
+    """``score_rows(p, with_zsum=True)`` adds sum_j z'_j per row (label smoothing's sum)."""
+    impl = backends.get(backend)
+    for (n, v), transform in zip(TRANSFORM_SHAPES + [(3, 1)], [(0.5, 1.0), (None, 1.0), (2.0, -1.5)]):
+        logits, targets, il = make_inputs(n, v, dtype, seed=4)
+        softcap, scale = transform
+        p = _contract.prepare(logits, targets, il, "loss", -100, softcap=softcap, logit_scale=scale)
+        score, lse, zsum = impl.score_rows(p, with_zsum=True)
+        assert zsum.dtype == _contract.lse_dtype(dtype) and zsum.shape == (n,)
+        s2, l2 = impl.score_rows(p)
+        assert torch.equal(score, s2) and torch.equal(lse, l2)
+        truth = hf_logits(logits, softcap, scale).sum(-1)
+        eager = reference.score_rows(p, with_zsum=True)[2].double()
+        assert_accurate(zsum, eager, truth, f"{backend}/{n}x{v} zsum")
+
+
+def _grad_impl(backend):
+    name = backends.grad_backend_for(backend, backend, DEVICE)
+    if name != backend and backend != "cuda":
+        pytest.skip(f"{backend} runs its backward on {name}")
+    return name
+
+
+def hf_loss_grad(logits, targets, row_scale, softcap, logit_scale, eps, z_loss):
+    """d/dz of sum_r s_r [(1-eps)(lse - z'_y) + eps(lse - mean z') + z_loss lse^2] by autograd in
+    float64, and the float64 lse of z' (the truth for ce_grad_rows)."""
+    z = logits.detach().double().requires_grad_()
+    zt = hf_logits(z, softcap, logit_scale)
+    lse = torch.logsumexp(zt, -1)
+    live = (targets != -100) & (row_scale != 0)
+    safe = torch.where(live, targets, 0)
+    ce = lse - zt.gather(1, safe[:, None]).squeeze(1)
+    loss_r = (1 - eps) * ce + eps * (lse - zt.mean(-1)) + z_loss * lse * lse
+    loss = torch.where(live, row_scale.double() * loss_r, 0.0).sum()
+    return torch.autograd.grad(loss, z)[0], lse.detach()
+
+
+CE_GRAD_CASES = [(None, 1.0, 0.0, 0.0), (None, 1.0, 0.1, 1e-3), (0.5, 1.0, 0.0, 0.0), (30.0, 0.7, 0.2, 1e-4),
+                 (None, 4.0, 0.0, 0.01), (2.0, -1.5, 0.1, 0.0)]
+
+
+@pytest.mark.parametrize("dtype", GRAD_DTYPES, ids=str)
+@pytest.mark.parametrize("case", CE_GRAD_CASES, ids=[f"cap{c}-s{s}-eps{e}-z{z}" for c, s, e, z in CE_GRAD_CASES])
+def test_ce_grad_rows_generalized(backend, case, dtype):
+    """Every backend's ce_grad_rows with softcap / logit_scale / label_smoothing / z_loss against
+    autograd of the loss in float64; exact zeros on ignored and zero-scale rows."""
+    softcap, scale, eps, z_loss = case
+    impl = backends.get(_grad_impl(backend))
+    acc = _contract.lse_dtype(dtype)
+    for n, v in [(37, 7), (5, 1000)]:
+        logits, targets, _ = make_inputs(n, v, dtype, seed=6)
+        targets[1] = -100
+        row_scale = torch.randn(n, generator=torch.Generator().manual_seed(v)).to(DEVICE, acc)
+        row_scale[2] = 0.0
+        truth, lse = hf_loss_grad(logits, targets, row_scale, softcap, scale, eps, z_loss)
+        lse = lse.to(acc)
+        kw = dict(softcap=0.0 if softcap is None else softcap, logit_scale=scale, label_smoothing=eps, z_loss=z_loss)
+        got = impl.ce_grad_rows(logits, targets, lse, row_scale, -100, False, **kw)
+        eager = reference.ce_grad_rows(logits, targets, lse, row_scale, -100, False, **kw)
+        assert got.dtype == dtype and got.shape == logits.shape
+        assert_grads_accurate(got, eager, truth, f"{backend}/{n}x{v}")
+        assert not bool(got[1].any()) and not bool(got[2].any()), "masked rows must be exact zeros"
+        again = logits.clone()
+        out = impl.ce_grad_rows(again, targets, lse, row_scale, -100, True, **kw)
+        assert out.data_ptr() == again.data_ptr() and torch.equal(again, got), "in-place differs"
+
+
+@pytest.mark.parametrize("transform", [(0.5, 1.0), (3.0, -0.7), (None, 2.5)], ids=["cap0.5", "cap3-neg", "scale2.5"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_transformed_score_gradients(backend, transform, dtype):
+    softcap, scale = transform
+    kw = dict(softcap=softcap, logit_scale=scale)
+    for method in METHODS:
+        logits, targets, il, g = _grad_case(5, 70, dtype)
+        z = logits.detach().clone().requires_grad_()
+        l = il.detach().clone().requires_grad_()
+        score = rk.score(z, targets, l, method=method, backend=backend, **kw)
+        gz, gl = torch.autograd.grad(score, (z, l), g, allow_unused=True)
+        gz = torch.zeros_like(z) if gz is None else gz
+
+        def ref_grad(x_dtype):
+            x = logits.detach().to(x_dtype).requires_grad_()
+            p = _contract.prepare(x, targets, il, method, -100, softcap=softcap, logit_scale=scale)
+            s = reference.score_rows(p)[0]
+            if not s.requires_grad:  # irreducible: no logit is read
+                return torch.zeros_like(x)
+            out = torch.autograd.grad(s, x, g, allow_unused=True)[0]
+            return torch.zeros_like(x) if out is None else out
+
+        assert_grads_accurate(gz, ref_grad(dtype), ref_grad(torch.float64), f"{backend}/{method}")
+        assert not bool(gz[1].any()), "ignored row must get an exact zero gradient"
+
+
+@pytest.mark.parametrize("method", ["reducible", "gradnorm", "entropy"])
+def test_transformed_score_gradcheck_float64(backend, method):
+    logits, targets, il, _ = _grad_case(4, 6, torch.float64)
+    z = logits.detach().clone().requires_grad_()
+    live = targets != -100
+
+    def fn(z):
+        return torch.where(live, rk.score(z, targets, il, method=method, backend=backend, softcap=2.0,
+                                          logit_scale=0.8), 0.0)
+
+    assert torch.autograd.gradcheck(fn, (z,), eps=1e-3, atol=2e-3, rtol=2e-3)
+
+
+def test_ce_grad_rows_gradcheck_float64():
+    """The reference's generalized ce_grad_rows is the gradient of its loss (finite differences)."""
+    logits, targets, _ = make_inputs(4, 6, torch.float64, seed=8)
+    targets[1] = -100
+    row_scale = torch.tensor([0.5, 2.0, -1.0, 1.5], dtype=torch.float64, device=DEVICE)
+    kw = dict(softcap=2.0, logit_scale=0.8, label_smoothing=0.1, z_loss=0.01)
+
+    class Loss(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, z):
+            zt = reference.transform(z, 2.0, 0.8)
+            lse = torch.logsumexp(zt, -1)
+            ctx.save_for_backward(z, lse)
+            live = targets != -100
+            ce = lse - zt.gather(1, torch.where(live, targets, 0)[:, None]).squeeze(1)
+            loss_r = 0.9 * ce + 0.1 * (lse - zt.mean(-1)) + 0.01 * lse * lse
+            return torch.where(live, row_scale * loss_r, 0.0).sum()
+
+        @staticmethod
+        def backward(ctx, g):
+            z, lse = ctx.saved_tensors
+            return g * reference.ce_grad_rows(z, targets, lse, row_scale, -100, **kw)
+
+    z = logits.clone().requires_grad_()
+    assert torch.autograd.gradcheck(Loss.apply, (z,), eps=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("method", ["loss", "gradnorm", "entropy"])
+def test_partial_rows_transform_and_zsum(backend, method):
+    """The CPU kernel's vocabulary-slice partials ([n, 8]: m, d, t, dx, s2x, z'_y, owned, zsum)
+    honour the transform, and merge to the full rows' scores and sum_j z'_j."""
+    if backend != "cpu":
+        pytest.skip("partial_rows is the cpu backend's")
+    from rho_kernels import vocab_parallel
+
+    impl = backends.get("cpu")
+    for dtype in (torch.float32, torch.bfloat16):
+        logits, targets, il = make_inputs(19, 300, dtype, seed=9)
+        targets[4] = -100
+        for softcap, scale in [(None, 1.0), (0.5, 1.0), (3.0, -2.0)]:
+            cap = 0.0 if softcap is None else softcap
+            part = None
+            for v0, v1 in [(0, 128), (128, 257), (257, 300)]:
+                part = impl.partial_rows(logits[:, v0:v1], targets, part, v0, METHODS.index(method), -100,
+                                         softcap=cap, logit_scale=scale)
+            assert part.shape == (19, 8) and part.dtype == torch.float32
+            f = vocab_parallel.merge_and_finalize(part[None], targets, il, METHODS.index(method), -100)
+            truth = transformed_truth(logits, targets, il, method, softcap, scale)
+            eager = rk.score(logits, targets, il, method=method, backend="reference", softcap=softcap,
+                             logit_scale=scale)
+            assert_accurate(f.score, eager, truth, f"{method}/{dtype}/{softcap}")
+            p = _contract.prepare(logits, targets, il, method, -100, softcap=softcap, logit_scale=scale)
+            assert_accurate(part[:, 7], reference.score_rows(p, with_zsum=True)[2],
+                            hf_logits(logits, softcap, scale).sum(-1), "zsum")

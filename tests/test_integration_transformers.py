@@ -8,6 +8,7 @@ downloaded.  Every expectation is recomputed by hand from the same inputs and we
 from __future__ import annotations
 
 import copy
+import math
 import os
 import subprocess
 import sys
@@ -207,6 +208,108 @@ def test_rho1_reference_column_and_resume(tmp_path):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
 
 
+def test_rho1_surfaces_a_nan_loss(tmp_path, monkeypatch):
+    """A batch with nothing selectable (every reference loss NaN) and a diverged model (a NaN in
+    the LM head) give NaN losses; the Trainer's logging_nan_inf_filter would log a stale average
+    (or 0.0) instead: the log says NaN and how many, with a warning."""
+    data = lm_dataset(4, with_reference=torch.full((4, SEQ), float("nan")))
+    tr = rkt.Rho1Trainer(model=tiny_llama(0), args=args(tmp_path / "a", max_steps=2), train_dataset=data)
+    monkeypatch.setattr(rkt.tokens, "_STARVED_WARNED", False)  # the op's own warning, once per process
+    with pytest.warns(RuntimeWarning, match="counted tokens of a batch could be selected"), \
+            pytest.warns(RuntimeWarning, match="loss\\(es\\) since the last log were NaN"):
+        tr.train()
+    logs = [h for h in tr.state.log_history if "loss" in h]
+    assert len(logs) == 2 and all(math.isnan(h["loss"]) and h["rho1/nonfinite_losses"] == 1 for h in logs)
+    for hidden in (False, True):
+        model = tiny_llama(0)
+        with torch.no_grad():
+            model.lm_head.weight[3, 5] = float("nan")
+        tr = rkt.Rho1Trainer(model=model, args=args(tmp_path / f"b{hidden}", max_steps=1), use_hidden_states=hidden,
+                             train_dataset=lm_dataset(4), reference_model=tiny_llama(1))
+        with pytest.warns(RuntimeWarning, match="were NaN"):
+            tr.train()
+        log = next(h for h in tr.state.log_history if "loss" in h)
+        assert math.isnan(log["loss"]) and log["rho1/nonfinite_losses"] == 1, (hidden, log)
+        assert tr.use_hidden_states is hidden  # the hidden path ran (no fallback)
+
+
+def _scaled_capped_models():
+    """Tiny Gemma-2 (soft-capped logits), Cohere (multiplied by logit_scale) and Granite (divided
+    by logits_scaling) causal LMs, each with a head large enough that the transform matters."""
+    common = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                  num_key_value_heads=1, max_position_embeddings=64)
+    torch.manual_seed(0)
+    yield "gemma2", transformers.Gemma2ForCausalLM(transformers.Gemma2Config(
+        **common, head_dim=16, final_logit_softcapping=2.0, attn_logit_softcapping=None)), dict(softcap=2.0,
+                                                                                                 logit_scale=1.0)
+    torch.manual_seed(0)
+    yield "cohere", transformers.CohereForCausalLM(transformers.CohereConfig(**common, logit_scale=0.25)), dict(
+        softcap=None, logit_scale=0.25)
+    torch.manual_seed(0)
+    yield "granite", transformers.GraniteForCausalLM(transformers.GraniteConfig(**common, logits_scaling=8.0)), dict(
+        softcap=None, logit_scale=0.125)
+
+
+def test_rho1_hidden_path_for_scaled_and_capped_heads(tmp_path):
+    """Gemma-2 / Cohere / Granite heads take the hidden-state path (no [B, T, V] logits), and the
+    loss and the head's gradient equal those of the logits path on the model's own logits."""
+    batch = {k: torch.stack([it[k] for it in lm_dataset(4, seed=2)]) for k in ("input_ids", "attention_mask",
+                                                                               "labels")}
+    batch["reference_loss"] = torch.rand(4, SEQ, generator=torch.Generator().manual_seed(1)) * 9
+    for name, model, want_transform in _scaled_capped_models():
+        with torch.no_grad():
+            model.get_output_embeddings().weight.mul_(40.0)  # logits of several units: the cap bites
+        assert rkt.head_transform(model.config) == pytest.approx(want_transform), name
+        losses, grads = {}, {}
+        for hidden in (True, False):
+            tr = rkt.Rho1Trainer(model=model, args=args(tmp_path / f"{name}{hidden}"), train_dataset=lm_dataset(4),
+                                 use_hidden_states=hidden, log_selection_stats=hidden)
+            model.train()
+            model.zero_grad()
+            seen = []
+            hook = model.get_output_embeddings().register_forward_hook(lambda m, i, o: seen.append(o.shape[1]))
+            loss = tr.compute_loss(model, dict(batch))
+            hook.remove()
+            loss.backward()
+            assert tr._hidden_path(model) == hidden and tr.use_hidden_states is hidden, name  # no fallback
+            if hidden:
+                assert max(seen) <= 2, f"{name}: the hidden path computed the full logits ({seen})"
+            losses[hidden], grads[hidden] = loss.item(), model.get_output_embeddings().weight.grad.clone()
+        # The logits path reads the model's own (transformed) logits: the definition.
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+        own = rkt.tokens.selective_cross_entropy(logits, batch["labels"][:, 1:], batch["reference_loss"][:, 1:],
+                                                 RATIO, backend="reference")
+        assert losses[False] == pytest.approx(own.item(), rel=1e-6), name
+        assert losses[True] == pytest.approx(losses[False], rel=1e-5, abs=1e-5), name
+        torch.testing.assert_close(grads[True], grads[False], rtol=1e-4, atol=1e-6, msg=name)
+        # Untransformed, the loss would differ: the test sees the transform.
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=True)
+        raw = model.get_output_embeddings()(out.hidden_states[-1])[:, :-1]
+        plain = rkt.tokens.selective_cross_entropy(raw, batch["labels"][:, 1:], batch["reference_loss"][:, 1:],
+                                                   RATIO, backend="reference")
+        assert abs(plain.item() - own.item()) > 1e-2, name
+
+
+def test_rho1_falls_back_when_the_config_misleads(tmp_path):
+    """A config attribute the model does not apply (a Llama with a stray logit_scale): the first
+    step's check sees it, warns, and the loss comes from the model's own logits."""
+    model = tiny_llama(0)
+    model.config.logit_scale = 0.5
+    batch = {k: torch.stack([it[k] for it in lm_dataset(2)]) for k in ("input_ids", "attention_mask", "labels")}
+    batch["reference_loss"] = torch.rand(2, SEQ, generator=torch.Generator().manual_seed(1))
+    tr = rkt.Rho1Trainer(model=model, args=args(tmp_path), train_dataset=lm_dataset(2), log_selection_stats=False)
+    model.train()
+    with pytest.warns(RuntimeWarning, match="logits are not the LM head's output"):
+        loss = tr.compute_loss(model, dict(batch))
+    assert tr.use_hidden_states is False
+    strict = rkt.Rho1Trainer(model=model, args=args(tmp_path), train_dataset=lm_dataset(2), use_hidden_states=True)
+    with pytest.raises(ValueError, match="use_hidden_states=True: LlamaForCausalLM's logits are not"):
+        strict.compute_loss(model, dict(batch))
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+    own = rkt.tokens.selective_cross_entropy(logits, batch["labels"][:, 1:], batch["reference_loss"][:, 1:], RATIO)
+    assert loss.item() == pytest.approx(own.item(), rel=1e-6)
+
+
 def test_rho1_needs_a_reference(tmp_path):
     tr = rkt.Rho1Trainer(model=tiny_llama(0), args=args(tmp_path, max_steps=1), train_dataset=lm_dataset(4))
     with pytest.raises(ValueError, match="reference_model or a 'reference_loss' column"):
@@ -225,6 +328,7 @@ def test_rho1_bf16_and_compiled_model(tmp_path):
                                                 torch_compile_backend="aot_eager", max_steps=2),
                          train_dataset=lm_dataset(4), reference_model=tiny_llama(1))
     out = tr.train()
+    assert tr.use_hidden_states == "auto"  # the hidden path's first-step check passed (no fallback)
     assert hasattr(tr.model_wrapped, "_orig_mod") or hasattr(tr.model, "_orig_mod")  # it was compiled
     assert torch.bfloat16 in dtypes  # the training forward ran under bf16 autocast
     assert torch.isfinite(torch.tensor(out.training_loss))

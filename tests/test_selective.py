@@ -17,6 +17,7 @@ import math
 import os
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -220,10 +221,12 @@ def test_bad_input():
 # --------------------------------------------------------------------------- selective CE
 
 
-def run_selective(logits, targets, ref_loss, ratio, grad_name, reduction="mean", inplace=False):
+def run_selective(logits, targets, ref_loss, ratio, grad_name, reduction="mean", inplace=False, softcap=None,
+                  logit_scale=1.0, label_smoothing=0.0, z_loss=0.0, weights=None):
     """selective_cross_entropy with the reference forward and a chosen backward kernel."""
-    return tokens._SelectiveCE.apply(logits, targets, ref_loss, tokens.check_ratio(ratio), -100, reduction,
-                                         "reference", grad_name, inplace)
+    config = tokens.loss_config(softcap, logit_scale, label_smoothing, z_loss, weights, targets)
+    return tokens._SelectiveCE.apply(logits, targets, ref_loss, weights, tokens.check_ratio(ratio), -100, reduction,
+                                     "reference", grad_name, inplace, config)
 
 
 def _upstream_weights(shape, dtype, seed=11):
@@ -569,3 +572,222 @@ def test_no_host_sync_on_gpu(backend):
         step()
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+# --------------------------------------------------------------------------- divergence (NaN) rule
+
+
+@pytest.fixture
+def fresh_nan_warning(monkeypatch):
+    """The nothing-eligible warning is once per process: re-arm it for one test."""
+    monkeypatch.setattr(tokens, "_STARVED_WARNED", False)
+    monkeypatch.setattr(tokens, "_PENDING", [])
+
+
+def test_divergence_makes_the_loss_nan(backend, fresh_nan_warning):
+    """The model's own non-finite logits on a counted token make the loss NaN (as F.cross_entropy);
+    a NaN reference loss only keeps its token out of the selection; counted tokens but none
+    selectable: NaN and one warning naming why."""
+    logits, targets, ref_loss = make_lm_batch(2, 9, 40 if is_slow_backend(backend) else 300, n_ignored=2)
+    counted = targets != -100
+    r, c = counted.nonzero()[0].tolist()
+    run = lambda z, il, ratio, red="mean": tokens.selective_cross_entropy(  # noqa: E731
+        z, targets, il, ratio, reduction=red, backend=backend)
+    for bad in (math.nan, math.inf):
+        z = logits.clone()
+        z[r, c, 5] = bad
+        assert torch.isnan(F_ce(z, targets)), "the premise: F.cross_entropy is NaN"
+        for ratio in (1.0, 0.3):
+            x = z.clone().requires_grad_()
+            assert torch.isnan(run(x, ref_loss, ratio)), f"{backend}: {bad} logit, ratio {ratio}"
+            assert torch.isnan(run(z, ref_loss, ratio, "sum"))
+            per_token = run(z, ref_loss, ratio, "none")
+            assert torch.isnan(per_token[r, c]) and not bool(torch.isnan(per_token).sum() > 1)
+        if math.isnan(bad):  # unselectable (NaN score): the other tokens' gradients stay usable
+            run(x, ref_loss, 0.3).backward()
+            assert bool(torch.isfinite(x.grad).all()) and bool((x.grad[r, c] == 0).all())
+    z = torch.full_like(logits, math.nan)  # a fully diverged model: NaN, not 0
+    with pytest.warns(RuntimeWarning, match=r"none of the 16 counted tokens .*16 have non-finite logits"):
+        assert torch.isnan(run(z, ref_loss, 1.0)) and torch.isnan(run(z, ref_loss, 0.5, "sum"))
+    tokens._STARVED_WARNED = False  # re-arm (the fixture restores it)
+    # A diverged token that is ignored does not count.
+    z, t_ign = logits.clone(), targets.clone()
+    z[r, c] = math.nan
+    t_ign[r, c] = -100
+    assert torch.isfinite(tokens.selective_cross_entropy(z, t_ign, ref_loss, 0.5, backend=backend))
+
+    # NaN reference loss: ineligible, the loss stays that of the others (ratio 1: plain CE of them).
+    il = ref_loss.clone()
+    il[r, c] = math.nan
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="selective cross-entropy")
+        got = run(logits, il, 1.0)
+    t_rest = targets.clone()
+    t_rest[r, c] = -100
+    assert torch.allclose(got, F_ce(logits, t_rest), rtol=1e-5), backend
+    # Every reference loss NaN: no token to train on.  NaN and one warning, once per process.
+    with pytest.warns(RuntimeWarning, match=r"none of the 16 counted tokens .*16 have a NaN reference loss"):
+        assert torch.isnan(run(logits, torch.full_like(il, math.nan), 0.5))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="selective cross-entropy")
+        assert torch.isnan(run(logits, torch.full_like(il, math.nan), 0.5, "sum"))
+    # Nothing counted (every target ignored): still 0, no warning.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="selective cross-entropy")
+        assert tokens.selective_cross_entropy(logits, torch.full_like(targets, -100), il, 0.5,
+                                              backend=backend).item() == 0.0
+
+
+def F_ce(logits, targets):
+    return torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1))
+
+
+# --------------------------------------------------------------------------- soft-cap, scale, smoothing, z-loss, weights
+
+# (softcap, logit_scale): none; a cap small enough that tanh saturates (|z| ~ 6 against 1.5); a
+# scale < 1 (Granite's 1 / logits_scaling); a scale > 1 with a cap (Cohere-like scale, Gemma cap).
+TRANSFORMS = [(None, 1.0), (1.5, 1.0), (None, 0.25), (4.0, 1.7)]
+
+
+def transformed(logits, softcap, logit_scale):
+    """z' in float64, written out independently of the package: softcap * tanh(scale * z / softcap)."""
+    z = logits.double() * logit_scale
+    return softcap * torch.tanh(z / softcap) if softcap is not None else z
+
+
+def definition_loss(logits, targets, ref_loss, ratio, softcap=None, logit_scale=1.0, label_smoothing=0.0, z_loss=0.0,
+                    weights=None, reduction="mean"):
+    """The issue's formula in float64 torch, differentiable by autograd: selection by the plain
+    excess CE(z') - ref (select_mask of the materialised z', reference backend); per kept token
+    F.cross_entropy(z', label_smoothing) + z_loss * lse(z')^2, weighted, over the kept weight."""
+    v = logits.shape[-1]
+    zt = transformed(logits, softcap, logit_scale)
+    with torch.no_grad():
+        mask = tokens.select_mask(zt, targets, ref_loss, ratio, backend="reference").reshape(-1)
+    flat_t = targets.reshape(-1).to(torch.int64)
+    z2 = zt.reshape(-1, v)
+    per = torch.nn.functional.cross_entropy(z2, torch.where(mask, flat_t, -100), reduction="none",
+                                            label_smoothing=label_smoothing)
+    per = per + z_loss * torch.logsumexp(z2, -1) ** 2
+    w = mask.double() if weights is None else torch.where(mask, weights.reshape(-1).double(), 0.0)
+    per = torch.where(mask, per, 0.0) * w
+    if reduction == "none":
+        return per.view(targets.shape)
+    if reduction == "sum":
+        return per.sum()
+    return per.sum() / torch.where(w.sum() > 0, w.sum(), 1.0)
+
+
+def _token_weights(shape, seed=3):
+    w = torch.rand(shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64) * 2
+    w.view(-1)[::4] = 0.0  # zeros
+    return w.to(DEVICE)
+
+
+@pytest.mark.parametrize("transform", TRANSFORMS, ids=str)
+def test_loss_options_against_the_formula(backend, transform):
+    """softcap / logit_scale / label_smoothing / z_loss / weights, each reduction, against the
+    float64 formula: loss and the gradient w.r.t. the raw logits (autograd through the formula)."""
+    softcap, logit_scale = transform
+    v = 37 if is_slow_backend(backend) else 301
+    logits, targets, ref_loss = make_lm_batch(2, 13, v, torch.float32, n_ignored=4)
+    logits = logits * 3  # |z| ~ 6: the cap saturates
+    weights = _token_weights(targets.shape)
+    cases = [dict(label_smoothing=0.1), dict(z_loss=1e-2), dict(weights=weights),
+             dict(label_smoothing=0.2, z_loss=1e-3, weights=weights)]
+    for i, opts in enumerate(cases):
+        for ratio, reduction in ((0.4, ("mean", "sum", "none")[i % 3]), (1.0, "mean")):
+            what = f"{backend}/{transform}/{opts.keys()}/{ratio}/{reduction}"
+            x = logits.clone().requires_grad_()
+            got = tokens.selective_cross_entropy(x, targets, ref_loss, ratio, reduction=reduction, backend=backend,
+                                                 softcap=softcap, logit_scale=logit_scale, **opts)
+            xd = logits.double().requires_grad_()
+            want = definition_loss(xd, targets, ref_loss, ratio, softcap, logit_scale, reduction=reduction, **opts)
+            assert got.dtype == torch.float32 and got.shape == want.shape, what
+            assert torch.allclose(got.double(), want, rtol=2e-5, atol=2e-5), f"{what}: {got} vs {want}"
+            up = torch.rand(got.shape, generator=torch.Generator().manual_seed(i), dtype=torch.float64).to(DEVICE)
+            (g,) = torch.autograd.grad((got * up.float()).sum(), x)
+            (gw,) = torch.autograd.grad((want * up).sum(), xd)
+            err = (g.double() - gw).abs().max().item()
+            assert err <= 1e-5 * max(1.0, gw.abs().max().item()), f"{what}: grad error {err:.3g}"
+
+
+def test_smoothing_matches_f_cross_entropy_and_weighted_ce():
+    """ratio = 1: label smoothing with ignore_index is F.cross_entropy's; weights make a plain
+    weighted cross-entropy (sum w l / sum w)."""
+    logits, targets, ref_loss = make_lm_batch(3, 11, 50, torch.float64, n_ignored=5)
+    for eps in (0.05, 0.3, 1.0):
+        got = tokens.selective_cross_entropy(logits, targets, ref_loss, 1.0, label_smoothing=eps)
+        want = torch.nn.functional.cross_entropy(logits.reshape(-1, 50), targets.reshape(-1), label_smoothing=eps)
+        assert torch.allclose(got, want, rtol=1e-12), eps
+    w = _token_weights(targets.shape)
+    per = torch.nn.functional.cross_entropy(logits.reshape(-1, 50), targets.reshape(-1), reduction="none")
+    counted = targets.reshape(-1) != -100
+    want = (per * w.reshape(-1))[counted].sum() / w.reshape(-1)[counted].sum()
+    got = tokens.selective_cross_entropy(logits, targets, ref_loss, 1.0, weights=w)
+    assert torch.allclose(got, want, rtol=1e-12)
+    # All kept weights zero: 0 (nothing to learn from), not 0 / 0.
+    zero = tokens.selective_cross_entropy(logits, targets, ref_loss, 1.0, weights=torch.zeros_like(w))
+    assert zero.item() == 0.0
+
+
+def test_loss_options_gradcheck_float64(grad_impl):
+    logits, targets, ref_loss = make_lm_batch(2, 5, 7, torch.float64, n_ignored=2)
+    w = _token_weights(targets.shape)
+    for reduction in ("mean", "none"):
+        x = logits.clone().requires_grad_()
+        assert torch.autograd.gradcheck(
+            lambda z: run_selective(z, targets, ref_loss, 0.6, grad_impl, reduction, softcap=2.0, logit_scale=0.7,
+                                    label_smoothing=0.15, z_loss=0.05, weights=w), (x,), eps=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("transform", TRANSFORMS[1:], ids=str)
+def test_selection_ops_with_a_transform(backend, transform):
+    """select_mask / select_sequences with softcap / logit_scale = the plain ops on the
+    materialised z' (the order of z' is not the order of z: a cap changes the selection)."""
+    softcap, logit_scale = transform
+    v = 37 if is_slow_backend(backend) else 500
+    logits, targets, ref_loss = make_lm_batch(4, 9, v, torch.float32)
+    logits = logits * 3
+    zt = transformed(logits, softcap, logit_scale).float()
+    for method in ("reducible", "loss", "entropy"):
+        got = tokens.select_mask(logits, targets, ref_loss, 0.3, method=method, backend=backend, softcap=softcap,
+                                 logit_scale=logit_scale)
+        want = tokens.select_mask(zt, targets, ref_loss, 0.3, method=method, backend="reference")
+        assert torch.equal(got, want), f"{backend}/{method}"
+        seq = tokens.select_sequences(logits, targets, ref_loss, 2, method=method, backend=backend, softcap=softcap,
+                                      logit_scale=logit_scale)
+        ref_seq = tokens.select_sequences(zt, targets, ref_loss, 2, method=method, backend="reference")
+        assert torch.equal(seq.indices, ref_seq.indices), f"{backend}/{method}"
+    if softcap is not None:
+        plain = tokens.select_mask(logits, targets, ref_loss, 0.3, backend=backend)
+        assert not torch.equal(plain, got), "the cap should change this selection (else the test shows nothing)"
+
+
+def test_loss_option_errors():
+    logits, targets, ref_loss = make_lm_batch(1, 4, 9)
+    run = lambda **kw: tokens.selective_cross_entropy(logits, targets, ref_loss, 0.5, **kw)  # noqa: E731
+    bad_w = torch.ones(targets.shape)
+    bad_w[0, 2] = -0.5
+    nan_w = torch.ones(targets.shape)
+    nan_w[0, 1] = math.nan
+    for kw, err, msg in [
+        (dict(label_smoothing=1.5), ValueError, r"label_smoothing must be in \[0, 1\].*1.5"),
+        (dict(label_smoothing="0.1"), TypeError, "label_smoothing must be a float"),
+        (dict(z_loss=-1e-4), ValueError, "z_loss must be a finite float >= 0, got -0.0001"),
+        (dict(z_loss=math.inf), ValueError, "z_loss must be a finite"),
+        (dict(weights=torch.ones(4)), ValueError, r"weights shape \(4,\) does not match the targets' shape \(1, 4\)"),
+        (dict(weights=torch.ones(1, 4, dtype=torch.int64)), TypeError, "weights must be a float tensor"),
+        (dict(weights=[1.0] * 4), TypeError, "weights must be a torch.Tensor or None"),
+        (dict(weights=bad_w), ValueError, r"weights must be finite and >= 0, got -0.5 at flat index 2"),
+        (dict(weights=nan_w), ValueError, r"got nan at flat index 1"),
+        (dict(softcap=0.0), ValueError, "softcap must be > 0"),
+        (dict(softcap=-3.0), ValueError, "softcap must be > 0"),
+        (dict(softcap=math.inf), ValueError, "softcap must be finite"),
+        (dict(logit_scale=0.0), ValueError, "logit_scale must be non-zero"),
+        (dict(logit_scale=math.nan), ValueError, "logit_scale must be finite"),
+    ]:
+        with pytest.raises(err, match=msg):
+            run(**kw)
+    with pytest.raises(ValueError, match="softcap must be > 0"):
+        tokens.select_mask(logits, targets, ref_loss, 0.5, softcap=0)

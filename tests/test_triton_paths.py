@@ -241,6 +241,27 @@ def test_unavailable_reason(monkeypatch):
     assert ts.unavailable_reason(torch.device("cpu")) is None
 
 
+_TRANSFORMS = [(0.5, 1.0), (3.0, -1.5), (0.0, 4.0)]  # a saturating cap, cap with a negative scale, scale only
+
+
+@pytest.mark.parametrize("path", list(PATHS))
+def test_paths_transform_and_zsum(path):
+    """softcap / logit_scale on every launch path (the masked lanes of a tile must stay out of a
+    cap's -softcap), and zsum = sum_j z'_j through the split-V workspace."""
+    x, y, il = special_case(n=14, seed=2)
+    i = list(PATHS).index(path)
+    softcap, scale = _TRANSFORMS[i % len(_TRANSFORMS)]
+    for method in [("reducible", "gradnorm", "entropy")[i % 3]]:  # (the interpreter's time)
+        p = _contract.prepare(x, y, il, method, -100, softcap=softcap or None, logit_scale=scale)
+        check(x, y, il, method, 9, problem=p, **PATHS[path])
+        with ts._override(**PATHS[path]):
+            score, lse, zsum = ts.score_rows(p, with_zsum=True)
+        want = reference.score_rows(p, with_zsum=True)[2]
+        assert_nonfinite_equal(zsum, want, "zsum")
+        fin = torch.isfinite(want)
+        torch.testing.assert_close(zsum[fin], want[fin], rtol=2e-5, atol=2e-5)
+
+
 def test_opcheck():
     # opcheck compares outputs without equal_nan: finite data, and for irreducible (lse is all
     # NaN by contract) skip the output comparison of the AOT-dispatch test.
@@ -255,6 +276,9 @@ def test_opcheck():
                               (x, y, il_arg, method, -100),
                               **({"test_utils": utils} if method == 2 else {}))
         torch.library.opcheck(torch.ops.rho_kernels.triton_select_rows.default, (x, y, il_arg, 6, method, -100))
+    utils = ("test_schema", "test_autograd_registration", "test_faketensor")
+    torch.library.opcheck(torch.ops.rho_kernels.triton_score_rows.default, (x, y, il, 0, -100, 2.0, 0.5, True))
+    torch.library.opcheck(torch.ops.rho_kernels.triton_select_rows.default, (x, y, il, 6, 3, -100, 2.0, -0.5))
 
 
 @pytest.mark.parametrize("method", ["reducible", "entropy"])

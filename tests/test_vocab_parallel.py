@@ -1,7 +1,8 @@
 """Vocabulary parallel: logits / LM head sharded over the vocabulary across gloo processes.
 
 2 and 3 CPU processes, uneven shards, a target in every shard, ignore_index, NaN / +inf / -inf
-logits in one shard only.  Every check runs inside the workers against the unsharded op on the
+logits in one shard only; the logit transform, label smoothing, z-loss and weights; the
+divergence (NaN) rule.  Every check runs inside the workers against the unsharded op on the
 full logits (each rank builds the same full inputs from one seed and keeps its columns); results
 must also be identical on every rank (compared after an all_gather_object).
 """
@@ -91,12 +92,16 @@ def _worker(rank: int, world: int, port: int) -> None:
             assert torch.equal(seq.indices, ref_seq.indices), method
             _close(seq.scores, ref_seq.scores, f"sequences/{method}")
 
-        # The selective CE: same loss everywhere, each rank the gradient of its own columns.
-        for reduction in ("mean", "none"):
+        # The selective CE: same loss everywhere, each rank the gradient of its own columns.  Rows
+        # 9 (NaN) and 10 (+inf) are a diverged model's: counted, they make the loss NaN (below).
+        finite_t = targets.clone()
+        finite_t.view(-1)[[9, 10]] = -100
+        for reduction, tgt in (("mean", finite_t), ("none", targets), ("sum", targets)):
             x = shard.clone().requires_grad_()
             full = logits.clone().requires_grad_()
-            loss = rk.selective_cross_entropy(x, targets, il, 0.5, reduction=reduction, **kw)
-            want = rk.selective_cross_entropy(full, targets, il, 0.5, reduction=reduction, backend="reference")
+            loss = rk.selective_cross_entropy(x, tgt, il, 0.5, reduction=reduction, **kw)
+            want = rk.selective_cross_entropy(full, tgt, il, 0.5, reduction=reduction, backend="reference")
+            assert torch.isnan(loss).any() == (tgt is targets), reduction
             _close(loss.detach(), want.detach(), f"selective CE/{reduction}")
             _same_on_every_rank(loss.detach(), "selective CE")
             up = torch.rand(loss.shape, generator=torch.Generator().manual_seed(3)) + 0.5
@@ -143,6 +148,53 @@ def _worker(rank: int, world: int, port: int) -> None:
         gh = h1.grad.clone()
         dist.all_reduce(gh)  # each shard's share of hidden's gradient sums to the full one
         assert torch.allclose(gh, h2.grad, rtol=1e-5, atol=1e-6), "hidden gradient (group sum)"
+
+        # The logit transform, label smoothing (its sum merges over the shards; eps / V with the
+        # global V), z-loss and weights: the sharded loss and gradients are the one-process ones.
+        opts = dict(softcap=2.0, logit_scale=1.3, label_smoothing=0.1, z_loss=1e-2,
+                    weights=torch.rand(targets.shape, generator=torch.Generator().manual_seed(4)))
+        mask = rk.select_mask(shard, finite_t, il, 0.4, softcap=2.0, logit_scale=1.3, **kw)
+        assert torch.equal(mask, rk.select_mask(logits, finite_t, il, 0.4, softcap=2.0, logit_scale=1.3,
+                                                backend="reference"))
+        for reduction in ("mean", "none"):
+            x = shard.clone().requires_grad_()
+            full = logits.clone().requires_grad_()
+            loss = rk.selective_cross_entropy(x, finite_t, il, 0.5, reduction=reduction, **opts, **kw)
+            want = rk.selective_cross_entropy(full, finite_t, il, 0.5, reduction=reduction, backend="reference",
+                                              **opts)
+            _close(loss.detach(), want.detach(), f"selective CE with options/{reduction}")
+            _same_on_every_rank(loss.detach(), "selective CE with options")
+            up = torch.rand(loss.shape, generator=torch.Generator().manual_seed(3)) + 0.5
+            (gx,) = torch.autograd.grad((loss * up).sum(), x)
+            (gf,) = torch.autograd.grad((want * up).sum(), full)
+            assert torch.allclose(gx, gf[..., lo:hi], rtol=1e-5, atol=1e-7, equal_nan=True), reduction
+        lopts = dict(opts, weights=opts["weights"])
+        h1, w1, b1 = (x.clone().requires_grad_() for x in (hidden, w_s, b_s))
+        h2, w2, b2 = (x.clone().requires_grad_() for x in (hidden, weight, bias))
+        loss = rk.selective_linear_cross_entropy(h1, w1, tgt, il, 0.5, bias=b1, **lopts, **lkw)
+        want = rk.selective_linear_cross_entropy(h2, w2, tgt, il, 0.5, bias=b2, chunk_size=5, backend="reference",
+                                                 **lopts)
+        _close(loss.detach(), want.detach(), "linear CE with options")
+        loss.backward()
+        want.backward()
+        assert torch.allclose(w1.grad, w2.grad[lo:hi], rtol=1e-5, atol=1e-6), "weight shard gradient (options)"
+        gh = h1.grad.clone()
+        dist.all_reduce(gh)
+        assert torch.allclose(gh, h2.grad, rtol=1e-5, atol=1e-6), "hidden gradient (options)"
+
+        # Every reference loss NaN: nothing to select although tokens count: NaN and a warning.
+        import rho_kernels.tokens as tokens_module
+
+        tokens_module._STARVED_WARNED = False
+        with pytest.warns(RuntimeWarning, match="counted tokens of a batch could be selected"):
+            loss = rk.selective_cross_entropy(shard, finite_t, torch.full_like(il, math.nan), 0.5, **kw)
+        assert torch.isnan(loss)
+        loss = rk.selective_linear_cross_entropy(hidden, w_s, tgt, torch.full_like(il, math.nan), 0.5, bias=b_s,
+                                                 **lkw)
+        assert torch.isnan(loss)
+        h_nan = hidden.clone()
+        h_nan[0, 0, 0] = math.nan  # a diverged hidden state on a counted token
+        assert torch.isnan(rk.selective_linear_cross_entropy(h_nan, w_s, tgt, il, 0.5, bias=b_s, **lkw))
 
         # A target no rank owns: the same clear error on every rank.
         bad = targets.clone()

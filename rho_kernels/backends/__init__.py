@@ -4,13 +4,20 @@ Every backend is a module with the same small interface:
 
 * ``NAME``;
 * ``unavailable_reason(device) -> str | None`` (None where it runs on ``device``);
-* ``score_rows(p: RowProblem, with_lse=True) -> (score float32 [N], lse [N])``; with
-  ``with_lse=False`` the lse is an empty ``[0]`` tensor (the extension's kernels then skip
-  writing it: at small V it is as many bytes as the logits);
+* ``score_rows(p: RowProblem, with_lse=True, with_zsum=False) -> (score float32 [N], lse [N])``;
+  with ``with_lse=False`` the lse is an empty ``[0]`` tensor (the extension's kernels then skip
+  writing it: at small V it is as many bytes as the logits); with ``with_zsum=True`` a third
+  output, ``zsum [N]`` (lse dtype) = ``sum_j z'_j`` (label smoothing:
+  ``CE_smooth = lse - (1 - eps) z'_y - eps zsum / V``);
 * ``select_rows(p: RowProblem, k) -> (indices, scores, valid)``;
 * ``ce_grad_unavailable_reason(device)`` and
-  ``ce_grad_rows(logits, targets, lse, row_scale, ignore_index, inplace=False)``, the
-  cross-entropy gradient ``row_scale * (softmax - onehot)`` computed from a saved log-sum-exp.
+  ``ce_grad_rows(logits, targets, lse, row_scale, ignore_index, inplace=False, *, softcap=0.0,
+  logit_scale=1.0, label_smoothing=0.0, z_loss=0.0)``, the cross-entropy gradient (plain:
+  ``row_scale * (softmax - onehot)``; in general ``reference.ce_grad_rows``'s formula) computed
+  from a saved log-sum-exp.
+
+Every one of them honours the RowProblem's logit transform (``p.softcap``, ``p.logit_scale``:
+everything is that of ``z' = softcap * tanh(logit_scale * z / softcap)``).
 
 ========  =======================================  =========================================
 name      module                                   runs on

@@ -17,7 +17,8 @@ from typing import Any, Optional
 import torch
 from torch import Tensor
 
-from .._contract import RowProblem, lse_dtype
+from .. import reference
+from .._contract import RowProblem, has_transform, lse_dtype
 
 # setup.py writes this JSON file next to the compiled _C: the torch it was compiled against, the
 # CUDA architectures, the CPU instruction set.  It is read *before* _C is loaded, because an
@@ -109,16 +110,25 @@ def unavailable_reason(dispatch_key: str, device_type: str, device: torch.device
     return None
 
 
-def score_rows(p: RowProblem, with_lse: bool = True) -> tuple[Tensor, Tensor]:
-    return torch.ops.rho_kernels.score_rows(p.logits, p.targets, p.il, p.method, p.ignore_index, with_lse)
+# Interim: the kernels do not apply the logit transform yet; a transformed problem runs on the
+# materialised z' (reference.plain_problem: same numbers, one more N x V pass).
+def score_rows(p: RowProblem, with_lse: bool = True, with_zsum: bool = False):
+    q = reference.plain_problem(p)
+    score, lse = torch.ops.rho_kernels.score_rows(q.logits, q.targets, q.il, q.method, q.ignore_index, with_lse)
+    return (score, lse, reference.row_zsum(q)) if with_zsum else (score, lse)
 
 
 def select_rows(p: RowProblem, k: int) -> tuple[Tensor, Tensor, Tensor]:
-    return torch.ops.rho_kernels.select_rows(p.logits, p.targets, p.il, k, p.method, p.ignore_index)
+    q = reference.plain_problem(p)
+    return torch.ops.rho_kernels.select_rows(q.logits, q.targets, q.il, k, q.method, q.ignore_index)
 
 
 def ce_grad_rows(logits: Tensor, targets: Tensor, lse: Tensor, row_scale: Tensor, ignore_index: int,
-                 inplace: bool = False) -> Tensor:
+                 inplace: bool = False, *, softcap: float = 0.0, logit_scale: float = 1.0,
+                 label_smoothing: float = 0.0, z_loss: float = 0.0) -> Tensor:
+    if has_transform(softcap, logit_scale) or label_smoothing != 0.0 or z_loss != 0.0:
+        return reference.ce_grad_rows(logits, targets, lse, row_scale, ignore_index, inplace, softcap=softcap,
+                                      logit_scale=logit_scale, label_smoothing=label_smoothing, z_loss=z_loss)
     if inplace:
         torch.ops.rho_kernels.ce_grad_rows_(logits, targets, lse, row_scale, ignore_index)
         # The C++ op's (a!) annotation does not bump the version counter by itself; bumping it
@@ -129,11 +139,25 @@ def ce_grad_rows(logits: Tensor, targets: Tensor, lse: Tensor, row_scale: Tensor
     return torch.ops.rho_kernels.ce_grad_rows(logits, targets, lse, row_scale, ignore_index)
 
 
+NUM_PARTIALS = 8
+
+
 def partial_rows(logits: Tensor, targets: Tensor, partials: Optional[Tensor], vocab_start: int, method: int,
-                 ignore_index: int) -> Tensor:
-    """Per-row partials ``[n, 7]`` (vocab_parallel's layout) of the vocabulary slice ``logits``
-    (``[n, V_slice]``, its first column is class ``vocab_start``), folded into ``partials``."""
-    return torch.ops.rho_kernels.partial_rows(logits, targets, partials, vocab_start, method, ignore_index)
+                 ignore_index: int, *, softcap: float = 0.0, logit_scale: float = 1.0) -> Tensor:
+    """Per-row partials ``[n, 8]`` of the vocabulary slice ``logits`` (``[n, V_slice]``, its first
+    column is class ``vocab_start``; transformed by ``softcap``/``logit_scale`` first), folded
+    into ``partials`` (the slices before, or None).  Columns, in the accumulation dtype:
+    ``m, d, t, dx, s2x`` (rho::RowAcc of z'; only the method's sums, the others 0), ``z'_y`` (0
+    where the target is not in the slices so far), ``owned`` (1.0 where it is), ``zsum``
+    (``sum_j z'_j`` over the slices so far: label smoothing's sum; merges by addition)."""
+    acc = lse_dtype(logits.dtype)
+    z = reference.transform(logits.to(acc), softcap, logit_scale) if has_transform(softcap, logit_scale) else logits
+    prev = None if partials is None else partials[:, :NUM_PARTIALS - 1].contiguous()
+    out = torch.ops.rho_kernels.partial_rows(z, targets, prev, vocab_start, method, ignore_index)
+    zsum = z.to(acc).sum(-1)
+    if partials is not None:
+        zsum = zsum + partials[:, NUM_PARTIALS - 1]
+    return torch.cat([out, zsum[:, None]], 1)
 
 
 if LOAD_ERROR is None:

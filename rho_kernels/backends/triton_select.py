@@ -49,7 +49,7 @@ from ._triton_compat import triton_op, wrap_triton
 
 from .._contract import RowProblem, lse_dtype
 from . import triton_ce_grad
-from .triton_ce_grad import _device_guard
+from .triton_ce_grad import _device_guard, _tanh
 
 NAME = "triton"
 
@@ -100,6 +100,17 @@ def _log(x, IS_F64: tl.constexpr):
 
 
 @triton.jit
+def _transform(x, cap, cap_scale, scale, TRANSFORM: tl.constexpr):
+    """z' of rho::transform: TRANSFORM 0 none, 1 scale * z, 2 cap * tanh(z * (scale / cap))
+    (cap_scale = scale / cap)."""
+    if TRANSFORM == 1:
+        x = x * scale
+    elif TRANSFORM == 2:
+        x = cap * _tanh(x * cap_scale)
+    return x
+
+
+@triton.jit
 def _row_offsets(rows, T, stride_b, stride_t):
     # Flat row r of a [B, T, V] view -> element offset of its first logit (int64).
     b = rows // T
@@ -117,10 +128,11 @@ def _targets(tgt_ptr, rows, rmask, V, ignore_index):
 
 
 @triton.jit
-def _stats(logits_ptr, row_off, rmask, y, v_lo, v_hi, stride_v,
+def _stats(logits_ptr, row_off, rmask, y, v_lo, v_hi, stride_v, cap, cap_scale, scale,
            METHOD: tl.constexpr, IS_F64: tl.constexpr,
-           BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr):
-    """Online accumulator over columns [v_lo, v_hi) of BLOCK_R rows (rho::RowAcc + NaN flag)."""
+           BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr, TRANSFORM: tl.constexpr, ZSUM: tl.constexpr):
+    """Online accumulator over columns [v_lo, v_hi) of BLOCK_R rows (rho::RowAcc + NaN flag) of
+    the transformed logits, and with ZSUM their plain sum (label smoothing's sum_j z'_j)."""
     m = tl.full([BLOCK_R], float("-inf"), tl.float32)
     d = tl.zeros([BLOCK_R], tl.float32)
     if IS_F64:
@@ -129,6 +141,7 @@ def _stats(logits_ptr, row_off, rmask, y, v_lo, v_hi, stride_v,
     t = d
     dx = d
     s2x = d
+    zs = d
     bad = tl.zeros([BLOCK_R], tl.int32)  # a NaN logit was seen
     cols0 = tl.arange(0, BLOCK_V)
     for v0 in range(v_lo, v_hi, BLOCK_V):
@@ -140,6 +153,10 @@ def _stats(logits_ptr, row_off, rmask, y, v_lo, v_hi, stride_v,
             x = x.to(tl.float64)
         else:
             x = x.to(tl.float32)
+        if TRANSFORM != 0:  # masked lanes stay -inf (a cap would map them to -cap)
+            x = tl.where(mask, _transform(x, cap, cap_scale, scale, TRANSFORM), float("-inf"))
+        if ZSUM:
+            zs = zs + tl.sum(tl.where(mask, x, 0.0), axis=1)
         isnan = x != x
         bad = bad | tl.max(isnan.to(tl.int32), axis=1)
         m_new = tl.maximum(m, tl.max(tl.where(isnan, float("-inf"), x), axis=1))
@@ -162,7 +179,7 @@ def _stats(logits_ptr, row_off, rmask, y, v_lo, v_hi, stride_v,
             s2x = s2x * (alpha * alpha) + tl.sum(ex * ex, axis=1)
         d = d * alpha + tl.sum(e, axis=1)
         m = m_new
-    return m, d, t, dx, s2x, bad
+    return m, d, t, dx, s2x, bad, zs
 
 
 @triton.jit
@@ -210,9 +227,9 @@ def _key(score, ok, rows):
 
 @triton.jit
 def _score_block(logits_ptr, tgt_ptr, il_ptr, rows, N, V, T, stride_b, stride_t, stride_v,
-                 ignore_index, METHOD: tl.constexpr, IS_F64: tl.constexpr,
-                 BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr):
-    """Scores, lse and keys of the rows ``rows`` (int64 [BLOCK_R]), whole rows."""
+                 ignore_index, cap, cap_scale, scale, METHOD: tl.constexpr, IS_F64: tl.constexpr,
+                 BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr, TRANSFORM: tl.constexpr, ZSUM: tl.constexpr):
+    """Scores, lse, keys (and with ZSUM sum_j z'_j) of the rows ``rows`` (int64 [BLOCK_R]), whole rows."""
     rmask = rows < N
     y, ignored, oor, ok = _targets(tgt_ptr, rows, rmask, V, ignore_index)
     row_off = _row_offsets(rows, T, stride_b, stride_t)
@@ -226,40 +243,51 @@ def _score_block(logits_ptr, tgt_ptr, il_ptr, rows, N, V, T, stride_b, stride_t,
         s2x = m
         bad = tl.zeros([BLOCK_R], tl.int32)
         zy = m
+        zs = tl.full([BLOCK_R], float("nan"), m.dtype)  # irreducible reads no logit
     else:
-        m, d, t, dx, s2x, bad = _stats(logits_ptr, row_off, rmask, y, 0, V, stride_v,
-                                       METHOD, IS_F64, BLOCK_R, BLOCK_V)
-        zy = tl.load(logits_ptr + row_off + y * stride_v, mask=rmask & ok, other=0.0)
-        if IS_F64:
-            zy = zy.to(tl.float64)
-        else:
-            zy = zy.to(tl.float32)
+        m, d, t, dx, s2x, bad, zs = _stats(logits_ptr, row_off, rmask, y, 0, V, stride_v, cap, cap_scale, scale,
+                                           METHOD, IS_F64, BLOCK_R, BLOCK_V, TRANSFORM, ZSUM)
+        zy = _target_logit(logits_ptr, row_off, y, stride_v, rmask & ok, cap, cap_scale, scale, IS_F64, TRANSFORM)
     if METHOD == 0 or METHOD == 2:
         il = tl.load(il_ptr + rows, mask=rmask, other=0.0).to(m.dtype)
     else:
         il = m
     score, lse = _finalize(m, d, t, dx, s2x, bad, zy, il, ignored, oor, METHOD, IS_F64)
     key = _key(score, ok, rows)
-    return score, lse, key, rmask
+    return score, lse, key, rmask, zs
 
 
 @triton.jit
-def _score_kernel(logits_ptr, tgt_ptr, il_ptr, score_ptr, lse_ptr, key_ptr, ws_ptr,
-                  N, V, T, stride_b, stride_t, stride_v, ignore_index, v_per_split,
+def _target_logit(logits_ptr, row_off, y, stride_v, mask, cap, cap_scale, scale,
+                  IS_F64: tl.constexpr, TRANSFORM: tl.constexpr):
+    zy = tl.load(logits_ptr + row_off + y * stride_v, mask=mask, other=0.0)
+    if IS_F64:
+        zy = zy.to(tl.float64)
+    else:
+        zy = zy.to(tl.float32)
+    return _transform(zy, cap, cap_scale, scale, TRANSFORM)
+
+
+@triton.jit
+def _score_kernel(logits_ptr, tgt_ptr, il_ptr, score_ptr, lse_ptr, key_ptr, ws_ptr, zsum_ptr,
+                  N, V, T, stride_b, stride_t, stride_v, ignore_index, v_per_split, cap, cap_scale, scale,
                   METHOD: tl.constexpr, IS_F64: tl.constexpr,
-                  BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr, SPLIT: tl.constexpr):
+                  BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr, SPLIT: tl.constexpr,
+                  TRANSFORM: tl.constexpr, ZSUM: tl.constexpr):
     """grid (cdiv(N, BLOCK_R), SPLIT).  SPLIT == 1: final scores, lse and keys (always all three:
     N-sized writes cost nothing next to N x V reads, and one variant compiles once); else
-    partial accumulators."""
+    partial accumulators (with ZSUM a sixth, the plain sum).  TRANSFORM: see _transform."""
     pid = tl.program_id(0).to(tl.int64)
     rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
     if SPLIT == 1:
-        score, lse, key, rmask = _score_block(
+        score, lse, key, rmask, zs = _score_block(
             logits_ptr, tgt_ptr, il_ptr, rows, N, V, T, stride_b, stride_t, stride_v,
-            ignore_index, METHOD, IS_F64, BLOCK_R, BLOCK_V)
+            ignore_index, cap, cap_scale, scale, METHOD, IS_F64, BLOCK_R, BLOCK_V, TRANSFORM, ZSUM)
         tl.store(score_ptr + rows, score, mask=rmask)
         tl.store(lse_ptr + rows, lse, mask=rmask)
         tl.store(key_ptr + rows, key, mask=rmask)
+        if ZSUM:
+            tl.store(zsum_ptr + rows, zs, mask=rmask)
     else:
         sid = tl.program_id(1)
         rmask = rows < N
@@ -267,29 +295,33 @@ def _score_kernel(logits_ptr, tgt_ptr, il_ptr, score_ptr, lse_ptr, key_ptr, ws_p
         row_off = _row_offsets(rows, T, stride_b, stride_t)
         v_lo = sid * v_per_split
         v_hi = tl.minimum(v_lo + v_per_split, V)
-        m, d, t, dx, s2x, bad = _stats(logits_ptr, row_off, rmask, y, v_lo, v_hi, stride_v,
-                                       METHOD, IS_F64, BLOCK_R, BLOCK_V)
+        m, d, t, dx, s2x, bad, zs = _stats(logits_ptr, row_off, rmask, y, v_lo, v_hi, stride_v,
+                                           cap, cap_scale, scale, METHOD, IS_F64, BLOCK_R, BLOCK_V,
+                                           TRANSFORM, ZSUM)
         m = tl.where(bad != 0, float("nan"), m)  # the NaN flag travels as m = NaN
-        base = ws_ptr + (rows * SPLIT + sid) * 5
+        base = ws_ptr + (rows * SPLIT + sid) * (6 if ZSUM else 5)
         tl.store(base + 0, m, mask=rmask)
         tl.store(base + 1, d, mask=rmask)
         tl.store(base + 2, t, mask=rmask)
         tl.store(base + 3, dx, mask=rmask)
         tl.store(base + 4, s2x, mask=rmask)
+        if ZSUM:
+            tl.store(base + 5, zs, mask=rmask)
 
 
 @triton.jit
-def _split_merge_kernel(logits_ptr, tgt_ptr, il_ptr, score_ptr, lse_ptr, key_ptr, ws_ptr,
-                        N, V, T, stride_b, stride_t, stride_v, ignore_index,
+def _split_merge_kernel(logits_ptr, tgt_ptr, il_ptr, score_ptr, lse_ptr, key_ptr, ws_ptr, zsum_ptr,
+                        N, V, T, stride_b, stride_t, stride_v, ignore_index, cap, cap_scale, scale,
                         METHOD: tl.constexpr, IS_F64: tl.constexpr, BLOCK_R: tl.constexpr,
-                        SPLIT: tl.constexpr, SPLIT_P2: tl.constexpr):
+                        SPLIT: tl.constexpr, SPLIT_P2: tl.constexpr,
+                        TRANSFORM: tl.constexpr, ZSUM: tl.constexpr):
     """rho::acc_merge of SPLIT partial accumulators per row, then finalise."""
     pid = tl.program_id(0).to(tl.int64)
     rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
     rmask = rows < N
     sids = tl.arange(0, SPLIT_P2)
     mask = rmask[:, None] & (sids < SPLIT)[None, :]
-    base = ws_ptr + (rows[:, None] * SPLIT + sids[None, :]) * 5
+    base = ws_ptr + (rows[:, None] * SPLIT + sids[None, :]) * (6 if ZSUM else 5)
     ms = tl.load(base + 0, mask=mask, other=float("-inf"))
     ds = tl.load(base + 1, mask=mask, other=0.0)
     ts = tl.load(base + 2, mask=mask, other=0.0)
@@ -310,11 +342,9 @@ def _split_merge_kernel(logits_ptr, tgt_ptr, il_ptr, score_ptr, lse_ptr, key_ptr
     s2x = tl.sum(alpha * alpha * s2xs, axis=1)
     y, ignored, oor, ok = _targets(tgt_ptr, rows, rmask, V, ignore_index)
     row_off = _row_offsets(rows, T, stride_b, stride_t)
-    zy = tl.load(logits_ptr + row_off + y * stride_v, mask=rmask & ok, other=0.0)
-    if IS_F64:
-        zy = zy.to(tl.float64)
-    else:
-        zy = zy.to(tl.float32)
+    zy = _target_logit(logits_ptr, row_off, y, stride_v, rmask & ok, cap, cap_scale, scale, IS_F64, TRANSFORM)
+    if ZSUM:
+        tl.store(zsum_ptr + rows, tl.sum(tl.load(base + 5, mask=mask, other=0.0), axis=1), mask=rmask)
     if METHOD == 0:
         il = tl.load(il_ptr + rows, mask=rmask, other=0.0).to(m.dtype)
     else:
@@ -369,10 +399,10 @@ def _emit_topk(score_ptr, key_ptr, out_idx_ptr, out_score_ptr, out_valid_ptr, N,
 @triton.jit
 def _fused_select_kernel(logits_ptr, tgt_ptr, il_ptr, score_ptr, key_ptr, counter_ptr,
                          out_idx_ptr, out_score_ptr, out_valid_ptr,
-                         N, V, T, stride_b, stride_t, stride_v, ignore_index, k,
+                         N, V, T, stride_b, stride_t, stride_v, ignore_index, k, cap, cap_scale, scale,
                          METHOD: tl.constexpr, IS_F64: tl.constexpr,
                          BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr, N_P2: tl.constexpr,
-                         ONE_PROGRAM: tl.constexpr):
+                         ONE_PROGRAM: tl.constexpr, TRANSFORM: tl.constexpr):
     """The whole select in one launch (N <= N_P2 <= FUSED_MAX_ROWS rows).  Launched with the
     score kernel's BLOCK_R, BLOCK_V and num_warps, so every row is reduced in the same order
     and its score is bit-identical to ``score()``'s."""
@@ -380,9 +410,9 @@ def _fused_select_kernel(logits_ptr, tgt_ptr, il_ptr, score_ptr, key_ptr, counte
     nprog = tl.num_programs(0)
     for rb in range(pid, tl.cdiv(N, BLOCK_R), nprog):
         rows = rb * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)  # N <= FUSED_MAX_ROWS
-        score, lse, key, rmask = _score_block(
+        score, lse, key, rmask, _ = _score_block(
             logits_ptr, tgt_ptr, il_ptr, rows, N, V, T, stride_b, stride_t, stride_v,
-            ignore_index, METHOD, IS_F64, BLOCK_R, BLOCK_V)
+            ignore_index, cap, cap_scale, scale, METHOD, IS_F64, BLOCK_R, BLOCK_V, TRANSFORM, False)
         tl.store(score_ptr + rows, score, mask=rmask)
         tl.store(key_ptr + rows, key, mask=rmask)
     # every thread's stores are done before the block publishes (or reads) them
@@ -545,8 +575,16 @@ def _launch(kernel, grid, device: torch.device, *args, **kwargs) -> None:
         wrap_triton(kernel)[grid](*args, **kwargs)
 
 
+def _transform_args(softcap: float, logit_scale: float) -> tuple[int, float, float, float]:
+    """(TRANSFORM, cap, cap_scale, scale) of _transform: 0 = none (the plain kernels)."""
+    if softcap != 0.0:
+        return 2, softcap, logit_scale / softcap, logit_scale
+    return (1 if logit_scale != 1.0 else 0), 1.0, 1.0, logit_scale
+
+
 def _launch_scores(logits: Tensor, targets: Tensor, il: Optional[Tensor], method: int,
-                   ignore_index: int, score: Tensor, lse: Tensor, key: Tensor) -> None:
+                   ignore_index: int, score: Tensor, lse: Tensor, key: Tensor,
+                   softcap: float = 0.0, logit_scale: float = 1.0, zsum: Optional[Tensor] = None) -> None:
     n = targets.shape[0]
     v = logits.shape[-1]
     dev = logits.device
@@ -554,39 +592,47 @@ def _launch_scores(logits: Tensor, targets: Tensor, il: Optional[Tensor], method
     T, sb, st, sv = _geometry(logits)
     is_f64 = logits.dtype == torch.float64
     il_arg = il if il is not None else score  # never read by methods without IL
+    tf, cap, cap_scale, scale = _transform_args(softcap, logit_scale)
+    with_zsum = zsum is not None and method != _M_IRREDUCIBLE
+    zsum_arg = zsum if with_zsum else lse  # never written without ZSUM
+    if method == _M_IRREDUCIBLE and zsum is not None:
+        zsum.fill_(float("nan"))  # no logit is read
     if plan.split == 1 or method == _M_IRREDUCIBLE:
         grid = (triton.cdiv(n, plan.block_r), 1)
         _launch(_score_kernel, grid, dev,
-                logits, targets, il_arg, score, lse, key, score,
-                n, v, T, sb, st, sv, ignore_index, 0,
+                logits, targets, il_arg, score, lse, key, score, zsum_arg,
+                n, v, T, sb, st, sv, ignore_index, 0, cap, cap_scale, scale,
                 METHOD=method, IS_F64=is_f64, BLOCK_R=plan.block_r, BLOCK_V=plan.block_v,
-                SPLIT=1, num_warps=plan.num_warps)
+                SPLIT=1, TRANSFORM=tf, ZSUM=with_zsum, num_warps=plan.num_warps)
         return
-    ws = torch.empty((n * plan.split * 5,), dtype=lse_dtype(logits.dtype), device=dev)
+    ws = torch.empty((n * plan.split * (6 if with_zsum else 5),), dtype=lse_dtype(logits.dtype), device=dev)
     grid = (triton.cdiv(n, plan.block_r), plan.split)
     _launch(_score_kernel, grid, dev,
-            logits, targets, il_arg, score, lse, key, ws,
-            n, v, T, sb, st, sv, ignore_index, plan.v_per_split,
+            logits, targets, il_arg, score, lse, key, ws, zsum_arg,
+            n, v, T, sb, st, sv, ignore_index, plan.v_per_split, cap, cap_scale, scale,
             METHOD=method, IS_F64=is_f64, BLOCK_R=plan.block_r, BLOCK_V=plan.block_v,
-            SPLIT=plan.split, num_warps=plan.num_warps)
+            SPLIT=plan.split, TRANSFORM=tf, ZSUM=with_zsum, num_warps=plan.num_warps)
     merge_r = 16
     _launch(_split_merge_kernel, (triton.cdiv(n, merge_r),), dev,
-            logits, targets, il_arg, score, lse, key, ws,
-            n, v, T, sb, st, sv, ignore_index,
+            logits, targets, il_arg, score, lse, key, ws, zsum_arg,
+            n, v, T, sb, st, sv, ignore_index, cap, cap_scale, scale,
             METHOD=method, IS_F64=is_f64, BLOCK_R=merge_r,
-            SPLIT=plan.split, SPLIT_P2=_p2(plan.split), num_warps=4)
+            SPLIT=plan.split, SPLIT_P2=_p2(plan.split), TRANSFORM=tf, ZSUM=with_zsum, num_warps=4)
 
 
 def _score_rows_impl(logits: Tensor, targets: Tensor, il: Optional[Tensor], method: int,
-                     ignore_index: int) -> tuple[Tensor, Tensor]:
+                     ignore_index: int, softcap: float = 0.0, logit_scale: float = 1.0,
+                     with_zsum: bool = False) -> tuple[Tensor, Tensor, Tensor]:
     n = targets.shape[0]
     score = torch.empty((n,), dtype=torch.float32, device=logits.device)
     lse = torch.empty((n,), dtype=lse_dtype(logits.dtype), device=logits.device)
+    zsum = torch.empty((n if with_zsum else 0,), dtype=lse.dtype, device=logits.device)
     if n == 0:
-        return score, lse
+        return score, lse, zsum
     key = torch.empty((n,), dtype=torch.int64, device=logits.device)
-    _launch_scores(logits, targets, il, method, ignore_index, score, lse, key)
-    return score, lse
+    _launch_scores(logits, targets, il, method, ignore_index, score, lse, key, softcap, logit_scale,
+                   zsum if with_zsum else None)
+    return score, lse, zsum
 
 
 def _use_fused(logits: Tensor, n: int) -> bool:
@@ -596,7 +642,8 @@ def _use_fused(logits: Tensor, n: int) -> bool:
 
 
 def _select_rows_impl(logits: Tensor, targets: Tensor, il: Optional[Tensor], k: int,
-                      method: int, ignore_index: int) -> tuple[Tensor, Tensor, Tensor]:
+                      method: int, ignore_index: int, softcap: float = 0.0,
+                      logit_scale: float = 1.0) -> tuple[Tensor, Tensor, Tensor]:
     dev = logits.device
     n = targets.shape[0]
     v = logits.shape[-1]
@@ -607,6 +654,7 @@ def _select_rows_impl(logits: Tensor, targets: Tensor, il: Optional[Tensor], k: 
     score = torch.empty((n,), dtype=torch.float32, device=dev)
     key = torch.empty((n,), dtype=torch.int64, device=dev)
     il_arg = il if il is not None else score
+    tf, cap, cap_scale, scale = _transform_args(softcap, logit_scale)
     if _use_fused(logits, n):
         # Same plan (blocks and warps) as score(): the fused scores are bit-identical to it.
         plan = _plan(logits, n, v)
@@ -620,13 +668,13 @@ def _select_rows_impl(logits: Tensor, targets: Tensor, il: Optional[Tensor], k: 
         T, sb, st, sv = _geometry(logits)
         _launch(_fused_select_kernel, (nprog,), dev,
                 logits, targets, il_arg, score, key, counter, out_idx, out_score, out_valid8,
-                n, v, T, sb, st, sv, ignore_index, k,
+                n, v, T, sb, st, sv, ignore_index, k, cap, cap_scale, scale,
                 METHOD=method, IS_F64=logits.dtype == torch.float64,
                 BLOCK_R=plan.block_r, BLOCK_V=plan.block_v,
-                N_P2=max(16, _p2(n)), ONE_PROGRAM=one, num_warps=plan.num_warps)
+                N_P2=max(16, _p2(n)), ONE_PROGRAM=one, TRANSFORM=tf, num_warps=plan.num_warps)
         return out_idx, out_score, out_valid8.view(torch.bool)
     lse = torch.empty((n,), dtype=lse_dtype(logits.dtype), device=dev)
-    _launch_scores(logits, targets, il, method, ignore_index, score, lse, key)
+    _launch_scores(logits, targets, il, method, ignore_index, score, lse, key, softcap, logit_scale)
     cb = _OVERRIDES.get("cand_block", CAND_BLOCK)
     use_cand = _OVERRIDES.get("cand", k <= CAND_MAX_K and n >= 4 * cb)
     if use_cand and k <= cb:
@@ -659,28 +707,32 @@ def _op(name: str):
 
 @_op("rho_kernels::triton_score_rows")
 def triton_score_rows(logits: Tensor, targets: Tensor, il: Optional[Tensor], method: int,
-                      ignore_index: int) -> tuple[Tensor, Tensor]:
-    """Per-row score (float32 [N]) and lse ([N], float64 for float64 logits)."""
-    return _score_rows_impl(logits, targets, il, method, ignore_index)
+                      ignore_index: int, softcap: float = 0.0, logit_scale: float = 1.0,
+                      with_zsum: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-row score (float32 [N]), lse ([N], float64 for float64 logits) and sum_j z'_j ([N],
+    the lse dtype; an empty [0] tensor unless with_zsum) of the transformed logits z'."""
+    return _score_rows_impl(logits, targets, il, method, ignore_index, softcap, logit_scale, with_zsum)
 
 
 @_op("rho_kernels::triton_select_rows")
 def triton_select_rows(logits: Tensor, targets: Tensor, il: Optional[Tensor], k: int,
-                       method: int, ignore_index: int) -> tuple[Tensor, Tensor, Tensor]:
+                       method: int, ignore_index: int, softcap: float = 0.0,
+                       logit_scale: float = 1.0) -> tuple[Tensor, Tensor, Tensor]:
     """Top-k rows: (indices int64 [k], scores float32 [k], valid bool [k])."""
-    return _select_rows_impl(logits, targets, il, k, method, ignore_index)
+    return _select_rows_impl(logits, targets, il, k, method, ignore_index, softcap, logit_scale)
 
 
 if _INTERPRETED:
 
     @triton_score_rows.register_fake
-    def _score_rows_fake(logits, targets, il, method, ignore_index):
+    def _score_rows_fake(logits, targets, il, method, ignore_index, softcap=0.0, logit_scale=1.0, with_zsum=False):
         n = targets.shape[0]
         return (logits.new_empty((n,), dtype=torch.float32),
-                logits.new_empty((n,), dtype=lse_dtype(logits.dtype)))
+                logits.new_empty((n,), dtype=lse_dtype(logits.dtype)),
+                logits.new_empty((n if with_zsum else 0,), dtype=lse_dtype(logits.dtype)))
 
     @triton_select_rows.register_fake
-    def _select_rows_fake(logits, targets, il, k, method, ignore_index):
+    def _select_rows_fake(logits, targets, il, k, method, ignore_index, softcap=0.0, logit_scale=1.0):
         return (logits.new_empty((k,), dtype=torch.int64),
                 logits.new_empty((k,), dtype=torch.float32),
                 logits.new_empty((k,), dtype=torch.bool))
@@ -691,20 +743,22 @@ if _INTERPRETED:
 # ----------------------------------------------------------------------------------------------
 
 
-def score_rows(p: RowProblem, with_lse: bool = True) -> tuple[Tensor, Tensor]:
+def score_rows(p: RowProblem, with_lse: bool = True, with_zsum: bool = False):
     """Per-row score (float32 ``[N]``) and log-sum-exp (``[N]``, NaN for ``irreducible``; an
-    empty ``[0]`` tensor when ``with_lse`` is False)."""
-    score, lse = torch.ops.rho_kernels.triton_score_rows(p.logits, p.targets, p.il, p.method,
-                                                         p.ignore_index)
+    empty ``[0]`` tensor when ``with_lse`` is False); with ``with_zsum`` also ``sum_j z'_j``."""
+    score, lse, zsum = torch.ops.rho_kernels.triton_score_rows(p.logits, p.targets, p.il, p.method,
+                                                               p.ignore_index, p.softcap, p.logit_scale,
+                                                               with_zsum)
     # The kernels always write the lse (one compiled variant; an N-sized write is noise on a
     # GPU next to the N x V read), so it is only dropped here.
-    return score, (lse if with_lse else lse.new_empty((0,)))
+    lse = lse if with_lse else lse.new_empty((0,))
+    return (score, lse, zsum) if with_zsum else (score, lse)
 
 
 def select_rows(p: RowProblem, k: int) -> tuple[Tensor, Tensor, Tensor]:
     """Top ``k`` rows in the contract's order: (indices int64, scores float32, valid bool)."""
     return torch.ops.rho_kernels.triton_select_rows(p.logits, p.targets, p.il, k, p.method,
-                                                    p.ignore_index)
+                                                    p.ignore_index, p.softcap, p.logit_scale)
 
 
 def ce_grad_unavailable_reason(device: torch.device) -> Optional[str]:
@@ -713,10 +767,12 @@ def ce_grad_unavailable_reason(device: torch.device) -> Optional[str]:
 
 
 def ce_grad_rows(logits: Tensor, targets: Tensor, lse: Tensor, row_scale: Tensor, ignore_index: int,
-                 inplace: bool = False) -> Tensor:
-    """``row_scale * (softmax - onehot)`` per row (see ``triton_ce_grad``); in place over the logits
-    when ``inplace``."""
+                 inplace: bool = False, *, softcap: float = 0.0, logit_scale: float = 1.0,
+                 label_smoothing: float = 0.0, z_loss: float = 0.0) -> Tensor:
+    """``row_scale * (softmax - onehot)`` per row, in general ``reference.ce_grad_rows``'s gradient
+    (see ``triton_ce_grad``); in place over the logits when ``inplace``."""
+    general = (softcap, logit_scale, label_smoothing, z_loss)
     if inplace:
-        triton_ce_grad.ce_grad_rows_(logits, targets, lse, row_scale, ignore_index)
+        triton_ce_grad.ce_grad_rows_(logits, targets, lse, row_scale, ignore_index, *general)
         return logits
-    return triton_ce_grad.ce_grad_rows(logits, targets, lse, row_scale, ignore_index)
+    return triton_ce_grad.ce_grad_rows(logits, targets, lse, row_scale, ignore_index, *general)

@@ -23,6 +23,7 @@ from __future__ import annotations
 import inspect
 import math
 import os
+import warnings
 from typing import Any, Callable, Optional, Union
 
 import torch
@@ -38,8 +39,7 @@ except ImportError as e:  # pragma: no cover - exercised in a subprocess by the 
         "pip install rho_kernels[transformers]"
     ) from e
 
-from .. import api, tokens
-from .. import linear as _linear  # the fused hidden-state + LM-head loss (no logits)
+from .. import api, linear, tokens
 from ..training import IrreducibleLossStore, OnlineBatchSelector
 
 __all__ = [
@@ -96,6 +96,53 @@ def shifted_reference_loss(reference: Tensor, labels: Tensor) -> Tensor:
     )
 
 
+class _NonFiniteLosses:
+    """Counts the training micro-batches whose loss was NaN / inf, on the device (no sync).
+
+    The Trainer's ``logging_nan_inf_filter`` (on by default) logs the running average instead
+    of such a loss, so a diverged model (a NaN loss: see selective_cross_entropy) would look
+    healthy.  At each training log the count is read (the log syncs anyway); if any, the logged
+    ``loss`` is NaN, ``<prefix>/nonfinite_losses`` says how many, and a warning is raised.
+    """
+
+    def __init__(self, prefix: str) -> None:
+        self.prefix = prefix
+        self.count: Optional[Tensor] = None
+
+    def record(self, loss: Tensor) -> None:
+        bad = (~torch.isfinite(loss.detach())).sum()
+        self.count = bad if self.count is None else self.count + bad
+
+    def surface(self, logs: dict) -> None:
+        if self.count is None:
+            return
+        n, self.count = int(self.count), None
+        if n:
+            logs["loss"] = math.nan
+            logs[f"{self.prefix}/nonfinite_losses"] = n
+            warnings.warn(f"{n} training micro-batch loss(es) since the last log were NaN / inf (a diverged model, "
+                          "or a batch with nothing to select); the logged loss is NaN", RuntimeWarning, stacklevel=3)
+
+
+def head_transform(config: Any) -> Optional[dict]:
+    """The ops' ``softcap`` / ``logit_scale`` for a causal LM's config, as its model applies them
+    after the LM head: Gemma 2/3 soft-cap (``final_logit_softcapping``), Cohere multiplies by
+    ``logit_scale``, Granite divides by ``logits_scaling``.  None where a value is unusable."""
+    if config is None:
+        return None
+    cap = getattr(config, "final_logit_softcapping", None)
+    scale = getattr(config, "logit_scale", None)
+    scale = 1.0 if scale is None else scale
+    divide = getattr(config, "logits_scaling", None)
+    try:
+        scale = float(scale) / (1.0 if divide is None else float(divide))
+        cap = None if cap is None else float(cap)
+        tokens.loss_config(cap, scale, 0.0, 0.0, None, None)  # the ops' own checks
+    except (TypeError, ValueError, ZeroDivisionError):
+        return None
+    return {"softcap": cap, "logit_scale": scale}
+
+
 # ============================================================================== Rho-1
 class Rho1Trainer(Trainer):
     """``transformers.Trainer`` whose training loss is Rho-1's selective cross-entropy.
@@ -108,9 +155,13 @@ class Rho1Trainer(Trainer):
     the highest excess loss (model CE - reference CE).  Selection is per micro-batch and per rank
     (no communication); with gradient accumulation the Trainer averages the micro-batch losses.
 
-    When :mod:`rho_kernels.linear` exists and the model's logits are a plain linear map of its
-    last hidden state, the loss is computed from the hidden state and the LM head without
-    materialising the logits (``use_hidden_states="auto"``); otherwise from the logits.
+    When the model's logits are a linear map of its last hidden state, optionally scaled and/or
+    soft-capped as Hugging Face's models do it (``config.final_logit_softcapping``: Gemma 2/3;
+    ``config.logit_scale``: Cohere; ``config.logits_scaling``, which Granite divides by), the
+    loss is computed from the hidden state and the LM head with that transform, without
+    materialising the logits (``use_hidden_states="auto"``); otherwise from the logits.  The
+    first training step checks the transform against the model's own last-position logits
+    (one host sync, once) and falls back to the logits path, with a warning, if they differ.
 
     Evaluation (``model.eval()``) uses the plain mean cross-entropy over all tokens.
 
@@ -146,8 +197,6 @@ class Rho1Trainer(Trainer):
             raise TypeError(f"reference_model must be an nn.Module or None, got {type(reference_model).__name__}")
         if use_hidden_states not in ("auto", True, False):
             raise ValueError(f"use_hidden_states must be 'auto', True or False, got {use_hidden_states!r}")
-        if use_hidden_states is True and _linear is None:
-            raise ValueError("use_hidden_states=True needs rho_kernels.linear, which this version does not have")
         self.reference_model = reference_model
         if reference_model is not None:
             reference_model.to(self.args.device).eval().requires_grad_(False)
@@ -158,6 +207,8 @@ class Rho1Trainer(Trainer):
         # the number of accumulation steps (it does so only when this flag is False).
         self.model_accepts_loss_kwargs = False
         self._rho_acc: Optional[Tensor] = None  # kept, counted, kept excess sum, dropped excess sum
+        self._nonfinite = _NonFiniteLosses("rho1")
+        self._transform_checked = False  # the hidden path's head transform, checked on the first step
 
     # -------------------------------------------------------------- data
     def _set_signature_columns_if_needed(self) -> None:
@@ -167,22 +218,47 @@ class Rho1Trainer(Trainer):
 
     # -------------------------------------------------------------- pieces
     def _hidden_path(self, model: nn.Module) -> bool:
-        if self.use_hidden_states is False or _linear is None:
+        if self.use_hidden_states is False:
             return False
         m = _unwrap(model)
         head = m.get_output_embeddings() if hasattr(m, "get_output_embeddings") else None
-        cfg = getattr(m, "config", None)
-        # Only where logits == hidden @ W.T (+ b): no soft-capping or logit scaling.
-        plain = (
+        # Only where logits == transform(hidden @ W.T (+ b)), the transform one the ops know.
+        ok = (
             isinstance(head, nn.Linear)
-            and cfg is not None
-            and getattr(cfg, "final_logit_softcapping", None) is None
-            and getattr(cfg, "logit_scale", 1.0) in (None, 1.0)
+            and head_transform(getattr(m, "config", None)) is not None
             and "logits_to_keep" in inspect.signature(m.forward).parameters
         )
-        if self.use_hidden_states is True and not plain:
-            raise ValueError(f"use_hidden_states=True: {type(m).__name__} does not expose a plain linear LM head")
-        return plain
+        if self.use_hidden_states is True and not ok:
+            raise ValueError(f"use_hidden_states=True: {type(m).__name__} does not expose a linear LM head "
+                             "(plain, scaled or soft-capped)")
+        return ok
+
+    def _check_transform(self, hidden: Tensor, head: nn.Linear, transform: dict, logits: Tensor) -> bool:
+        """Whether ``transform(head(hidden))`` at the last position is the model's own logits there
+        (``logits_to_keep=1``); decided once, on the first training step."""
+        self._transform_checked = True
+        with torch.no_grad():
+            cap, scale = transform["softcap"], transform["logit_scale"]
+            z = head(hidden[:, -1:]).float() * scale
+            z = cap * torch.tanh(z / cap) if cap is not None else z
+            own = logits[:, -1:].float()
+            # The model may have computed in half precision (bf16 / fp16 autocast, with its output
+            # cast back to float32): the tolerance is that precision's, relative to the largest logit.
+            half = [torch.bfloat16] if self.args.bf16 else [torch.float16] if self.args.fp16 else []
+            eps = max(torch.finfo(dt).eps for dt in [logits.dtype, head.weight.dtype, *half])
+            finite = torch.isfinite(own)
+            tol = 16 * eps * (1.0 + torch.where(finite, own.abs(), 0.0).amax())
+            # A diverged head (NaN / inf) agrees with itself: the loss then says so (NaN).
+            agree = ((z - own).abs() <= tol) | (z == own) | (torch.isnan(z) & torch.isnan(own))
+            same = bool(agree.all())
+        if not same:
+            what = (f"{type(_unwrap(self.model)).__name__}'s logits are not the LM head's output with {transform} "
+                    "(read from its config)")
+            if self.use_hidden_states is True:
+                raise ValueError(f"use_hidden_states=True: {what}")
+            warnings.warn(f"Rho1Trainer: {what}; using the logits path", RuntimeWarning)
+            self.use_hidden_states = False
+        return same
 
     @torch.no_grad()
     def reference_token_loss(self, inputs: dict, targets: Tensor) -> Tensor:
@@ -232,18 +308,23 @@ class Rho1Trainer(Trainer):
             return (loss, outputs) if return_outputs else loss
 
         ref = self.reference_token_loss(inputs, targets)
-        if self._hidden_path(model):
+        hidden_path = self._hidden_path(model)
+        if hidden_path:
             outputs = model(**model_inputs, output_hidden_states=True, logits_to_keep=1)
+            head = _unwrap(model).get_output_embeddings()
+            transform = head_transform(_unwrap(model).config)
+            hidden_path = self._transform_checked or self._check_transform(outputs.hidden_states[-1], head,
+                                                                           transform, outputs.logits)
+        if hidden_path:
             hidden = outputs.hidden_states[-1][:, :-1]
             # The head module, not its weight: under FSDP2 / DeepSpeed ZeRO-3 the op then runs inside
             # its forward, where the weight is gathered and its gradient reduced.
-            head = _unwrap(model).get_output_embeddings()
-            loss = _linear.selective_linear_cross_entropy(hidden, head, targets, ref, self.keep_ratio,
-                                                          ignore_index=-100, backend=self.backend)
+            loss = linear.selective_linear_cross_entropy(hidden, head, targets, ref, self.keep_ratio,
+                                                         ignore_index=-100, backend=self.backend, **transform)
             if self.log_selection_stats:  # one more pass over the head, no logits either
                 with torch.no_grad():
-                    excess = _linear.linear_score(hidden.detach(), head, targets, ref, method="reducible",
-                                                  ignore_index=-100, backend=self.backend)
+                    excess = linear.linear_score(hidden.detach(), head, targets, ref, method="reducible",
+                                                 ignore_index=-100, backend=self.backend, **transform)
                 self._record(excess, targets)
         else:
             outputs = model(**model_inputs)
@@ -253,6 +334,7 @@ class Rho1Trainer(Trainer):
             if self.log_selection_stats:
                 self._record(api.score(logits.detach(), targets, ref, method="reducible", ignore_index=-100,
                                        backend=self.backend), targets)
+        self._nonfinite.record(loss)
         return (loss, outputs) if return_outputs else loss
 
     # -------------------------------------------------------------- logging
@@ -277,6 +359,7 @@ class Rho1Trainer(Trainer):
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
         if "loss" in logs:  # a training log (not eval metrics or the end-of-training summary)
             logs.update(self.selection_stats())
+            self._nonfinite.surface(logs)
         super().log(logs, *args, **kwargs)
 
 
@@ -357,6 +440,7 @@ class RhoLossTrainer(Trainer):
                                  f"dataset has {n} examples")
         self.model_accepts_loss_kwargs = False  # mean over the picks; the Trainer averages micro-batches
         self._rho_train_token = None
+        self._nonfinite = _NonFiniteLosses("rho_loss")
 
     def _set_signature_columns_if_needed(self) -> None:
         super()._set_signature_columns_if_needed()
@@ -390,6 +474,7 @@ class RhoLossTrainer(Trainer):
             self._rho_train_token = self.selector.stats.start("train", y.device)
         outputs = model(**x)
         loss = F.cross_entropy(outputs.logits.float(), y, ignore_index=self.selector.ignore_index)
+        self._nonfinite.record(loss)
         return (loss, outputs) if return_outputs else loss
 
     def training_step(self, model: nn.Module, inputs: dict, *args: Any, **kwargs: Any) -> Tensor:
@@ -415,6 +500,7 @@ class RhoLossTrainer(Trainer):
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
         if "loss" in logs:
             logs.update(self.selection_stats())
+            self._nonfinite.surface(logs)
         super().log(logs, *args, **kwargs)
 
     # The selector's step counter (temperature schedules) and RNG travel with checkpoints.
