@@ -226,6 +226,71 @@ RHO_HD T finalize_score(int method, const RowAcc<T>& a, T lse, T z_y, T il, int 
   return finalize_score_from_log(method, a, lse, z_y, il, tstate, need_log ? std::log(a.d) : T(0));
 }
 
+// --------------------------------------------------------------------------- logit transform
+//
+// Every method reads z' = softcap * tanh(logit_scale * z / softcap), or logit_scale * z without a
+// cap (rho_kernels/_contract.py, check_transform), as Hugging Face's models compute them.  Kernels
+// template on the kind, so that the plain path (kNoTransform) compiles to the code it always was.
+enum Transform : int { kNoTransform = 0, kScaleOnly = 1, kSoftcap = 2 };
+
+template <typename T>
+struct TransformArgs {
+  T cap;        // softcap (kSoftcap)
+  T cap_scale;  // logit_scale / softcap (kSoftcap)
+  T scale;      // logit_scale
+};
+
+RHO_HD int transform_kind(double softcap, double logit_scale) {
+  return softcap != 0.0 ? kSoftcap : (logit_scale != 1.0 ? kScaleOnly : kNoTransform);
+}
+
+template <typename T>
+RHO_HD TransformArgs<T> transform_args(double softcap, double logit_scale) {
+  const double cap = softcap != 0.0 ? softcap : 1.0;
+  return TransformArgs<T>{T(cap), T(logit_scale / cap), T(logit_scale)};
+}
+
+// tanh(x): an odd polynomial below |x| = 0.55 (a least-squares fit, relative error 3e-11), and
+// (1 - e) / (1 + e) with e = exp(-2|x|) above (e <= 0.33: no cancellation); +-inf -> +-1,
+// NaN -> NaN.  Selects, not branches, so that loops over it vectorise; `exp_nonpos` is the
+// caller's exp of a non-positive argument (std::exp, or a vectorisable one).  The Triton kernels
+// (triton_ce_grad._tanh) compute the same formula.
+// tanh(x) = x + x * u * P(u), u = x^2, for |x| < kTanhSmall; P's coefficients, highest first.
+constexpr int kTanhPolyTerms = 6;
+constexpr double kTanhPoly[kTanhPolyTerms] = {0.0023953687722703012, -0.008413468354891797, 0.02178262500486329,
+                                              -0.05395961158141095,  0.13333293354371045,   -0.3333333271103655};
+constexpr double kTanhSmall = 0.55;
+
+template <typename T, typename Exp>
+RHO_HD T tanh_acc(T x, const Exp& exp_nonpos) {
+  const T a = x < T(0) ? -x : x;
+  const T u = a * a;
+  T p = T(kTanhPoly[0]);
+  for (int i = 1; i < kTanhPolyTerms; ++i) p = p * u + T(kTanhPoly[i]);
+  const T small = a + a * (u * p);
+  const T e = exp_nonpos(T(-2) * a);
+  const T big = (T(1) - e) / (T(1) + e);
+  const T r = a < T(kTanhSmall) ? small : big;
+  return x < T(0) ? -r : r;
+}
+
+// z' of one logit, and with `dz` the derivative dz'/dz = logit_scale * (1 - tanh^2) (or
+// logit_scale): the chain rule of every gradient.
+template <int kTransform, typename T, typename Exp>
+RHO_HD T transform_logit(T z, const TransformArgs<T>& a, const Exp& exp_nonpos, T* dz = nullptr) {
+  if (kTransform == kScaleOnly) {
+    if (dz) *dz = a.scale;
+    return z * a.scale;
+  }
+  if (kTransform == kSoftcap) {
+    const T t = tanh_acc(z * a.cap_scale, exp_nonpos);
+    if (dz) *dz = a.scale * (T(1) - t * t);
+    return a.cap * t;
+  }
+  if (dz) *dz = T(1);
+  return z;
+}
+
 RHO_HD bool is_eligible(float score, int tstate) { return tstate == kTargetOk && score == score; }
 
 // Monotone map of a float onto uint32 (larger float -> larger integer); -0 is read as +0 so

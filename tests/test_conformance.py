@@ -749,6 +749,13 @@ def test_opcheck_extension_ops():
                 )
             torch.library.opcheck(torch.ops.rho_kernels.select_rows.default, (logits, targets, il, 7, method, -100))
         torch.library.opcheck(torch.ops.rho_kernels.select_rows.default, (logits, targets, None, 7, 1, -100))
+    if DEVICE.type == "cpu":  # the transform's arguments of the CPU-only ops
+        logits, targets, _ = make_inputs(9, 70, torch.bfloat16)
+        lse, scale = torch.rand(9) + 5, torch.randn(9)
+        for args in ((30.0, 1.0, 0.0, 0.0), (0.5, -2.0, 0.1, 1e-3), (0.0, 0.25, 0.0, 1e-4)):
+            torch.library.opcheck(torch.ops.rho_kernels.ce_grad_rows.default, (logits, targets, lse, scale, -100, *args))
+            torch.library.opcheck(torch.ops.rho_kernels.partial_rows.default,
+                                  (logits.float(), targets, None, 0, 4, -100, *args[:2]))
 
 
 @pytest.mark.parametrize("method", ["reducible", "entropy"])

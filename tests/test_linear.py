@@ -603,7 +603,7 @@ def test_partial_rows_kernel_against_torch_partials(backend):
             assert torch.allclose(got.lse, want.lse, rtol=1e-5, equal_nan=True), f"{dtype}/{method}"
     z = torch.zeros(4, 5)
     t = torch.zeros(4, dtype=torch.long)
-    with pytest.raises(RuntimeError, match=r"partials must be a contiguous Float \[4, 7\] CPU tensor, got Float \[4, 6\]"):
+    with pytest.raises(RuntimeError, match=r"partials must be a contiguous Float \[4, 8\] CPU tensor, got Float \[4, 6\]"):
         backends.get("cpu").partial_rows(z, t, torch.zeros(4, 6), 0, 0, -100)
     with pytest.raises(RuntimeError, match="vocab_start must be >= 0, got -1"):
         backends.get("cpu").partial_rows(z, t, None, -1, 0, -100)

@@ -43,13 +43,17 @@ using ScoreFn = void (*)(const Problem&, const Outputs&);
 // full rows; targets are full-vocabulary ids): per row, rho::RowAcc of these columns folded into
 // the row's partials from the slices before (`in`, null for the first), then the target logit
 // where the target is in this slice.  [N, kNumPartials] in the accumulation type (float; double
-// for float64), fields m, d, t, dx, s2x, z_y, owned: rho_kernels/vocab_parallel.py's layout,
-// merged and finalised there.  Only the method's sums are kept (the others stay 0).
-constexpr int kNumPartials = 7;
+// for float64), fields m, d, t, dx, s2x, z_y, owned (rho_kernels/vocab_parallel.py's layout,
+// merged and finalised there) and zsum = sum_j z'_j of the slices so far (label smoothing's sum,
+// merged by addition).  Only the method's sums are kept (the others stay 0).  The logits are
+// those of the transform (rho::Transform kind, softcap, logit_scale): z' throughout.
+constexpr int kNumPartials = 8;
 struct Partials {
   const void* in;
   void* out;
   int64_t vocab_start;
+  int transform;  // rho::Transform
+  double softcap, logit_scale;
 };
 
 using PartialsFn = void (*)(const Problem&, const Partials&);

@@ -463,6 +463,70 @@ RowAcc<acc_t<scalar_t>> range_acc(const scalar_t* row, int64_t stride, int64_t j
 }
 
 
+// tanh of a vector: rho::tanh_acc's formula (the polynomial and the exp(-2|x|) branch, selected
+// per lane).  A NaN lane takes the exp branch and stays NaN; +-inf gives +-1.
+template <typename A>
+inline Vec<A> tanh_vec(const Vec<A>& x) {
+  using V = Vec<A>;
+  const V a = x.abs();
+  const V u = a * a;
+  V p(A(rho::kTanhPoly[0]));
+  for (int i = 1; i < rho::kTanhPolyTerms; ++i) p = at::vec::fmadd(p, u, V(A(rho::kTanhPoly[i])));
+  const V small = at::vec::fmadd(a, u * p, a);
+  const V e = exp_nonpos<A>(V(A(-2)) * a);
+  const V big = (V(A(1)) - e) / (V(A(1)) + e);
+  const V r = V::blendv(big, small, a < V(A(rho::kTanhSmall)));
+  return V::blendv(r, V(A(0)) - r, x < V(A(0)));
+}
+
+// z' of n logits in place (rho::transform_logit, a vector at a time).
+template <int kTransform, typename A>
+inline void transform_block(A* buf, int64_t n, const rho::TransformArgs<A>& ta) {
+  using V = Vec<A>;
+  constexpr int64_t W = V::size();
+  int64_t i = 0;
+  for (; i + W <= n; i += W) {
+    const V x = V::loadu(buf + i);
+    V y = x * V(ta.scale);
+    if constexpr (kTransform == rho::kSoftcap) y = V(ta.cap) * tanh_vec<A>(x * V(ta.cap_scale));
+    y.store(buf + i);
+  }
+  struct StdExp {
+    A operator()(A v) const { return std::exp(v); }
+  };
+  for (; i < n; ++i) buf[i] = rho::transform_logit<kTransform>(buf[i], ta, StdExp{});
+}
+
+// The accumulator of the transformed logits z' of [j0, j1) of one row, and their plain sum
+// (`zsum`): each block is read into an L1 buffer in the accumulation type, transformed there, and
+// reduced by the fp32/fp64 block kernel.
+template <typename scalar_t, int M, int kTransform>
+RowAcc<acc_t<scalar_t>> range_acc_transformed(const scalar_t* row, int64_t stride, int64_t j0, int64_t j1,
+                                              int64_t tgt, const rho::TransformArgs<acc_t<scalar_t>>& ta,
+                                              acc_t<scalar_t>& zsum) {
+  using A = acc_t<scalar_t>;
+  using V = Vec<A>;
+  constexpr int64_t W = V::size();
+  RowAcc<A> acc = rho::acc_empty<A>();
+  __at_align__ A buf[kBlock];
+  A zs = A(0);
+  for (int64_t b = j0; b < j1 && acc.m == acc.m; b += kBlock) {
+    const int64_t n = std::min(kBlock, j1 - b);
+    const scalar_t* p = row + b * stride;
+    for (int64_t i = 0; i < n; ++i) buf[i] = to_acc(p[i * stride]);
+    if constexpr (kTransform != rho::kNoTransform) transform_block<kTransform>(buf, n, ta);
+    V s(A(0));
+    int64_t i = 0;
+    for (; i + W <= n; i += W) s = s + V::loadu(buf + i);
+    A tail = A(0);
+    for (; i < n; ++i) tail += buf[i];
+    zs += hsum(s) + tail;
+    fold_block(acc, block_acc<A, M>(buf, n, tgt < 0 ? int64_t(-1) : tgt - b));
+  }
+  zsum = acc.m == acc.m ? zs : std::numeric_limits<A>::quiet_NaN();  // a NaN logit: z' NaN too
+  return acc;
+}
+
 inline int64_t row_offset(const Problem& p, int64_t r) {
   if (p.rank == 2) return r * p.stride0;
   return (r / p.inner_rows) * p.stride0 + (r % p.inner_rows) * p.stride1;
@@ -1056,9 +1120,13 @@ void score_dispatch(const Problem& p, const Outputs& out) {
 // Partials of a vocabulary slice (score_cpu.h: Partials): the row path's range_acc per row, folded
 // into the partials of the slices before with the block fold's rule.  The linear ops call it on
 // [rows, width] tiles of hidden @ weight.T, so that the head's weight is read once per row block.
-template <typename scalar_t, int M>
+template <typename scalar_t, int M, int kTransform>
 void partials_kernel(const Problem& p, const Partials& io) {
   using A = acc_t<scalar_t>;
+  const auto ta = rho::transform_args<A>(io.softcap, io.logit_scale);
+  struct StdExp {
+    A operator()(A v) const { return std::exp(v); }
+  };
   const scalar_t* logits = static_cast<const scalar_t*>(p.logits);
   const A* in = static_cast<const A*>(io.in);
   A* out = static_cast<A*>(io.out);
@@ -1069,18 +1137,21 @@ void partials_kernel(const Problem& p, const Partials& io) {
       // The target's column in this slice, or -1 (ignored, or a class of another slice).
       const int64_t col = (y != p.ignore_index && y >= v0 && y - v0 < nv) ? y - v0 : int64_t(-1);
       RowAcc<A> acc = rho::acc_empty<A>();
-      A zy = A(0), owned = A(0);
+      A zy = A(0), owned = A(0), zsum = A(0);
       if (in != nullptr) {
         const A* a = in + r * kNumPartials;
         acc = RowAcc<A>{a[0], a[1], a[2], a[3], a[4]};
         zy = a[5];
         owned = a[6];
+        zsum = a[7];
       }
       const scalar_t* row = logits + row_offset(p, r);
-      fold_block(acc, range_acc<scalar_t, M>(row, p.stride_v, 0, nv, col));
+      A zs = A(0);
+      fold_block(acc, range_acc_transformed<scalar_t, M, kTransform>(row, p.stride_v, 0, nv, col, ta, zs));
+      zsum += zs;
       if (acc.m != acc.m) acc = RowAcc<A>{acc.m, A(0), A(0), A(0), A(0)};  // a NaN row's sums are never read
       if (col >= 0) {
-        zy = to_acc(row[col * p.stride_v]);
+        zy = rho::transform_logit<kTransform>(to_acc(row[col * p.stride_v]), ta, StdExp{});
         owned = A(1);
       }
       A* o = out + r * kNumPartials;
@@ -1091,19 +1162,32 @@ void partials_kernel(const Problem& p, const Partials& io) {
       o[4] = acc.s2x;
       o[5] = zy;
       o[6] = owned;
+      o[7] = zsum;
     }
   });
 }
 
-template <typename scalar_t>
-void partials_dispatch(const Problem& p, const Partials& io) {
+template <typename scalar_t, int kTransform>
+void partials_dispatch_method(const Problem& p, const Partials& io) {
   switch (p.method) {
     case rho::kGradNorm:
-      return partials_kernel<scalar_t, rho::kGradNorm>(p, io);
+      return partials_kernel<scalar_t, rho::kGradNorm, kTransform>(p, io);
     case rho::kEntropy:
-      return partials_kernel<scalar_t, rho::kEntropy>(p, io);
+      return partials_kernel<scalar_t, rho::kEntropy, kTransform>(p, io);
     default:
-      return partials_kernel<scalar_t, rho::kLoss>(p, io);  // the other methods' sums: d alone
+      return partials_kernel<scalar_t, rho::kLoss, kTransform>(p, io);  // the other methods' sums: d alone
+  }
+}
+
+template <typename scalar_t>
+void partials_dispatch(const Problem& p, const Partials& io) {
+  switch (io.transform) {
+    case rho::kSoftcap:
+      return partials_dispatch_method<scalar_t, rho::kSoftcap>(p, io);
+    case rho::kScaleOnly:
+      return partials_dispatch_method<scalar_t, rho::kScaleOnly>(p, io);
+    default:
+      return partials_dispatch_method<scalar_t, rho::kNoTransform>(p, io);
   }
 }
 

@@ -300,7 +300,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> select_rows_cpu(const at::Tensor&
 // Partials of a vocabulary slice [n, V_slice], folded into `partials` (score_cpu.h: Partials).
 at::Tensor partial_rows_cpu(const at::Tensor& logits, const at::Tensor& targets,
                             const std::optional<at::Tensor>& partials, int64_t vocab_start, int64_t method,
-                            int64_t ignore_index) {
+                            int64_t ignore_index, double softcap, double logit_scale) {
+  TORCH_CHECK_VALUE(softcap == 0.0 || (std::isfinite(softcap) && softcap > 0.0),
+                    "rho_kernels: softcap must be 0 (none) or finite and > 0, got ", softcap);
+  TORCH_CHECK_VALUE(std::isfinite(logit_scale) && logit_scale != 0.0,
+                    "rho_kernels: logit_scale must be finite and non-zero, got ", logit_scale);
   TORCH_CHECK(logits.dim() == 2, "rho_kernels: partial_rows takes [n, V_slice] logits, got ", logits.sizes());
   TORCH_CHECK(method >= 0 && method < rho::kNumMethods, "rho_kernels: unknown method id ", method);
   TORCH_CHECK(vocab_start >= 0, "rho_kernels: vocab_start must be >= 0, got ", vocab_start);
@@ -316,7 +320,8 @@ at::Tensor partial_rows_cpu(const at::Tensor& logits, const at::Tensor& targets,
   }
   at::Tensor out = at::empty({p.num_rows, kNumPartials}, logits.options().dtype(acc));
   const void* in = partials.has_value() && partials->defined() ? partials->data_ptr() : nullptr;
-  kIsas[current_isa()].partials(p, Partials{in, out.data_ptr(), vocab_start});
+  kIsas[current_isa()].partials(
+      p, Partials{in, out.data_ptr(), vocab_start, rho::transform_kind(softcap, logit_scale), softcap, logit_scale});
   return out;
 }
 
@@ -328,7 +333,7 @@ TORCH_LIBRARY_FRAGMENT(rho_kernels, m) {
   // into those of the slices before it: the linear ops' tiled CPU forward.
   m.def(
       "partial_rows(Tensor logits, Tensor targets, Tensor? partials, int vocab_start, int method, "
-      "int ignore_index) -> Tensor");
+      "int ignore_index, float softcap=0.0, float logit_scale=1.0) -> Tensor");
   // The instruction set of the CPU scoring kernel in use ("scalar", "avx2" or "avx512").
   m.def("cpu_isa() -> str", &rho_cpu::cpu_isa);
   // Switch it in this process ("" = the default choice); returns the one now in use.  For tests.

@@ -8,6 +8,12 @@
 //       and their logits are not read.  grad has the logits' shape and dtype and is contiguous.
 //   ce_grad_rows_(logits, ...) -> ()
 //       the same gradient written over the logits themselves (opt-in: no second N x V buffer).
+//   Both take softcap=0, logit_scale=1, label_smoothing=0, z_loss=0: in general the gradient
+//   w.r.t. the raw logits of s_r [(1-eps)(lse - z'_y) + eps(lse - mean z') + z_loss lse^2], z' the
+//   transformed logits (rho_math.h), lse saved of z':
+//       s_r [(1 + 2 z_loss lse) p_j - (1-eps)[j == y] - eps/V] * dz'/dz,  p = exp(z' - lse).
+//   Each combination of (transform kind, general) is its own instantiation: the plain one is the
+//   loop it always was.
 //
 // logits [N, V] or [B, T, V], float32/bfloat16/float16/float64, any strides (int64 offsets);
 // targets int64 [N] contiguous; lse and row_scale [N] contiguous, float64 for float64 logits and
@@ -71,6 +77,11 @@ inline float exp_f32(float x) {
 inline float exp_acc(float x) { return exp_f32(x); }
 inline double exp_acc(double x) { return std::exp(x); }
 
+struct ExpAcc {
+  template <typename T>
+  T operator()(T x) const { return exp_acc(x); }
+};
+
 // Element conversions, written as bit operations so that the gather/scatter loops vectorise
 // (c10's Half conversion does not).
 inline float load_acc(float v) { return v; }
@@ -108,14 +119,22 @@ RowLayout layout_of(const Tensor& x, int64_t num_rows) {
   return {std::max<int64_t>(num_rows, 1), 0, x.stride(0), x.stride(1)};
 }
 
-template <typename scalar_t, typename acc_t>
+// The loss's extra terms: label smoothing eps and the z-loss coefficient (kGeneral).
+struct LossTerms {
+  double label_smoothing, z_loss;
+};
+
+template <typename scalar_t, typename acc_t, int kTransform, bool kGeneral>
 void grad_rows(const scalar_t* in, RowLayout lin, scalar_t* out, RowLayout lout, const int64_t* targets,
                const acc_t* lse, const acc_t* row_scale, int64_t num_rows, int64_t num_classes,
-               int64_t ignore_index) {
+               int64_t ignore_index, rho::TransformArgs<acc_t> ta, LossTerms lt) {
   const int64_t V = num_classes;
+  const acc_t eps = acc_t(lt.label_smoothing);
+  const acc_t off = acc_t(lt.label_smoothing / static_cast<double>(V));  // eps / V
   const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 15) / std::max<int64_t>(V, 1));
   at::parallel_for(0, num_rows, grain, [&](int64_t begin, int64_t end) {
     acc_t buf[kTile];
+    acc_t dbuf[kTransform == rho::kSoftcap ? kTile : 1];  // dz'/dz per column
     for (int64_t r = begin; r < end; ++r) {
       const int64_t y = targets[r];
       const acc_t s = row_scale[r];
@@ -132,6 +151,10 @@ void grad_rows(const scalar_t* in, RowLayout lin, scalar_t* out, RowLayout lout,
       const scalar_t* z = in + lin.row(r);
       const int64_t sv = lin.sv;
       const acc_t l = lse[r];
+      // kGeneral: p_j scaled by c = 1 + 2 z_loss lse, every column less eps/V.
+      const acc_t c = kGeneral ? acc_t(1) + acc_t(2 * lt.z_loss) * l : acc_t(1);
+      // dz'/dz: the constant logit_scale without a cap (folded into the row's scale).
+      const acc_t sd = kTransform == rho::kScaleOnly ? s * ta.scale : s;
       for (int64_t j0 = 0; j0 < V; j0 += kTile) {
         const int64_t n = std::min(kTile, V - j0);
         if (sv == 1) {
@@ -139,11 +162,29 @@ void grad_rows(const scalar_t* in, RowLayout lin, scalar_t* out, RowLayout lout,
         } else {
           for (int64_t i = 0; i < n; ++i) buf[i] = load_acc(z[(j0 + i) * sv]);
         }
-        for (int64_t i = 0; i < n; ++i) buf[i] = s * exp_acc(buf[i] - l);
+        if constexpr (kTransform == rho::kNoTransform && !kGeneral) {
+          for (int64_t i = 0; i < n; ++i) buf[i] = s * exp_acc(buf[i] - l);
+        } else if constexpr (kTransform == rho::kSoftcap) {
+          for (int64_t i = 0; i < n; ++i) {
+            const acc_t zt = rho::transform_logit<kTransform>(buf[i], ta, ExpAcc{}, &dbuf[i]);
+            buf[i] = sd * ((kGeneral ? c * exp_acc(zt - l) - off : exp_acc(zt - l)) * dbuf[i]);
+          }
+        } else {
+          for (int64_t i = 0; i < n; ++i) {
+            const acc_t zt = rho::transform_logit<kTransform>(buf[i], ta, ExpAcc{});
+            buf[i] = sd * (kGeneral ? c * exp_acc(zt - l) - off : exp_acc(zt - l));
+          }
+        }
         if (y >= j0 && y < j0 + n) {
           // s * (p_y - 1) rather than s * p_y - s: no cancellation when p_y is close to 1.
-          const acc_t zy = load_acc(z[y * sv]);
-          buf[y - j0] = s * (std::exp(zy - l) - acc_t(1));
+          acc_t dz = acc_t(1);
+          struct StdExp {
+            acc_t operator()(acc_t x) const { return std::exp(x); }
+          };
+          const acc_t zy = rho::transform_logit<kTransform>(load_acc(z[y * sv]), ta, StdExp{}, &dz);
+          const acc_t py = std::exp(zy - l);
+          const acc_t gy = kGeneral ? (c * py - (acc_t(1) - eps)) - off : py - acc_t(1);
+          buf[y - j0] = kTransform == rho::kSoftcap ? sd * (gy * dz) : sd * gy;
         }
         if (osv == 1) {
           for (int64_t i = 0; i < n; ++i) o[j0 + i] = store_as<scalar_t, acc_t>(buf[i]);
@@ -174,35 +215,80 @@ void check_args(const Tensor& logits, const Tensor& targets, const Tensor& lse, 
   }
 }
 
+struct GradOptions {
+  double softcap, logit_scale;
+  LossTerms terms;
+};
+
+void check_options(const GradOptions& o) {
+  TORCH_CHECK_VALUE(o.softcap == 0.0 || (std::isfinite(o.softcap) && o.softcap > 0.0),
+                    "ce_grad_rows: softcap must be 0 (none) or finite and > 0, got ", o.softcap);
+  TORCH_CHECK_VALUE(std::isfinite(o.logit_scale) && o.logit_scale != 0.0,
+                    "ce_grad_rows: logit_scale must be finite and non-zero, got ", o.logit_scale);
+  TORCH_CHECK_VALUE(std::isfinite(o.terms.label_smoothing) && std::isfinite(o.terms.z_loss),
+                    "ce_grad_rows: label_smoothing and z_loss must be finite, got ", o.terms.label_smoothing, " and ",
+                    o.terms.z_loss);
+}
+
+template <typename scalar_t, typename acc_t, int kTransform>
+void grad_rows_general(const scalar_t* in, RowLayout lin, scalar_t* out, RowLayout lout, const int64_t* targets,
+                       const acc_t* lse, const acc_t* row_scale, int64_t N, int64_t V, int64_t ignore_index,
+                       const GradOptions& o) {
+  const auto ta = rho::transform_args<acc_t>(o.softcap, o.logit_scale);
+  if (o.terms.label_smoothing != 0.0 || o.terms.z_loss != 0.0) {
+    grad_rows<scalar_t, acc_t, kTransform, true>(in, lin, out, lout, targets, lse, row_scale, N, V, ignore_index, ta,
+                                                 o.terms);
+  } else {
+    grad_rows<scalar_t, acc_t, kTransform, false>(in, lin, out, lout, targets, lse, row_scale, N, V, ignore_index, ta,
+                                                  o.terms);
+  }
+}
+
 void dispatch(const Tensor& logits, Tensor& out, const Tensor& targets, const Tensor& lse, const Tensor& row_scale,
-              int64_t ignore_index) {
+              int64_t ignore_index, const GradOptions& o) {
   const int64_t N = targets.numel();
   const int64_t V = logits.size(-1);
   if (N == 0 || V == 0) return;
   const RowLayout lin = layout_of(logits, N);
   const RowLayout lout = layout_of(out, N);
+  const int kind = rho::transform_kind(o.softcap, o.logit_scale);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "ce_grad_rows_cpu", [&] {
     using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-    grad_rows<scalar_t, acc_t>(logits.const_data_ptr<scalar_t>(), lin, out.mutable_data_ptr<scalar_t>(), lout,
-                               targets.const_data_ptr<int64_t>(), lse.const_data_ptr<acc_t>(),
-                               row_scale.const_data_ptr<acc_t>(), N, V, ignore_index);
+    const scalar_t* in = logits.const_data_ptr<scalar_t>();
+    scalar_t* o_ptr = out.mutable_data_ptr<scalar_t>();
+    const int64_t* t = targets.const_data_ptr<int64_t>();
+    const acc_t* l = lse.const_data_ptr<acc_t>();
+    const acc_t* s = row_scale.const_data_ptr<acc_t>();
+    if (kind == rho::kSoftcap) {
+      grad_rows_general<scalar_t, acc_t, rho::kSoftcap>(in, lin, o_ptr, lout, t, l, s, N, V, ignore_index, o);
+    } else if (kind == rho::kScaleOnly) {
+      grad_rows_general<scalar_t, acc_t, rho::kScaleOnly>(in, lin, o_ptr, lout, t, l, s, N, V, ignore_index, o);
+    } else {
+      grad_rows_general<scalar_t, acc_t, rho::kNoTransform>(in, lin, o_ptr, lout, t, l, s, N, V, ignore_index, o);
+    }
   });
 }
 
 Tensor ce_grad_rows_cpu(const Tensor& logits, const Tensor& targets, const Tensor& lse, const Tensor& row_scale,
-                        int64_t ignore_index) {
+                        int64_t ignore_index, double softcap, double logit_scale, double label_smoothing,
+                        double z_loss) {
   check_args(logits, targets, lse, row_scale);
+  const GradOptions o{softcap, logit_scale, {label_smoothing, z_loss}};
+  check_options(o);
   Tensor out = at::empty(logits.sizes(), logits.options());  // contiguous
-  dispatch(logits, out, targets, lse, row_scale, ignore_index);
+  dispatch(logits, out, targets, lse, row_scale, ignore_index, o);
   return out;
 }
 
 void ce_grad_rows_inplace_cpu(const Tensor& logits, const Tensor& targets, const Tensor& lse, const Tensor& row_scale,
-                              int64_t ignore_index) {
+                              int64_t ignore_index, double softcap, double logit_scale, double label_smoothing,
+                              double z_loss) {
   check_args(logits, targets, lse, row_scale);
+  const GradOptions o{softcap, logit_scale, {label_smoothing, z_loss}};
+  check_options(o);
   // Each element is read once and then overwritten by its own gradient, so aliasing is safe.
   Tensor out = logits;
-  dispatch(logits, out, targets, lse, row_scale, ignore_index);
+  dispatch(logits, out, targets, lse, row_scale, ignore_index, o);
 }
 
 }  // namespace
@@ -210,10 +296,14 @@ void ce_grad_rows_inplace_cpu(const Tensor& logits, const Tensor& targets, const
 TORCH_LIBRARY_FRAGMENT(rho_kernels, m) {
   // Selective cross-entropy backward: row_scale[r] * (softmax(z_r) - onehot(y_r)) from the
   // saved lse; zero rows where row_scale == 0 or the target is ignored / out of range.
-  m.def("ce_grad_rows(Tensor logits, Tensor targets, Tensor lse, Tensor row_scale, int ignore_index) -> Tensor");
+  // softcap/logit_scale/label_smoothing/z_loss: the general gradient (see the top of this file).
+  m.def(
+      "ce_grad_rows(Tensor logits, Tensor targets, Tensor lse, Tensor row_scale, int ignore_index, "
+      "float softcap=0.0, float logit_scale=1.0, float label_smoothing=0.0, float z_loss=0.0) -> Tensor");
   // The same, written over the logits (opt-in in-place backward).
   m.def(
-      "ce_grad_rows_(Tensor(a!) logits, Tensor targets, Tensor lse, Tensor row_scale, int ignore_index) -> ()");
+      "ce_grad_rows_(Tensor(a!) logits, Tensor targets, Tensor lse, Tensor row_scale, int ignore_index, "
+      "float softcap=0.0, float logit_scale=1.0, float label_smoothing=0.0, float z_loss=0.0) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(rho_kernels, CPU, m) {

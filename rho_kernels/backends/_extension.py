@@ -110,8 +110,9 @@ def unavailable_reason(dispatch_key: str, device_type: str, device: torch.device
     return None
 
 
-# Interim: the kernels do not apply the logit transform yet; a transformed problem runs on the
-# materialised z' (reference.plain_problem: same numbers, one more N x V pass).
+# Interim: the score/select kernels do not apply the logit transform yet; a transformed problem
+# runs on the materialised z' (reference.plain_problem: same numbers, one more N x V pass), and
+# zsum comes from torch.  ce_grad_rows and partial_rows do it in the kernel.
 def score_rows(p: RowProblem, with_lse: bool = True, with_zsum: bool = False):
     q = reference.plain_problem(p)
     score, lse = torch.ops.rho_kernels.score_rows(q.logits, q.targets, q.il, q.method, q.ignore_index, with_lse)
@@ -126,17 +127,15 @@ def select_rows(p: RowProblem, k: int) -> tuple[Tensor, Tensor, Tensor]:
 def ce_grad_rows(logits: Tensor, targets: Tensor, lse: Tensor, row_scale: Tensor, ignore_index: int,
                  inplace: bool = False, *, softcap: float = 0.0, logit_scale: float = 1.0,
                  label_smoothing: float = 0.0, z_loss: float = 0.0) -> Tensor:
-    if has_transform(softcap, logit_scale) or label_smoothing != 0.0 or z_loss != 0.0:
-        return reference.ce_grad_rows(logits, targets, lse, row_scale, ignore_index, inplace, softcap=softcap,
-                                      logit_scale=logit_scale, label_smoothing=label_smoothing, z_loss=z_loss)
+    general = (softcap, logit_scale, label_smoothing, z_loss)
     if inplace:
-        torch.ops.rho_kernels.ce_grad_rows_(logits, targets, lse, row_scale, ignore_index)
+        torch.ops.rho_kernels.ce_grad_rows_(logits, targets, lse, row_scale, ignore_index, *general)
         # The C++ op's (a!) annotation does not bump the version counter by itself; bumping it
         # makes autograd reject a graph that saved these logits elsewhere instead of using
         # gradient values as logits.
         torch.autograd.graph.increment_version(logits)
         return logits
-    return torch.ops.rho_kernels.ce_grad_rows(logits, targets, lse, row_scale, ignore_index)
+    return torch.ops.rho_kernels.ce_grad_rows(logits, targets, lse, row_scale, ignore_index, *general)
 
 
 NUM_PARTIALS = 8
@@ -145,19 +144,14 @@ NUM_PARTIALS = 8
 def partial_rows(logits: Tensor, targets: Tensor, partials: Optional[Tensor], vocab_start: int, method: int,
                  ignore_index: int, *, softcap: float = 0.0, logit_scale: float = 1.0) -> Tensor:
     """Per-row partials ``[n, 8]`` of the vocabulary slice ``logits`` (``[n, V_slice]``, its first
-    column is class ``vocab_start``; transformed by ``softcap``/``logit_scale`` first), folded
-    into ``partials`` (the slices before, or None).  Columns, in the accumulation dtype:
-    ``m, d, t, dx, s2x`` (rho::RowAcc of z'; only the method's sums, the others 0), ``z'_y`` (0
-    where the target is not in the slices so far), ``owned`` (1.0 where it is), ``zsum``
-    (``sum_j z'_j`` over the slices so far: label smoothing's sum; merges by addition)."""
-    acc = lse_dtype(logits.dtype)
-    z = reference.transform(logits.to(acc), softcap, logit_scale) if has_transform(softcap, logit_scale) else logits
-    prev = None if partials is None else partials[:, :NUM_PARTIALS - 1].contiguous()
-    out = torch.ops.rho_kernels.partial_rows(z, targets, prev, vocab_start, method, ignore_index)
-    zsum = z.to(acc).sum(-1)
-    if partials is not None:
-        zsum = zsum + partials[:, NUM_PARTIALS - 1]
-    return torch.cat([out, zsum[:, None]], 1)
+    column is class ``vocab_start``) of the transformed logits z' (``softcap``/``logit_scale``,
+    applied in the kernel), folded into ``partials`` (the slices before, or None).  Columns, in
+    the accumulation dtype: ``m, d, t, dx, s2x`` (rho::RowAcc of z'; only the method's sums, the
+    others 0), ``z'_y`` (0 where the target is not in the slices so far), ``owned`` (1.0 where it
+    is), ``zsum`` (``sum_j z'_j`` over the slices so far: label smoothing's sum; merges by
+    addition).  The first seven are vocab_parallel's layout."""
+    return torch.ops.rho_kernels.partial_rows(logits, targets, partials, vocab_start, method, ignore_index,
+                                              softcap, logit_scale)
 
 
 if LOAD_ERROR is None:
@@ -181,15 +175,18 @@ if LOAD_ERROR is None:
     if hasattr(torch.ops.rho_kernels, "ce_grad_rows"):
 
         @torch.library.register_fake("rho_kernels::ce_grad_rows")
-        def _ce_grad_rows_fake(logits, targets, lse, row_scale, ignore_index):
+        def _ce_grad_rows_fake(logits, targets, lse, row_scale, ignore_index, softcap=0.0, logit_scale=1.0,
+                               label_smoothing=0.0, z_loss=0.0):
             return torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
 
         @torch.library.register_fake("rho_kernels::ce_grad_rows_")
-        def _ce_grad_rows_inplace_fake(logits, targets, lse, row_scale, ignore_index):
+        def _ce_grad_rows_inplace_fake(logits, targets, lse, row_scale, ignore_index, softcap=0.0, logit_scale=1.0,
+                                       label_smoothing=0.0, z_loss=0.0):
             return None
 
     if hasattr(torch.ops.rho_kernels, "partial_rows"):
 
         @torch.library.register_fake("rho_kernels::partial_rows")
-        def _partial_rows_fake(logits, targets, partials, vocab_start, method, ignore_index):
-            return logits.new_empty((targets.shape[0], 7), dtype=lse_dtype(logits.dtype))
+        def _partial_rows_fake(logits, targets, partials, vocab_start, method, ignore_index, softcap=0.0,
+                               logit_scale=1.0):
+            return logits.new_empty((targets.shape[0], NUM_PARTIALS), dtype=lse_dtype(logits.dtype))
