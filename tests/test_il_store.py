@@ -82,6 +82,14 @@ def test_bad_device_is_a_clear_error():
     with pytest.raises(ValueError, match="device='gpu' is not a device"):
         store.to("gpu")
 
+
+def test_meta_index_is_a_clear_error():
+    """torch's own error is a raw NotImplementedError about copying out of a meta tensor."""
+    store = IrreducibleLossStore(torch.rand(10))
+    with pytest.raises(ValueError, match=r"index is on the meta device \(shape \(2, 3\), no values\)"):
+        store.gather(torch.zeros(2, 3, dtype=torch.int64, device="meta"))
+
+
 def test_out_of_range_index_is_a_clear_error():
     store, *_ = _store()
     with pytest.raises(ValueError, match="index 50 .*out of range"):

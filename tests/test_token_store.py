@@ -183,5 +183,7 @@ def test_bad_device_is_a_clear_error():
     store = TokenLossStore(torch.rand(4, 3))
     with pytest.raises(ValueError, match="device='gpu' is not a device: expected e.g. 'cpu', 'cuda'"):
         store.gather(torch.arange(2), device="gpu")
+    with pytest.raises(ValueError, match=r"index is on the meta device \(shape \(2,\), no values\)"):
+        store.gather(torch.zeros(2, dtype=torch.int64, device="meta"))
     with pytest.raises(ValueError, match="device='gpu' is not a device"):
         store.to("gpu")

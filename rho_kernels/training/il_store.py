@@ -109,6 +109,14 @@ def as_device(device: torch.device | str | int, what: str = "device") -> torch.d
                          f"or a torch.device") from None
 
 
+def check_index_has_values(index: Tensor, table: Tensor) -> None:
+    """A meta index has no values to look up (torch's own error is a raw NotImplementedError
+    about copying out of a meta tensor): say so, unless the table is on the meta device too."""
+    if index.device.type == "meta" and table.device.type != "meta":
+        raise ValueError(f"index is on the meta device (shape {tuple(index.shape)}, no values): a store looks up "
+                         f"the examples' dataset indices, so pass them on {table.device} or a GPU")
+
+
 def _resolve_device(device: Optional[torch.device | str], model: Optional[nn.Module]) -> torch.device:
     if device is not None:
         return as_device(device)
@@ -249,6 +257,7 @@ class IrreducibleLossStore:
             raise TypeError(f"index must be a torch.Tensor, got {type(index).__name__}")
         if index.dtype.is_floating_point or index.dtype.is_complex or index.dtype == torch.bool:
             raise TypeError(f"index must be an integer tensor, got dtype {index.dtype}")
+        check_index_has_values(index, self.losses)
         out_device = as_device(device) if device is not None else index.device
         flat = index.reshape(-1)
         if flat.device != self.losses.device:

@@ -27,7 +27,7 @@ from .. import api as rk  # the public op API only (the package imports this lay
 
 from .il_build import dataset_probe, model_fingerprint, scoring_pass
 from .il_format import TABLE_DTYPES, read_table, write_table
-from .il_store import _EvalNoGrad, _resolve_device, _to_device, as_device, dataset_fingerprint
+from .il_store import _EvalNoGrad, _resolve_device, _to_device, as_device, check_index_has_values, dataset_fingerprint
 
 __all__ = ["TokenLossStore", "sequence_key", "token_fingerprint"]
 
@@ -183,6 +183,7 @@ class TokenLossStore:
         """
         if not isinstance(index, Tensor) or index.dtype.is_floating_point or index.dtype == torch.bool or index.dim() != 1:
             raise TypeError(f"index must be a 1-D integer tensor, got {getattr(index, 'dtype', type(index).__name__)}")
+        check_index_has_values(index, self.values)
         out_device = as_device(device) if device is not None else index.device
         idx = index.to(self.values.device, non_blocking=True).to(torch.int64)
         if self.offsets is None:
