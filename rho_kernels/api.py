@@ -185,9 +185,8 @@ def select(
 
 def _sharded_problem(logits, targets, irreducible_loss, method, ignore_index, softcap, logit_scale):
     """vocab_parallel's RowProblem of a shard, carrying the checked logit transform."""
-    cap, scale = _contract.check_transform(softcap, logit_scale)
-    p = vocab_parallel.prepare(logits, targets, irreducible_loss, method, ignore_index)
-    return p._replace(softcap=cap, logit_scale=scale)
+    return vocab_parallel.prepare(logits, targets, irreducible_loss, method, ignore_index, softcap=softcap,
+                                  logit_scale=logit_scale)
 
 
 # --------------------------------------------------------------------------- argument habits
