@@ -295,16 +295,18 @@ def _declared_constexprs(kern) -> set[int]:
 # ci level: constexprs folded into one job per class, compiling the value of highest rank, whose
 # registers and shared memory bound the others' (arg: (class of a value, rank of a value)):
 # the widest on-chip sort; the most V splits (only addressing and the merge tile grow; one split
-# is the other code path); the scoring method with the most live accumulators (gradnorm; the
+# is the other code path); the scoring method with the most live accumulators (gradnorm, then
+# entropy, which the fused select compiles instead since gradnorm never takes it; the
 # irreducible method reads no logits and stays its own class).  Every method still compiles
 # once per kernel and dtype (the coverage pass of plan_variants).
+_METHOD_RANK = {3: 2, 4: 1}  # gradnorm: dx and s2x; entropy: t
 _FOLDED = {
     "_fused_select_kernel": {"N_P2": (lambda v: 0, lambda v: v),
-                             "METHOD": (lambda v: 0, lambda v: v == 3)},
+                             "METHOD": (lambda v: 0, lambda v: _METHOD_RANK.get(v, 0))},
     "_score_kernel": {"SPLIT": (lambda v: v > 1, lambda v: v),
-                      "METHOD": (lambda v: v == 2, lambda v: v == 3)},
+                      "METHOD": (lambda v: v == 2, lambda v: _METHOD_RANK.get(v, 0))},
     "_split_merge_kernel": {"SPLIT": (lambda v: 0, lambda v: v), "SPLIT_P2": (lambda v: 0, lambda v: v),
-                            "METHOD": (lambda v: 0, lambda v: v == 3)},
+                            "METHOD": (lambda v: 0, lambda v: _METHOD_RANK.get(v, 0))},
 }
 
 
@@ -601,8 +603,9 @@ def _demangle(name: str) -> str:
 
 
 def cache_key(rec: dict) -> tuple:
-    """What must match for an earlier record to stand for a compile: triton, target, job, source."""
-    return rec.get("triton"), rec["cc"], rec.get("job_key"), rec.get("source_hash")
+    """What must match for an earlier record to stand for a compile: triton, target, job, source,
+    and the launch compiled for the job (a folded job's bounding launch changes with the planner)."""
+    return rec.get("triton"), rec["cc"], rec.get("job_key"), rec.get("source_hash"), rec.get("variant")
 
 
 def load_report(path: str) -> dict:
@@ -628,7 +631,7 @@ def run(ccs: list[int], n_procs: int, build_log: Optional[str], level: str = "ci
         prev = {cache_key(r): r for r in reuse.get("triton_kernels", [])}
         keep = []
         for j in jobs:
-            r = prev.get((triton.__version__, j["cc"], j["job_key"], j["source_hash"]))
+            r = prev.get(cache_key({**j, "triton": triton.__version__}))
             (reused if r is not None else keep).append(r if r is not None else j)
         jobs = keep
     stale = []

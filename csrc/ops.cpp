@@ -23,15 +23,20 @@ PyObject* PyInit__C(void) {
 }
 
 TORCH_LIBRARY(rho_kernels, m) {
+  // Every method reads the transformed logits z' (rho::Transform: softcap = 0 means no cap,
+  // logit_scale = 1 no scale; rho_math.h).
   // Per-row score (float32 [N]) and log-sum-exp ([N]; float64 for float64 logits, else
   // float32; NaN for methods that do not read the logits).  with_lse=False: the lse is an empty
   // [0] tensor and is never written -- at small V that output is as large as the logits read.
+  // with_zsum: a third output sum_j z'_j ([N], the lse dtype; NaN for irreducible), label
+  // smoothing's sum; else an empty [0] tensor.
   m.def(
       "score_rows(Tensor logits, Tensor targets, Tensor? irreducible_loss, int method, "
-      "int ignore_index, bool with_lse=True) -> (Tensor, Tensor)");
+      "int ignore_index, bool with_lse=True, float softcap=0.0, float logit_scale=1.0, "
+      "bool with_zsum=False) -> (Tensor, Tensor, Tensor)");
   // Fused score + top-k: (indices int64 [k], scores float32 [k], valid bool [k]) in the
   // order of rho::select_key (score descending, ties to the lower row, ineligible last).
   m.def(
       "select_rows(Tensor logits, Tensor targets, Tensor? irreducible_loss, int k, int method, "
-      "int ignore_index) -> (Tensor, Tensor, Tensor)");
+      "int ignore_index, float softcap=0.0, float logit_scale=1.0) -> (Tensor, Tensor, Tensor)");
 }

@@ -240,6 +240,14 @@ struct TransformArgs {
   T scale;      // logit_scale
 };
 
+// The op layers' argument rule (rho_kernels/_contract.py, check_transform, says it in Python).
+RHO_HD bool transform_valid(double softcap, double logit_scale) {
+  const bool cap_ok = softcap == 0.0 || (softcap > 0.0 && softcap < pos_inf<double>());
+  const bool scale_ok = logit_scale == logit_scale && logit_scale != 0.0 && logit_scale < pos_inf<double>() &&
+                        logit_scale > -pos_inf<double>();
+  return cap_ok && scale_ok;
+}
+
 RHO_HD int transform_kind(double softcap, double logit_scale) {
   return softcap != 0.0 ? kSoftcap : (logit_scale != 1.0 ? kScaleOnly : kNoTransform);
 }

@@ -1129,6 +1129,45 @@ def test_transformed_special_values(backend, transform, dtype):
         assert_selection_consistent(sel, got, eligible_of(targets, got, 37), 6, method)
 
 
+def _layout_cases(dtype):
+    """Few long rows (the CPU kernel splits them along V), rows strided along V (a transposed
+    matrix) and [B, T, V] rows that are not evenly spaced (a slice of T)."""
+    g = torch.Generator().manual_seed(8)
+    long = (torch.randn(3, 20000, generator=g) * 3).to(dtype)
+    transposed = (torch.randn(300, 64, generator=g) * 3).to(dtype).t()
+    sliced = (torch.randn(4, 6, 520, generator=g) * 3).to(dtype)[:, :5, :]
+    for name, x in (("long", long), ("transposed", transposed), ("sliced", sliced)):
+        y = torch.randint(0, x.shape[-1], x.shape[:-1], generator=g)
+        y.view(-1)[1] = -100
+        il = torch.rand(x.shape[:-1], generator=g)
+        yield name, x.to(DEVICE), y.to(DEVICE), il.to(DEVICE)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("transform", [(30.0, 1.0), (None, 0.25)], ids=["cap30", "scale0.25"])
+def test_transformed_layouts(backend, transform, dtype):
+    """The transform on every row layout: scores against the float64 truth, selection consistent,
+    zsum too (label smoothing's sum)."""
+    softcap, scale = transform
+    impl = backends.get(backend)
+    for name, logits, targets, il in _layout_cases(dtype):
+        v = logits.shape[-1]
+        for method in ("reducible", "gradnorm", "entropy"):
+            what = f"{backend}/{method}/{name}"
+            kw = dict(method=method, softcap=softcap, logit_scale=scale)
+            truth = transformed_truth(logits.reshape(-1, v), targets.reshape(-1), il.reshape(-1), method, softcap,
+                                      scale)
+            got = rk.score(logits, targets, il, backend=backend, **kw)
+            assert_accurate(got, rk.score(logits, targets, il, backend="reference", **kw), truth, what)
+            k = min(5, targets.numel())
+            sel = rk.select(logits, targets, il, k, backend=backend, **kw)
+            assert_selection_consistent(sel, got.reshape(-1), eligible_of(targets, got, v), k, what)
+        p = _contract.prepare(logits, targets, il, "loss", -100, softcap=softcap, logit_scale=scale)
+        zsum = impl.score_rows(p, with_zsum=True)[2]
+        truth = hf_logits(logits.reshape(-1, v), softcap, scale).sum(-1)
+        assert_accurate(zsum, reference.score_rows(p, with_zsum=True)[2].double(), truth, f"{backend}/{name} zsum")
+
+
 @pytest.mark.parametrize("dtype", DTYPES + [torch.float64], ids=str)
 def test_score_rows_with_zsum(backend, dtype):
     """``score_rows(p, with_zsum=True)`` adds sum_j z'_j per row (label smoothing's sum)."""

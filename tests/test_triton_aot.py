@@ -209,8 +209,10 @@ def test_source_hash_follows_the_kernel_and_what_it_calls(tmp_path) -> None:
 
 
 def test_cache_key_and_merge() -> None:
-    rec = {"triton": "3.8.0", "cc": 86, "job_key": "j", "source_hash": "h", "kernel": "k"}
-    assert aot.cache_key(rec) == ("3.8.0", 86, "j", "h")
+    rec = {"triton": "3.8.0", "cc": 86, "job_key": "j", "source_hash": "h", "kernel": "k", "variant": "METHOD=3"}
+    assert aot.cache_key(rec) == ("3.8.0", 86, "j", "h", "METHOD=3")
+    # a folded job whose bounding launch changed (the planner's choice) is not the same compile
+    assert aot.cache_key({**rec, "variant": "METHOD=4"}) != aot.cache_key(rec)
     old = {"runs": {"3.6.0": {"x": 1}, "3.8.0": {"x": 2}}, "targets": {"sm_80": {}},
            "triton_kernels": [{**rec, "triton": "3.6.0"}, rec]}
     new = {"runs": {"3.8.0": {"x": 3}}, "targets": {"sm_86": {}}, "triton_kernels": [{**rec, "cc": 120}]}

@@ -83,6 +83,21 @@ def test_case_table_reaches_every_path(monkeypatch):
                     "column_fused_one_program", "column_fused_ticket", "column_two_stage", "column_split_v"}, seen
 
 
+def test_gradnorm_never_takes_the_fused_select(monkeypatch):
+    """Gradnorm's fused-select variants spilled on sm_86/89/100/120 (the six-target AOT run): the
+    planner sends gradnorm to two stages, for shapes where the other methods take the fused kernel."""
+    fused_cases = 0
+    for n, v, dtype, layout in tl_rec.CASES:
+        paths = {}
+        for method in (0, 3):
+            logits, targets, il, _, ii = tl_rec.problem(n, v, dtype, layout, method)
+            paths[method] = _path(tl_rec.record(ts, monkeypatch.setattr, ts._select_rows_impl, logits, targets, il,
+                                                tl_rec.case_k(n), method, ii))
+        fused_cases += paths[0].startswith("fused")
+        assert not paths[3].startswith("fused"), (n, v, dtype, layout, paths)
+    assert fused_cases > 0
+
+
 def test_plan_does_not_depend_on_the_gpu(monkeypatch):
     """The plan reads no device property: a row's bits do not depend on the GPU model."""
     def boom(*a, **k):

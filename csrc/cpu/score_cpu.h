@@ -25,16 +25,20 @@ struct Problem {
   const float* il;  // null where the method does not read it
   int64_t ignore_index;
   int method;
+  // The logit transform every method reads z' through (rho::Transform kind; rho_math.h).
+  int transform = 0;
+  double softcap = 0.0, logit_scale = 1.0;
 };
 
-// Outputs: score[N] always; lse[N] (float, or double for float64 logits) and keys[N]
-// (rho::select_key) where not null.  `read_ineligible` = false lets the kernel skip the logits of
-// rows whose target is ignored or out of range (their score does not depend on them).
+// Outputs: score[N] always; lse[N] and zsum[N] (sum_j z'_j; float, or double for float64 logits)
+// and keys[N] (rho::select_key) where not null.  `read_ineligible` = false lets the kernel skip the
+// logits of rows whose target is ignored or out of range (their score does not depend on them).
 struct Outputs {
   float* score;
   void* lse;
   uint64_t* keys;
   bool read_ineligible;
+  void* zsum = nullptr;
 };
 
 using ScoreFn = void (*)(const Problem&, const Outputs&);

@@ -498,12 +498,12 @@ inline void transform_block(A* buf, int64_t n, const rho::TransformArgs<A>& ta) 
 }
 
 // The accumulator of the transformed logits z' of [j0, j1) of one row, and their plain sum
-// (`zsum`): each block is read into an L1 buffer in the accumulation type, transformed there, and
-// reduced by the fp32/fp64 block kernel.
+// (`zsum`, where not null): each block is read into an L1 buffer in the accumulation type,
+// transformed there, and reduced by the fp32/fp64 block kernel.
 template <typename scalar_t, int M, int kTransform>
 RowAcc<acc_t<scalar_t>> range_acc_transformed(const scalar_t* row, int64_t stride, int64_t j0, int64_t j1,
                                               int64_t tgt, const rho::TransformArgs<acc_t<scalar_t>>& ta,
-                                              acc_t<scalar_t>& zsum) {
+                                              acc_t<scalar_t>* zsum) {
   using A = acc_t<scalar_t>;
   using V = Vec<A>;
   constexpr int64_t W = V::size();
@@ -513,17 +513,23 @@ RowAcc<acc_t<scalar_t>> range_acc_transformed(const scalar_t* row, int64_t strid
   for (int64_t b = j0; b < j1 && acc.m == acc.m; b += kBlock) {
     const int64_t n = std::min(kBlock, j1 - b);
     const scalar_t* p = row + b * stride;
-    for (int64_t i = 0; i < n; ++i) buf[i] = to_acc(p[i * stride]);
-    if constexpr (kTransform != rho::kNoTransform) transform_block<kTransform>(buf, n, ta);
-    V s(A(0));
     int64_t i = 0;
-    for (; i + W <= n; i += W) s = s + V::loadu(buf + i);
-    A tail = A(0);
-    for (; i < n; ++i) tail += buf[i];
-    zs += hsum(s) + tail;
+    if (stride == 1) {
+      for (; i + W <= n; i += W) load_acc(p + i).store(buf + i);
+    }
+    for (; i < n; ++i) buf[i] = to_acc(p[i * stride]);
+    if constexpr (kTransform != rho::kNoTransform) transform_block<kTransform>(buf, n, ta);
+    if (zsum != nullptr) {
+      V s(A(0));
+      i = 0;
+      for (; i + W <= n; i += W) s = s + V::loadu(buf + i);
+      A tail = A(0);
+      for (; i < n; ++i) tail += buf[i];
+      zs += hsum(s) + tail;
+    }
     fold_block(acc, block_acc<A, M>(buf, n, tgt < 0 ? int64_t(-1) : tgt - b));
   }
-  zsum = acc.m == acc.m ? zs : std::numeric_limits<A>::quiet_NaN();  // a NaN logit: z' NaN too
+  if (zsum != nullptr) *zsum = acc.m == acc.m ? zs : std::numeric_limits<A>::quiet_NaN();  // NaN logit: z' NaN
   return acc;
 }
 
@@ -946,36 +952,44 @@ void tile_finish(int64_t r0, int64_t g, const float* il, const TileRows<scalar_t
   }
 }
 
+// Per-row epilogue of the row paths: finalise in double (one rounding to the fp32 score), write
+// score, lse and key.  `zy` is the target's logit (z'; read only for an in-range target).
+template <int M, typename A>
+inline void finish_row(const Problem& p, const Outputs& out, int64_t r, const RowAcc<A>& acc, int ts, double zy) {
+  const bool finite_max = acc.m == acc.m && acc.m != std::numeric_limits<A>::infinity() &&
+                          acc.m != -std::numeric_limits<A>::infinity();
+  const double log_d = rho::needs_logits(M) && finite_max ? std::log(static_cast<double>(acc.d)) : 0.0;
+  const RowAcc<double> a{static_cast<double>(acc.m), static_cast<double>(acc.d), static_cast<double>(acc.t),
+                         static_cast<double>(acc.dx), static_cast<double>(acc.s2x)};
+  const double l = rho::needs_logits(M) ? rho::finalize_lse_from_log(a, log_d) : rho::quiet_nan<double>();
+  const double il = p.il != nullptr ? static_cast<double>(p.il[r]) : 0.0;
+  const float s = static_cast<float>(rho::finalize_score_from_log<double>(M, a, l, zy, il, ts, log_d));
+  out.score[r] = s;
+  if (out.lse != nullptr) static_cast<A*>(out.lse)[r] = static_cast<A>(l);
+  if (out.keys != nullptr) out.keys[r] = rho::select_key(s, rho::is_eligible(s, ts), static_cast<uint32_t>(r));
+}
+
+// Rows per thread task and the number of V pieces per row on the row paths: few rows with a long
+// vocabulary are split along V (block-aligned pieces, merged afterwards); 1 = no split.
+inline int64_t row_splits(const Problem& p) {
+  const int64_t nthreads = at::get_num_threads(), N = p.num_rows;
+  const int64_t nsplit = std::min<int64_t>(p.num_classes / kMinSplit, (4 * nthreads + N - 1) / std::max<int64_t>(N, 1));
+  return (nthreads <= 1 || N >= 4 * nthreads || nsplit < 2) ? 1 : nsplit;
+}
+
 // Score (and optionally lse, select keys) of every row.
 template <typename scalar_t, int M>
 void score_kernel(const Problem& p, const Outputs& out) {
   using A = acc_t<scalar_t>;
   const scalar_t* logits = static_cast<const scalar_t*>(p.logits);
   const int64_t N = p.num_rows, nv = p.num_classes;
-  float* score = out.score;
-  A* lse = static_cast<A*>(out.lse);
-  uint64_t* keys = out.keys;
 
-  // Per-row epilogue: finalise in double (one rounding to the fp32 score), write outputs.
-  // log_d = log(acc.d) in double where the caller has it (the tile path takes it by vector).
-  auto finish_log = [&](int64_t r, const RowAcc<A>& acc, int ts, double log_d) {
-    const RowAcc<double> a{static_cast<double>(acc.m), static_cast<double>(acc.d), static_cast<double>(acc.t),
-                           static_cast<double>(acc.dx), static_cast<double>(acc.s2x)};
-    const double l = rho::needs_logits(M) ? rho::finalize_lse_from_log(a, log_d) : rho::quiet_nan<double>();
+  auto finish = [&](int64_t r, const RowAcc<A>& acc, int ts) {
     double zy = 0.0;
     if (rho::needs_logits(M) && ts == rho::kTargetOk) {
       zy = static_cast<double>(to_acc(logits[row_offset(p, r) + p.targets[r] * p.stride_v]));
     }
-    const double il = p.il != nullptr ? static_cast<double>(p.il[r]) : 0.0;
-    const float s = static_cast<float>(rho::finalize_score_from_log<double>(M, a, l, zy, il, ts, log_d));
-    score[r] = s;
-    if (lse != nullptr) lse[r] = static_cast<A>(l);
-    if (keys != nullptr) keys[r] = rho::select_key(s, rho::is_eligible(s, ts), static_cast<uint32_t>(r));
-  };
-  auto finish = [&](int64_t r, const RowAcc<A>& acc, int ts) {
-    const bool finite_max = acc.m == acc.m && acc.m != std::numeric_limits<A>::infinity() &&
-                            acc.m != -std::numeric_limits<A>::infinity();
-    finish_log(r, acc, ts, rho::needs_logits(M) && finite_max ? std::log(static_cast<double>(acc.d)) : 0.0);
+    finish_row<M>(p, out, r, acc, ts, zy);
   };
   auto state = [&](int64_t r) { return rho::target_state(p.targets[r], nv, p.ignore_index); };
   auto reads = [&](int ts) { return rho::needs_logits(M) && (out.read_ineligible || ts == rho::kTargetOk); };
@@ -1058,9 +1072,8 @@ void score_kernel(const Problem& p, const Outputs& out) {
     return;
   }
 
-  const int64_t nthreads = at::get_num_threads();
-  const int64_t nsplit = std::min<int64_t>(nv / kMinSplit, (4 * nthreads + N - 1) / std::max<int64_t>(N, 1));
-  if (nthreads <= 1 || N >= 4 * nthreads || nsplit < 2) {
+  const int64_t nsplit = row_splits(p);
+  if (nsplit == 1) {
     const int64_t grain = std::max<int64_t>(1, kChunkElems / nv);
     parallel_chunks(N, grain, [&](int64_t begin, int64_t end) {
       for (int64_t r = begin; r < end; ++r) {
@@ -1099,22 +1112,148 @@ void score_kernel(const Problem& p, const Outputs& out) {
   delete[] part;
 }
 
+// score_kernel for transformed logits (and their zsum output): the row path alone (every layout,
+// every V), each block widened into an L1 buffer, transformed there and reduced by the block
+// kernel (range_acc_transformed, as the partials kernel does).  Its own specialisation, so the
+// plain kernel above is the code it was.
+template <typename scalar_t, int M, int kTransform>
+void score_kernel_general(const Problem& p, const Outputs& out) {
+  using A = acc_t<scalar_t>;
+  struct StdExp {
+    A operator()(A v) const { return std::exp(v); }
+  };
+  const auto ta = rho::transform_args<A>(p.softcap, p.logit_scale);
+  const scalar_t* logits = static_cast<const scalar_t*>(p.logits);
+  const int64_t N = p.num_rows, nv = p.num_classes;
+  A* zsum = static_cast<A*>(out.zsum);
+  constexpr A kNaN = std::numeric_limits<A>::quiet_NaN();
+  auto state = [&](int64_t r) { return rho::target_state(p.targets[r], nv, p.ignore_index); };
+  auto finish = [&](int64_t r, const RowAcc<A>& acc, int ts, A zs) {
+    double zy = 0.0;
+    if (rho::needs_logits(M) && ts == rho::kTargetOk) {
+      zy = static_cast<double>(rho::transform_logit<kTransform>(
+          to_acc(logits[row_offset(p, r) + p.targets[r] * p.stride_v]), ta, StdExp{}));
+    }
+    finish_row<M>(p, out, r, acc, ts, zy);
+    if (zsum != nullptr) zsum[r] = zs;
+  };
+  auto reads = [&](int ts) { return rho::needs_logits(M) && (out.read_ineligible || ts == rho::kTargetOk); };
+
+  const int64_t nsplit = rho::needs_logits(M) ? row_splits(p) : 1;
+  if (nsplit == 1) {
+    parallel_chunks(N, std::max<int64_t>(1, kChunkElems / nv), [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        const int ts = state(r);
+        RowAcc<A> acc = rho::acc_empty<A>();
+        A zs = kNaN;  // irreducible reads no logit; a skipped row's sum is never asked for
+        if (reads(ts)) {
+          const int64_t tgt = ts == rho::kTargetOk ? p.targets[r] : -1;
+          acc = range_acc_transformed<scalar_t, M, kTransform>(logits + row_offset(p, r), p.stride_v, 0, nv, tgt,
+                                                               ta, zsum != nullptr ? &zs : nullptr);
+        }
+        finish(r, acc, ts, zs);
+      }
+    });
+    return;
+  }
+  // Few rows, long vocabulary: pieces of every row, merged (zsum by addition).
+  int64_t piece = (nv + nsplit - 1) / nsplit;
+  piece = (piece + kBlock - 1) / kBlock * kBlock;
+  const int64_t nparts = N * nsplit;
+  std::unique_ptr<RowAcc<A>[]> part(new RowAcc<A>[static_cast<size_t>(nparts)]);
+  std::unique_ptr<A[]> part_zs(new A[static_cast<size_t>(nparts)]);
+  for (int64_t i = 0; i < nparts; ++i) {
+    part[i] = rho::acc_empty<A>();
+    part_zs[i] = A(0);
+  }
+  parallel_chunks(nparts, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t r = task / nsplit, j0 = (task % nsplit) * piece, j1 = std::min(nv, j0 + piece);
+      const int ts = state(r);
+      if (j0 >= j1 || !reads(ts)) continue;
+      const int64_t tgt = ts == rho::kTargetOk ? p.targets[r] : -1;
+      part[task] = range_acc_transformed<scalar_t, M, kTransform>(logits + row_offset(p, r), p.stride_v, j0, j1, tgt,
+                                                                  ta, zsum != nullptr ? &part_zs[task] : nullptr);
+    }
+  });
+  for (int64_t r = 0; r < N; ++r) {
+    RowAcc<A> acc = rho::acc_empty<A>();
+    A zs = A(0);
+    for (int64_t s = 0; s < nsplit; ++s) {
+      fold_block(acc, part[r * nsplit + s]);
+      zs += part_zs[r * nsplit + s];
+    }
+    const int ts = state(r);
+    finish(r, acc, ts, reads(ts) ? zs : kNaN);
+  }
+}
+
+// sum_j z_j of every row of plain logits (NaN for irreducible), apart from the plain kernel so
+// that asking for it leaves the scores' bits (and so the selection) as they are without it.
+template <typename scalar_t>
+void zsum_kernel(const Problem& p, acc_t<scalar_t>* zsum) {
+  using A = acc_t<scalar_t>;
+  using V = Vec<A>;
+  constexpr int64_t W = V::size();
+  const scalar_t* logits = static_cast<const scalar_t*>(p.logits);
+  const int64_t nv = p.num_classes, sv = p.stride_v;
+  if (!rho::needs_logits(p.method)) {
+    for (int64_t r = 0; r < p.num_rows; ++r) zsum[r] = std::numeric_limits<A>::quiet_NaN();
+    return;
+  }
+  parallel_chunks(p.num_rows, std::max<int64_t>(1, kChunkElems / nv), [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const scalar_t* row = logits + row_offset(p, r);
+      V s0(A(0)), s1(A(0));
+      int64_t j = 0;
+      if (sv == 1) {
+        for (; j + 2 * W <= nv; j += 2 * W) {
+          V x0, x1;
+          load_pair(row + j, x0, x1);
+          s0 = s0 + x0;
+          s1 = s1 + x1;
+        }
+      }
+      A tail = A(0);
+      for (; j < nv; ++j) tail += to_acc(row[j * sv]);
+      zsum[r] = hsum(s0 + s1) + tail;
+    }
+  });
+}
+
+// Calls f(std::integral_constant<int, method>{}) for p.method (select_cpu.cpp has rejected others).
+template <typename F>
+void with_method(int method, const F& f) {
+  switch (method) {
+    case rho::kReducible:
+      return f(std::integral_constant<int, rho::kReducible>{});
+    case rho::kLoss:
+      return f(std::integral_constant<int, rho::kLoss>{});
+    case rho::kIrreducible:
+      return f(std::integral_constant<int, rho::kIrreducible>{});
+    case rho::kGradNorm:
+      return f(std::integral_constant<int, rho::kGradNorm>{});
+    case rho::kEntropy:
+      return f(std::integral_constant<int, rho::kEntropy>{});
+    default:
+      return;
+  }
+}
+
 template <typename scalar_t>
 void score_dispatch(const Problem& p, const Outputs& out) {
-  switch (p.method) {
-    case rho::kReducible:
-      return score_kernel<scalar_t, rho::kReducible>(p, out);
-    case rho::kLoss:
-      return score_kernel<scalar_t, rho::kLoss>(p, out);
-    case rho::kIrreducible:
-      return score_kernel<scalar_t, rho::kIrreducible>(p, out);
-    case rho::kGradNorm:
-      return score_kernel<scalar_t, rho::kGradNorm>(p, out);
-    case rho::kEntropy:
-      return score_kernel<scalar_t, rho::kEntropy>(p, out);
-    default:
-      return;  // select_cpu.cpp has rejected unknown methods
-  }
+  with_method(p.method, [&](auto m) {
+    constexpr int M = decltype(m)::value;
+    switch (p.transform) {
+      case rho::kSoftcap:
+        return score_kernel_general<scalar_t, M, rho::kSoftcap>(p, out);
+      case rho::kScaleOnly:
+        return score_kernel_general<scalar_t, M, rho::kScaleOnly>(p, out);
+      default:
+        score_kernel<scalar_t, M>(p, out);
+        if (out.zsum != nullptr) zsum_kernel<scalar_t>(p, static_cast<acc_t<scalar_t>*>(out.zsum));
+    }
+  });
 }
 
 // Partials of a vocabulary slice (score_cpu.h: Partials): the row path's range_acc per row, folded
@@ -1147,7 +1286,7 @@ void partials_kernel(const Problem& p, const Partials& io) {
       }
       const scalar_t* row = logits + row_offset(p, r);
       A zs = A(0);
-      fold_block(acc, range_acc_transformed<scalar_t, M, kTransform>(row, p.stride_v, 0, nv, col, ta, zs));
+      fold_block(acc, range_acc_transformed<scalar_t, M, kTransform>(row, p.stride_v, 0, nv, col, ta, &zs));
       zsum += zs;
       if (acc.m != acc.m) acc = RowAcc<A>{acc.m, A(0), A(0), A(0), A(0)};  // a NaN row's sums are never read
       if (col >= 0) {

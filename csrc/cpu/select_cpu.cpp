@@ -128,7 +128,9 @@ std::string set_cpu_isa(const std::string& name) {
 
 // Light defence: the Python layer (rho_kernels/_contract.py) has already validated all this.
 Problem make_problem(const at::Tensor& logits, const at::Tensor& targets, const std::optional<at::Tensor>& il,
-                     int64_t method, int64_t ignore_index) {
+                     int64_t method, int64_t ignore_index, double softcap, double logit_scale) {
+  TORCH_CHECK_VALUE(rho::transform_valid(softcap, logit_scale), "rho_kernels: softcap must be 0 (none) or finite and ",
+                    "> 0 and logit_scale finite and non-zero, got softcap = ", softcap, ", logit_scale = ", logit_scale);
   TORCH_CHECK(logits.device().is_cpu() && targets.device().is_cpu(), "rho_kernels (cpu): tensors must be on the CPU");
   TORCH_CHECK(logits.dim() == 2 || logits.dim() == 3, "rho_kernels: logits must be [N, V] or [B, T, V], got ",
               logits.sizes());
@@ -178,6 +180,9 @@ Problem make_problem(const at::Tensor& logits, const at::Tensor& targets, const 
   p.targets = targets.data_ptr<int64_t>();
   p.il = il_ptr;
   p.ignore_index = ignore_index;
+  p.transform = rho::transform_kind(softcap, logit_scale);
+  p.softcap = softcap;
+  p.logit_scale = logit_scale;
   return p;
 }
 
@@ -255,21 +260,26 @@ void top_keys(const uint64_t* keys, int64_t n, int64_t k, uint64_t* out) {
   std::copy(src, src + k, out);
 }
 
-std::tuple<at::Tensor, at::Tensor> score_rows_cpu(const at::Tensor& logits, const at::Tensor& targets,
-                                                  const std::optional<at::Tensor>& il, int64_t method,
-                                                  int64_t ignore_index, bool with_lse) {
-  const Problem p = make_problem(logits, targets, il, method, ignore_index);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> score_rows_cpu(const at::Tensor& logits, const at::Tensor& targets,
+                                                              const std::optional<at::Tensor>& il, int64_t method,
+                                                              int64_t ignore_index, bool with_lse, double softcap,
+                                                              double logit_scale, bool with_zsum) {
+  const Problem p = make_problem(logits, targets, il, method, ignore_index, softcap, logit_scale);
   const auto lse_dtype = logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   at::Tensor score = at::empty({p.num_rows}, logits.options().dtype(at::kFloat));
   at::Tensor lse = at::empty({with_lse ? p.num_rows : 0}, logits.options().dtype(lse_dtype));
-  kIsas[current_isa()].fn(p, Outputs{score.data_ptr<float>(), with_lse ? lse.data_ptr() : nullptr, nullptr, true});
-  return {score, lse};
+  at::Tensor zsum = at::empty({with_zsum ? p.num_rows : 0}, logits.options().dtype(lse_dtype));
+  Outputs out{score.data_ptr<float>(), with_lse ? lse.data_ptr() : nullptr, nullptr, true};
+  out.zsum = with_zsum ? zsum.data_ptr() : nullptr;
+  kIsas[current_isa()].fn(p, out);
+  return {score, lse, zsum};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> select_rows_cpu(const at::Tensor& logits, const at::Tensor& targets,
                                                                const std::optional<at::Tensor>& il, int64_t k,
-                                                               int64_t method, int64_t ignore_index) {
-  const Problem p = make_problem(logits, targets, il, method, ignore_index);
+                                                               int64_t method, int64_t ignore_index, double softcap,
+                                                               double logit_scale) {
+  const Problem p = make_problem(logits, targets, il, method, ignore_index, softcap, logit_scale);
   const int64_t N = p.num_rows;
   TORCH_CHECK(k >= 0 && k <= N, "rho_kernels: k = ", k, " is out of range: need 0 <= k <= N = ", N);
   at::Tensor indices = at::empty({k}, logits.options().dtype(at::kLong));
@@ -301,16 +311,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> select_rows_cpu(const at::Tensor&
 at::Tensor partial_rows_cpu(const at::Tensor& logits, const at::Tensor& targets,
                             const std::optional<at::Tensor>& partials, int64_t vocab_start, int64_t method,
                             int64_t ignore_index, double softcap, double logit_scale) {
-  TORCH_CHECK_VALUE(softcap == 0.0 || (std::isfinite(softcap) && softcap > 0.0),
-                    "rho_kernels: softcap must be 0 (none) or finite and > 0, got ", softcap);
-  TORCH_CHECK_VALUE(std::isfinite(logit_scale) && logit_scale != 0.0,
-                    "rho_kernels: logit_scale must be finite and non-zero, got ", logit_scale);
   TORCH_CHECK(logits.dim() == 2, "rho_kernels: partial_rows takes [n, V_slice] logits, got ", logits.sizes());
   TORCH_CHECK(method >= 0 && method < rho::kNumMethods, "rho_kernels: unknown method id ", method);
   TORCH_CHECK(vocab_start >= 0, "rho_kernels: vocab_start must be >= 0, got ", vocab_start);
   // Methods other than gradnorm and entropy keep d alone (as loss does); none reads the IL here.
   const bool own_sums = method == rho::kGradNorm || method == rho::kEntropy;
-  const Problem p = make_problem(logits, targets, std::nullopt, own_sums ? method : int64_t(rho::kLoss), ignore_index);
+  const Problem p = make_problem(logits, targets, std::nullopt, own_sums ? method : int64_t(rho::kLoss), ignore_index,
+                                 softcap, logit_scale);
   const auto acc = logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   if (partials.has_value() && partials->defined()) {
     TORCH_CHECK(partials->device().is_cpu() && partials->scalar_type() == acc && partials->dim() == 2 &&
@@ -321,7 +328,7 @@ at::Tensor partial_rows_cpu(const at::Tensor& logits, const at::Tensor& targets,
   at::Tensor out = at::empty({p.num_rows, kNumPartials}, logits.options().dtype(acc));
   const void* in = partials.has_value() && partials->defined() ? partials->data_ptr() : nullptr;
   kIsas[current_isa()].partials(
-      p, Partials{in, out.data_ptr(), vocab_start, rho::transform_kind(softcap, logit_scale), softcap, logit_scale});
+      p, Partials{in, out.data_ptr(), vocab_start, p.transform, softcap, logit_scale});
   return out;
 }
 

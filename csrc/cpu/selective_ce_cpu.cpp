@@ -221,10 +221,9 @@ struct GradOptions {
 };
 
 void check_options(const GradOptions& o) {
-  TORCH_CHECK_VALUE(o.softcap == 0.0 || (std::isfinite(o.softcap) && o.softcap > 0.0),
-                    "ce_grad_rows: softcap must be 0 (none) or finite and > 0, got ", o.softcap);
-  TORCH_CHECK_VALUE(std::isfinite(o.logit_scale) && o.logit_scale != 0.0,
-                    "ce_grad_rows: logit_scale must be finite and non-zero, got ", o.logit_scale);
+  TORCH_CHECK_VALUE(rho::transform_valid(o.softcap, o.logit_scale), "ce_grad_rows: softcap must be 0 (none) or ",
+                    "finite and > 0 and logit_scale finite and non-zero, got softcap = ", o.softcap,
+                    ", logit_scale = ", o.logit_scale);
   TORCH_CHECK_VALUE(std::isfinite(o.terms.label_smoothing) && std::isfinite(o.terms.z_loss),
                     "ce_grad_rows: label_smoothing and z_loss must be finite, got ", o.terms.label_smoothing, " and ",
                     o.terms.z_loss);

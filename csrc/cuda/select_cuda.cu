@@ -849,29 +849,45 @@ void launch_rows(const RowParams& p, const RowOut& o, size_t smem, cudaStream_t 
 }
 
 
-std::tuple<at::Tensor, at::Tensor> score_rows_cuda(const at::Tensor& logits, const at::Tensor& targets,
-                                                   const std::optional<at::Tensor>& il, int64_t method,
-                                                   int64_t ignore_index, bool with_lse) {
+// The logit transform and the zsum output are not in these kernels yet: rho_kernels/backends/
+// _extension.py runs a transformed problem on the materialised z' (the reference's plain_problem).
+void check_plain(double softcap, double logit_scale, bool with_zsum) {
+  TORCH_CHECK_VALUE(rho::transform_valid(softcap, logit_scale), "rho_kernels: softcap must be 0 (none) or finite and ",
+                    "> 0 and logit_scale finite and non-zero, got softcap = ", softcap, ", logit_scale = ", logit_scale);
+  TORCH_CHECK_VALUE(rho::transform_kind(softcap, logit_scale) == rho::kNoTransform && !with_zsum,
+                    "rho_kernels(cuda): the CUDA kernel takes plain logits only (softcap = 0, logit_scale = 1, ",
+                    "with_zsum = False), got softcap = ", softcap, ", logit_scale = ", logit_scale,
+                    ", with_zsum = ", with_zsum);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> score_rows_cuda(const at::Tensor& logits, const at::Tensor& targets,
+                                                               const std::optional<at::Tensor>& il, int64_t method,
+                                                               int64_t ignore_index, bool with_lse, double softcap,
+                                                               double logit_scale, bool with_zsum) {
   check_inputs(logits, targets, il, method);
+  check_plain(softcap, logit_scale, with_zsum);
   const c10::cuda::OptionalCUDAGuard guard(logits.device());
   const int64_t n = targets.numel();
   const auto lse_dtype = logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   at::Tensor score = at::empty({n}, logits.options().dtype(at::kFloat));
   at::Tensor lse = at::empty({with_lse ? n : 0}, logits.options().dtype(lse_dtype));
-  if (n == 0) return {score, lse};
+  at::Tensor zsum = at::empty({0}, logits.options().dtype(lse_dtype));
+  if (n == 0) return {score, lse, zsum};
   const RowParams p = make_params(logits, targets, il, method, ignore_index);
   const RowOut o{score.data_ptr<float>(), with_lse ? lse.data_ptr() : nullptr, nullptr, false, nullptr, 0, SelOut{}};
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   dispatch(logits.scalar_type(), static_cast<int>(method), [&](auto tag, auto kind) {
     launch_rows<typename decltype(tag)::type, decltype(kind)::value>(p, o, 0, stream, logits);
   });
-  return {score, lse};
+  return {score, lse, zsum};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> select_rows_cuda(const at::Tensor& logits, const at::Tensor& targets,
                                                                 const std::optional<at::Tensor>& il, int64_t k,
-                                                                int64_t method, int64_t ignore_index) {
+                                                                int64_t method, int64_t ignore_index, double softcap,
+                                                                double logit_scale) {
   check_inputs(logits, targets, il, method);
+  check_plain(softcap, logit_scale, false);
   const int64_t n = targets.numel();
   TORCH_CHECK_VALUE(k >= 0 && k <= n, "rho_kernels: k = ", k, " is out of range: need 0 <= k <= N = ", n);
   const c10::cuda::OptionalCUDAGuard guard(logits.device());

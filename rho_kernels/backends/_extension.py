@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from .. import reference
-from .._contract import RowProblem, has_transform, lse_dtype
+from .._contract import RowProblem, lse_dtype
 
 # setup.py writes this JSON file next to the compiled _C: the torch it was compiled against, the
 # CUDA architectures, the CPU instruction set.  It is read *before* _C is loaded, because an
@@ -110,18 +110,24 @@ def unavailable_reason(dispatch_key: str, device_type: str, device: torch.device
     return None
 
 
-# Interim: the score/select kernels do not apply the logit transform yet; a transformed problem
-# runs on the materialised z' (reference.plain_problem: same numbers, one more N x V pass), and
-# zsum comes from torch.  ce_grad_rows and partial_rows do it in the kernel.
+# The CPU kernel applies the logit transform and sums z' itself; the CUDA kernel does not yet, so
+# there a transformed problem runs on the materialised z' (reference.plain_problem: the same
+# numbers, one more N x V pass) and zsum comes from torch.
 def score_rows(p: RowProblem, with_lse: bool = True, with_zsum: bool = False):
-    q = reference.plain_problem(p)
-    score, lse = torch.ops.rho_kernels.score_rows(q.logits, q.targets, q.il, q.method, q.ignore_index, with_lse)
-    return (score, lse, reference.row_zsum(q)) if with_zsum else (score, lse)
+    if p.logits.device.type != "cpu":
+        q = reference.plain_problem(p)
+        score, lse, _ = torch.ops.rho_kernels.score_rows(q.logits, q.targets, q.il, q.method, q.ignore_index, with_lse)
+        return (score, lse, reference.row_zsum(q)) if with_zsum else (score, lse)
+    score, lse, zsum = torch.ops.rho_kernels.score_rows(p.logits, p.targets, p.il, p.method, p.ignore_index, with_lse,
+                                                        p.softcap, p.logit_scale, with_zsum)
+    return (score, lse, zsum) if with_zsum else (score, lse)
 
 
 def select_rows(p: RowProblem, k: int) -> tuple[Tensor, Tensor, Tensor]:
-    q = reference.plain_problem(p)
-    return torch.ops.rho_kernels.select_rows(q.logits, q.targets, q.il, k, q.method, q.ignore_index)
+    if p.logits.device.type != "cpu":
+        p = reference.plain_problem(p)
+    return torch.ops.rho_kernels.select_rows(p.logits, p.targets, p.il, k, p.method, p.ignore_index,
+                                             p.softcap, p.logit_scale)
 
 
 def ce_grad_rows(logits: Tensor, targets: Tensor, lse: Tensor, row_scale: Tensor, ignore_index: int,
@@ -157,15 +163,17 @@ def partial_rows(logits: Tensor, targets: Tensor, partials: Optional[Tensor], vo
 if LOAD_ERROR is None:
 
     @torch.library.register_fake("rho_kernels::score_rows")
-    def _score_rows_fake(logits, targets, irreducible_loss, method, ignore_index, with_lse=True):
+    def _score_rows_fake(logits, targets, irreducible_loss, method, ignore_index, with_lse=True, softcap=0.0,
+                         logit_scale=1.0, with_zsum=False):
         n = targets.shape[0]
         return (
             logits.new_empty((n,), dtype=torch.float32),
             logits.new_empty((n if with_lse else 0,), dtype=lse_dtype(logits.dtype)),
+            logits.new_empty((n if with_zsum else 0,), dtype=lse_dtype(logits.dtype)),
         )
 
     @torch.library.register_fake("rho_kernels::select_rows")
-    def _select_rows_fake(logits, targets, irreducible_loss, k, method, ignore_index):
+    def _select_rows_fake(logits, targets, irreducible_loss, k, method, ignore_index, softcap=0.0, logit_scale=1.0):
         return (
             logits.new_empty((k,), dtype=torch.int64),
             logits.new_empty((k,), dtype=torch.float32),

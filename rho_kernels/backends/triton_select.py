@@ -54,6 +54,7 @@ from .triton_ce_grad import _device_guard, _tanh
 NAME = "triton"
 
 _M_IRREDUCIBLE = 2  # rho::kIrreducible: the logits are not read (no split-V pass)
+_M_GRADNORM = 3  # rho::kGradNorm: two more running sums per row (never the fused select)
 _INT32_MIN = -(2**31)  # high word of an ineligible row's key
 
 
@@ -452,7 +453,7 @@ _OVERRIDES: dict = {}
 FUSED_MAX_ROWS = 1024
 ONE_PROGRAM_MAX_ELEMS = 1 << 16  # below this a single program is cheaper than a ticket
 # One program that streams every row block and then sorts: at N_P2 = 1024 its gradnorm variant
-# spills on sm_80 (the AOT report), so larger problems take the ticket path.
+# spilled on sm_80, so larger problems take the ticket path.
 ONE_PROGRAM_MAX_ROWS = 256
 CAND_MAX_K = 256  # per-block candidates pay off only for small k
 CAND_BLOCK = 2048
@@ -635,10 +636,13 @@ def _score_rows_impl(logits: Tensor, targets: Tensor, il: Optional[Tensor], meth
     return score, lse, zsum
 
 
-def _use_fused(logits: Tensor, n: int) -> bool:
+def _use_fused(logits: Tensor, n: int, method: int) -> bool:
     if "fused" in _OVERRIDES:
         return bool(_OVERRIDES["fused"])
-    return n <= FUSED_MAX_ROWS and _plan(logits, n, logits.shape[-1]).split == 1
+    # Gradnorm (two more running sums) plus the on-chip sort spilled 4-8 bytes in the six-target
+    # AOT run: one-program variants on sm_100 (triton 3.8) and sm_120, soft-capped ones on sm_86 /
+    # sm_89 (triton 3.6) in both the one-program and the ticket form.  It takes two stages.
+    return n <= FUSED_MAX_ROWS and method != _M_GRADNORM and _plan(logits, n, logits.shape[-1]).split == 1
 
 
 def _select_rows_impl(logits: Tensor, targets: Tensor, il: Optional[Tensor], k: int,
@@ -655,7 +659,7 @@ def _select_rows_impl(logits: Tensor, targets: Tensor, il: Optional[Tensor], k: 
     key = torch.empty((n,), dtype=torch.int64, device=dev)
     il_arg = il if il is not None else score
     tf, cap, cap_scale, scale = _transform_args(softcap, logit_scale)
-    if _use_fused(logits, n):
+    if _use_fused(logits, n, method):
         # Same plan (blocks and warps) as score(): the fused scores are bit-identical to it.
         plan = _plan(logits, n, v)
         nblocks = triton.cdiv(n, plan.block_r)
