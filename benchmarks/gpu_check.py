@@ -18,6 +18,8 @@ Steps, in priority order:
   2 smoke        every launch path of every backend once against the reference
   3 bench        [16384, 128256] bf16, [4096, 32000] bf16: read floor, eager and compiled
                  reference, every backend, Liger-Kernel CE (reduction none) + torch.topk if it imports
+    bench_softcap [16384, 256000] bf16 with Gemma 2's softcap=30 (its JSON under
+                 ``results.bench_softcap`` of gpu_check.json)
   4 bench_small  [3200, 1000] fp32, [320, 10] fp32, the same columns
   5 memcheck     compute-sanitizer memcheck on a few CUDA and Triton cases
   6 selective_ce selective CE forward + backward at [8, 4096, 128256] bf16
@@ -106,6 +108,11 @@ def steps_for(args: argparse.Namespace, py: str, ncpu: int) -> list[Step]:
                                          "--json", os.path.join(out, f"{name}.json"),
                                          "--plot", os.path.join(out, f"{name}.png")],
                           10 if dry else 40, 150))
+        if name == "bench":  # Gemma 2's soft-capped head at its vocabulary (JSON into gpu_check.json)
+            shape = "64x1000" if dry else "16384x256000"
+            steps.append(Step("bench_softcap", bench + ["--shapes", shape, "--dtypes", "bfloat16", "--softcap", "30",
+                                                        "--json", args.softcap_json],
+                              10 if dry else 40, 150))
 
     sanitizer = shutil.which("compute-sanitizer") or (
         os.path.join(os.environ.get("CUDA_HOME", "/usr/local/cuda"), "bin", "compute-sanitizer"))
@@ -184,7 +191,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     os.makedirs(args.out, exist_ok=True)
     log_path = os.path.join(args.out, "logs.txt")
     # outside --out: the folder holds at most 8 files; its JSON goes into gpu_check.json
-    args.selftest_json = os.path.join(tempfile.mkdtemp(prefix="rho_selftest_"), "selftest.json")
+    extra = tempfile.mkdtemp(prefix="rho_gpu_check_")
+    args.selftest_json = os.path.join(extra, "selftest.json")
+    args.softcap_json = os.path.join(extra, "bench_softcap.json")
     open(log_path, "w").close()
     py = sys.executable
     ncpu = os.cpu_count() or 4
@@ -236,8 +245,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         if step.name == "build" and res["status"] in ("failed", "timeout"):
             summary["note"] = "build failed: later steps run on whatever extension was there before"
 
-    for name in ("selftest", "bench", "bench_small", "selective_ce", "linear"):
-        path = args.selftest_json if name == "selftest" else os.path.join(args.out, f"{name}.json")
+    outside = {"selftest": args.selftest_json, "bench_softcap": args.softcap_json}
+    for name in ("selftest", "bench", "bench_softcap", "bench_small", "selective_ce", "linear"):
+        path = outside.get(name, os.path.join(args.out, f"{name}.json"))
         if os.path.exists(path):
             with open(path) as f:
                 summary.setdefault("results", {})[name] = json.load(f)

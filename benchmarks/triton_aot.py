@@ -296,10 +296,10 @@ def _declared_constexprs(kern) -> set[int]:
 # registers and shared memory bound the others' (arg: (class of a value, rank of a value)):
 # the widest on-chip sort; the most V splits (only addressing and the merge tile grow; one split
 # is the other code path); the scoring method with the most live accumulators (gradnorm, then
-# entropy, which the fused select compiles instead since gradnorm never takes it; the
-# irreducible method reads no logits and stays its own class).  Every method still compiles
+# entropy, then the CE methods: the fused select takes only those; the irreducible method reads
+# no logits and stays its own class).  Every method still compiles
 # once per kernel and dtype (the coverage pass of plan_variants).
-_METHOD_RANK = {3: 2, 4: 1}  # gradnorm: dx and s2x; entropy: t
+_METHOD_RANK = {3: 3, 4: 2, 0: 1}  # gradnorm: dx and s2x; entropy: t; reducible: the IL
 _FOLDED = {
     "_fused_select_kernel": {"N_P2": (lambda v: 0, lambda v: v),
                              "METHOD": (lambda v: 0, lambda v: _METHOD_RANK.get(v, 0))},

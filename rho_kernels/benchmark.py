@@ -18,6 +18,7 @@ import argparse
 import datetime
 import json
 import logging
+import math
 import os
 import platform
 import statistics
@@ -59,14 +60,14 @@ def parse_shapes(text: str) -> list[tuple[int, int]]:
     return shapes
 
 
-def reference_select(logits, targets, il, k: int, method: str):
+def reference_select(logits, targets, il, k: int, method: str, softcap: Optional[float] = None):
     """The eager reference end to end (validation + reference score + full sort)."""
-    return rk.select(logits, targets, il, k, method=method, backend="reference")
+    return rk.select(logits, targets, il, k, method=method, backend="reference", softcap=softcap)
 
 
-def reference_score(logits, targets, il, method: str):
+def reference_score(logits, targets, il, method: str, softcap: Optional[float] = None):
     """The eager reference score op (validation + reference score)."""
-    return rk.score(logits, targets, il, method=method, backend="reference")
+    return rk.score(logits, targets, il, method=method, backend="reference", softcap=softcap)
 
 
 def _sync(device: torch.device) -> None:
@@ -162,7 +163,8 @@ def liger_peer(method: str) -> Optional[Callable]:
 
 
 def bench_case(n: int, v: int, dtype: torch.dtype, device: torch.device, backends: list[str],
-               method: str, k_ratio: float, repeats: int, warmup: int, op: str = "select") -> list[dict]:
+               method: str, k_ratio: float, repeats: int, warmup: int, op: str = "select",
+               softcap: Optional[float] = None) -> list[dict]:
     g = torch.Generator(device="cpu").manual_seed(0)
     logits = (torch.randn(n, v, generator=g, dtype=torch.float32) * 3).to(dtype).to(device)
     targets = torch.randint(0, v, (n,), generator=g).to(device)
@@ -183,22 +185,24 @@ def bench_case(n: int, v: int, dtype: torch.dtype, device: torch.device, backend
     for name in backends:
         if op == "score":
             if name == "reference":
-                fns[name] = lambda: reference_score(logits, targets, il, method)
+                fns[name] = lambda: reference_score(logits, targets, il, method, softcap)
             elif name == "compiled":
                 compiled = torch.compile(reference_score, dynamic=False)
-                fns[name] = lambda: compiled(logits, targets, il, method)
+                fns[name] = lambda: compiled(logits, targets, il, method, softcap)
             else:
-                fns[name] = (lambda b: lambda: rk.score(logits, targets, il, method=method, backend=b))(name)
+                fns[name] = (lambda b: lambda: rk.score(logits, targets, il, method=method, backend=b,
+                                                        softcap=softcap))(name)
         elif name == "reference":
-            fns[name] = lambda: reference_select(logits, targets, il, k, method)
+            fns[name] = lambda: reference_select(logits, targets, il, k, method, softcap)
         elif name == "compiled":
             compiled = torch.compile(reference_select, dynamic=False)
-            fns[name] = lambda: compiled(logits, targets, il, k, method)
+            fns[name] = lambda: compiled(logits, targets, il, k, method, softcap)
         elif name == "liger":  # main() checked that it imports
             peer = liger_peer(method)
             fns[name] = lambda: peer(logits, targets, il, k)
         else:
-            fns[name] = (lambda b: lambda: rk.select(logits, targets, il, k, method=method, backend=b))(name)
+            fns[name] = (lambda b: lambda: rk.select(logits, targets, il, k, method=method, backend=b,
+                                                     softcap=softcap))(name)
     results = {}
     for name, fn in fns.items():
         t0 = time.perf_counter()
@@ -219,7 +223,7 @@ def bench_case(n: int, v: int, dtype: torch.dtype, device: torch.device, backend
         rows.append({"backend": name, **r})
     for row in rows:
         row.update({"N": n, "V": v, "dtype": str(dtype).replace("torch.", ""), "k": k, "method": method, "op": op,
-                    "logits_bytes": logits.numel() * logits.element_size()})
+                    "softcap": softcap, "logits_bytes": logits.numel() * logits.element_size()})
     return rows
 
 
@@ -358,6 +362,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--k-ratio", type=float, default=0.1, help="k = ratio * N (default 0.1)")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--softcap", type=float, default=None,
+                    help="soft-capped logits (softcap * tanh(z / softcap), e.g. Gemma 2's 30) for every "
+                         "backend and the reference; the Liger peer is left out (no selection with a cap there)")
     ap.add_argument("--op", default=None, choices=("select", "score"),
                     help="time the fused select or the score op alone (default: select; score with --grid)")
     ap.add_argument("--grid", action="store_true",
@@ -378,11 +385,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     env = environment(device)
     print(f"rho_kernels bench on {device} ({env.get('gpu') or env['cpu_capability']}, "
           f"{env['cpu_threads']} threads, kernel ISA {env['cpu_isa']}), torch {env['torch']}, op={op}, "
-          f"method={args.method}" + (f", k={args.k_ratio}*N" if op == "select" else ""), flush=True)
+          f"method={args.method}" + (f", k={args.k_ratio}*N" if op == "select" else "")
+          + (f", softcap={args.softcap}" if args.softcap is not None else ""), flush=True)
     rows: list[dict] = []
     for n, v, d in cases:
         case_rows = bench_case(n, v, DTYPES[d], device, backend_names, args.method, args.k_ratio,
-                               args.repeats, args.warmup, op=op)
+                               args.repeats, args.warmup, op=op, softcap=args.softcap)
         print_table(case_rows)
         print(flush=True)
         rows.extend(case_rows)
@@ -420,6 +428,8 @@ def _checked(ap: argparse.ArgumentParser, args) -> tuple[torch.device, list[tupl
         ap.error(f"--repeats {args.repeats} / --warmup {args.warmup}: need repeats >= 1 and warmup >= 0")
     if args.grid and not args.grid_mb > 0:
         ap.error(f"--grid-mb {args.grid_mb}: need a size > 0")
+    if args.softcap is not None and not (math.isfinite(args.softcap) and args.softcap > 0):
+        ap.error(f"--softcap {args.softcap}: need a finite cap > 0")
 
     dtype_names = (args.dtypes or ("float32" if args.grid else DEFAULT_DTYPES.get(device.type, "float32"))).split(",")
     for d in dtype_names:
@@ -437,7 +447,8 @@ def _checked(ap: argparse.ArgumentParser, args) -> tuple[torch.device, list[tupl
 
     if not args.backends:
         names = ["reference", "compiled"] + [b for b in rk.available_backends(device) if b != "reference"]
-        return device, cases, names + (["liger"] if liger_peer(args.method) is not None else [])
+        liger = liger_peer(args.method) is not None and args.softcap is None
+        return device, cases, names + (["liger"] if liger else [])
     names = args.backends.split(",")
     for name in names:
         if name not in PEERS and name not in rk.BACKENDS:
@@ -447,6 +458,8 @@ def _checked(ap: argparse.ArgumentParser, args) -> tuple[torch.device, list[tupl
             reason = backends.unavailable_reason(name, device)
             if reason is not None:
                 ap.error(f"--backends: {name!r} cannot run on {device}: {reason}")
+        if name == "liger" and args.softcap is not None:
+            ap.error("--backends: 'liger' cannot run with --softcap (its fused CE + torch.topk peer is plain logits)")
         if name == "liger" and liger_peer(args.method) is None:
             why = ("liger_kernel does not import here" if args.method in ("reducible", "loss")
                    else f"it computes CE scores only (methods reducible, loss), not {args.method!r}")

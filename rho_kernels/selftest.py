@@ -10,8 +10,9 @@ the ordering rule exactly on the backend's own scores (``Selection.scores`` bit-
 than the tolerance.  Covered: every method on every path in float32, bfloat16 and float16 on
 every path (the method rotating, so every method meets every dtype), rows with +-inf / NaN
 logits, NaN / +-inf irreducible losses, ignored targets, ties and -0, k = 0,
-1 and N, the cross-entropy gradient kernels (``ce_grad_rows``) and the linear ops (hidden
-states + LM head: scores, selection, selective loss and its gradients).
+1 and N, soft-capped and scaled logits (and the logit sum of label smoothing), the
+cross-entropy gradient kernels (``ce_grad_rows``) and the linear ops (hidden states + LM head:
+scores, selection, selective loss and its gradients).
 
 Prints a table (backend x path: pass / FAIL with the worst error / not run and why; ``--json
 PATH`` writes it as JSON) and exits 1 if any check failed.  On CPU the Triton kernels run only
@@ -170,16 +171,18 @@ def special_case(n: int, v: int, dtype: torch.dtype, device: torch.device, seed:
     return x.to(dtype).to(device), y.to(device), il.to(device)
 
 
-def _op_check(backend: str, logits, targets, il, method: str, ks: tuple[int, ...], what: str) -> float:
+def _op_check(backend: str, logits, targets, il, method: str, ks: tuple[int, ...], what: str,
+              softcap: Optional[float] = None, logit_scale: float = 1.0) -> float:
     """score() and select() of ``backend`` against the reference; returns error / tolerance."""
-    got = api.score(logits, targets, il, method=method, backend=backend)
-    eager = api.score(logits, targets, il, method=method, backend="reference")
-    p64 = prepare(logits.double(), targets, il, method, -100)
+    kw = dict(method=method, softcap=softcap, logit_scale=logit_scale)
+    got = api.score(logits, targets, il, backend=backend, **kw)
+    eager = api.score(logits, targets, il, backend="reference", **kw)
+    p64 = prepare(logits.double(), targets, il, method, -100, softcap=softcap, logit_scale=logit_scale)
     truth = reference.score_rows(p64)[0].double()
     ratio, tol = accuracy(got, eager, truth, f"{what} scores")
-    p = prepare(logits, targets, il, method, -100)
+    p = prepare(logits, targets, il, method, -100, softcap=softcap, logit_scale=logit_scale)
     for k in ks:
-        _selection_ok(api.select(logits, targets, il, k, method=method, backend=backend), got, p, truth, tol, k,
+        _selection_ok(api.select(logits, targets, il, k, backend=backend, **kw), got, p, truth, tol, k,
                       f"{what} select k={k}")
     return ratio
 
@@ -222,6 +225,31 @@ def run_path(row: Row, device: torch.device) -> None:
             x, y, il = special_case(20, 37, torch.float32, device, seed=5)
             xt = x.t().contiguous().t()
             row.check("column-major", lambda: _op_check(b, xt, y, il, "loss", (3,), "column-major"))
+
+
+# (softcap, logit_scale): Gemma 2's cap, a cap that saturates tanh, a Cohere-like scale, a
+# negative scale under a cap.
+TRANSFORMS = ((30.0, 1.0), (0.5, 1.0), (None, 0.0625), (2.0, -1.5))
+
+
+def run_transform(row: Row, device: torch.device) -> None:
+    """Soft-capped and scaled logits (every method sees z'), the dtype and method rotating, and the
+    zsum output (label smoothing's sum) of score_rows."""
+    impl = backends.get(row.backend)
+    for j, (softcap, scale) in enumerate(TRANSFORMS):
+        dtype, method = DTYPES[j % len(DTYPES)], METHODS[j % len(METHODS)]
+        what = f"{method} {dtype} softcap={softcap} logit_scale={scale}"
+        x, y, il = special_case(14, 37, dtype, device, seed=30 + j)
+        row.check(what, lambda: _op_check(row.backend, x, y, il, method, (5,), what, softcap, scale))
+
+        def zsum(x=x, y=y, softcap=softcap, scale=scale, dtype=dtype) -> float:
+            x, y = x[6:], y[6:]  # finite rows
+            p = prepare(x, y, None, "loss", -100, softcap=softcap, logit_scale=scale)
+            got = impl.score_rows(p, with_zsum=True)[2]
+            truth = reference.row_zsum(prepare(x.double(), y, None, "loss", -100, softcap=softcap,
+                                               logit_scale=scale))
+            return accuracy(got, reference.score_rows(p, with_zsum=True)[2], truth, f"zsum {dtype}")[0]
+        row.check(f"zsum {dtype} softcap={softcap} logit_scale={scale}", zsum)
 
 
 def run_ce_grad(row: Row, device: torch.device) -> None:
@@ -290,7 +318,7 @@ def run_linear(row: Row, device: torch.device) -> None:
 
 
 def _paths_of(name: str) -> list[str]:
-    return (list(TRITON_PATHS) if name == "triton" else ["plan"]) + ["ce_grad", "linear"]
+    return (list(TRITON_PATHS) if name == "triton" else ["plan"]) + ["transform", "ce_grad", "linear"]
 
 
 def run(device: torch.device, names: Optional[list[str]] = None) -> list[Row]:
@@ -310,7 +338,7 @@ def run(device: torch.device, names: Optional[list[str]] = None) -> list[Row]:
                     row.not_run = why
                     continue
             t0 = time.perf_counter()
-            {"ce_grad": run_ce_grad, "linear": run_linear}.get(path, run_path)(row, device)
+            {"transform": run_transform, "ce_grad": run_ce_grad, "linear": run_linear}.get(path, run_path)(row, device)
             row.seconds = time.perf_counter() - t0
     return rows
 

@@ -33,16 +33,16 @@ class Launch(NamedTuple):
 CASES = [
     (3, 1000, torch.float32, "contiguous"),  # fused, one program, small-V tile
     (320, 10, torch.float32, "contiguous"),  # fused, one program, 128-row tile
-    (1000, 1000, torch.float32, "contiguous"),  # fused with the ticket
-    (1024, 4096, torch.bfloat16, "contiguous"),  # fused, whole row per program, 8 warps
-    (512, 8192, torch.float32, "contiguous"),  # fused, whole row, 16 warps
-    (600, 32001, torch.bfloat16, "contiguous"),  # fused, chunked V
+    (256, 1000, torch.float32, "contiguous"),  # fused with the ticket
+    (256, 4096, torch.bfloat16, "contiguous"),  # fused, whole row per program, 8 warps
+    (256, 8192, torch.float32, "contiguous"),  # fused, whole row, 16 warps
+    (600, 32001, torch.bfloat16, "contiguous"),  # two stages (beyond FUSED_MAX_ROWS), chunked V
     (3200, 1000, torch.float32, "contiguous"),  # two stages
     (9000, 1000, torch.bfloat16, "contiguous"),  # two stages with per-block candidates (small k)
     (2000, 128256, torch.bfloat16, "contiguous"),  # two stages, chunked V
     (4, 128256, torch.bfloat16, "contiguous"),  # split-V
     (100, 7, torch.float64, "contiguous"),  # float64
-    (1000, 203, torch.float32, "transposed"),  # column tiles, fused with the ticket
+    (256, 300, torch.float32, "transposed"),  # column tiles, fused with the ticket
     (200, 203, torch.float32, "transposed"),  # column tiles, fused, one program
     (5000, 203, torch.bfloat16, "transposed"),  # column tiles, two stages
     (40, 32000, torch.float32, "transposed"),  # column tiles, split-V
@@ -77,7 +77,7 @@ def record(ts, monkeypatch_setattr, fn, *args) -> list[Launch]:
     return launches
 
 
-def problem(n, v, dtype, layout, method=4, device="meta"):
+def problem(n, v, dtype, layout, method=0, device="meta"):
     logits = logits_for(n, v, dtype, layout, device)
     targets = torch.zeros((n,), dtype=torch.int64, device=device)
     il = torch.zeros((n,), dtype=torch.float32, device=device)

@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-ORDER = ["selftest", "build", "smoke", "bench", "bench_small", "memcheck", "selective_ce", "linear", "suite"]
+ORDER = ["selftest", "build", "smoke", "bench", "bench_softcap", "bench_small", "memcheck", "selective_ce", "linear",
+         "suite"]
 
 
 def _run(out: Path, budget: float, *extra: str) -> tuple[dict, float]:
@@ -62,5 +63,8 @@ def test_dry_run_spends_its_budget_in_order(tmp_path: Path) -> None:
     if s["steps"]["selftest"]["status"] == "ok":  # the first step's verdict is in the summary
         rows = s["results"]["selftest"]["rows"]
         assert s["results"]["selftest"]["passed"] and {r["backend"] for r in rows} == {"reference", "cpu"}
+    if s["steps"]["bench_softcap"]["status"] == "ok":  # soft-capped rows, kept inside gpu_check.json
+        rows = s["results"]["bench_softcap"]["results"]
+        assert rows and all(r["softcap"] == 30.0 and r["dtype"] == "bfloat16" for r in rows), rows
     files = [p for p in tmp_path.rglob("*") if p.is_file()]
     assert len(files) <= 8 and all(p.parent == tmp_path for p in files), files

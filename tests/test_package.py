@@ -101,6 +101,9 @@ BAD_BENCH_ARGS = [
     (["--repeats", "0"], "--repeats 0"),
     (["--device", "gpu"], "--device 'gpu': expected cpu or cuda"),
     (["--device", "meta"], "--device 'meta': expected cpu or cuda"),
+    (["--softcap", "0"], "--softcap 0.0: need a finite cap > 0"),
+    (["--softcap", "inf"], "--softcap inf: need a finite cap > 0"),
+    (["--softcap", "30", "--backends", "liger"], "'liger' cannot run with --softcap"),
 ]
 
 

@@ -215,13 +215,16 @@ def test_default_plan_heuristics(monkeypatch):
     def plan(n, v, dtype):
         t = torch.empty((0,), dtype=dtype, device="meta").as_strided((n, v), (v, 1))
         with ts._override(sms=132):
-            return ts._plan(t, n, v), ts._use_fused(t, n)
+            return ts._plan(t, n, v), ts._use_fused(t, n, 0)
 
-    p, fused = plan(320, 10, torch.float32)
+    p, fused = plan(256, 10, torch.float32)
     assert (p.block_r, p.block_v, p.split, fused) == (32, 16, 1, True)
-    assert 320 * 10 <= ts.ONE_PROGRAM_MAX_ELEMS  # [320, 10]: one program, one launch
-    p, fused = plan(1000, 1000, torch.float32)
+    assert 256 * 10 <= ts.ONE_PROGRAM_MAX_ELEMS  # [256, 10]: one program, one launch
+    assert not plan(256, 10, torch.float64)[1]  # float64: two stages
+    p, fused = plan(256, 1000, torch.float32)
     assert (p.block_r, p.block_v, p.split, fused) == (4, 1024, 1, True)
+    p, fused = plan(1000, 1000, torch.float32)  # beyond FUSED_MAX_ROWS: two stages
+    assert (p.block_r, p.block_v, p.split, fused) == (4, 1024, 1, False)
     p, fused = plan(3200, 1000, torch.float32)  # beyond FUSED_MAX_ROWS: two stages
     assert (p.block_r, p.block_v, p.split, fused) == (4, 1024, 1, False)
     p, fused = plan(4096, 4096, torch.bfloat16)

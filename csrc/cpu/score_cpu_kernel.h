@@ -977,6 +977,21 @@ inline int64_t row_splits(const Problem& p) {
   return (nthreads <= 1 || N >= 4 * nthreads || nsplit < 2) ? 1 : nsplit;
 }
 
+// Runs f(task, r, j0, j1) in parallel for the nsplit block-aligned pieces [j0, j1) of every row
+// (task = r * nsplit + the piece's index; empty pieces are skipped).
+template <typename F>
+void for_row_pieces(const Problem& p, int64_t nsplit, const F& f) {
+  const int64_t nv = p.num_classes;
+  int64_t piece = (nv + nsplit - 1) / nsplit;
+  piece = (piece + kBlock - 1) / kBlock * kBlock;
+  parallel_chunks(p.num_rows * nsplit, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t r = task / nsplit, j0 = (task % nsplit) * piece, j1 = std::min(nv, j0 + piece);
+      if (j0 < j1) f(task, r, j0, j1);
+    }
+  });
+}
+
 // Score (and optionally lse, select keys) of every row.
 template <typename scalar_t, int M>
 void score_kernel(const Problem& p, const Outputs& out) {
@@ -1089,20 +1104,15 @@ void score_kernel(const Problem& p, const Outputs& out) {
     return;
   }
 
-  // Few rows, long vocabulary: split every row into nsplit pieces (block-aligned), then merge.
-  int64_t piece = (nv + nsplit - 1) / nsplit;
-  piece = (piece + kBlock - 1) / kBlock * kBlock;
+  // Few rows, long vocabulary: split every row into nsplit pieces, then merge.
   const int64_t nparts = N * nsplit;
   RowAcc<A>* part = new RowAcc<A>[static_cast<size_t>(nparts)];
   for (int64_t i = 0; i < nparts; ++i) part[i] = rho::acc_empty<A>();
-  parallel_chunks(nparts, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t r = task / nsplit, j0 = (task % nsplit) * piece, j1 = std::min(nv, j0 + piece);
-      const int ts = state(r);
-      if (j0 >= j1 || !reads(ts)) continue;
-      const int64_t tgt = ts == rho::kTargetOk ? p.targets[r] : -1;
-      part[task] = range_acc<scalar_t, M>(logits + row_offset(p, r), p.stride_v, j0, j1, tgt);
-    }
+  for_row_pieces(p, nsplit, [&](int64_t task, int64_t r, int64_t j0, int64_t j1) {
+    const int ts = state(r);
+    if (!reads(ts)) return;
+    const int64_t tgt = ts == rho::kTargetOk ? p.targets[r] : -1;
+    part[task] = range_acc<scalar_t, M>(logits + row_offset(p, r), p.stride_v, j0, j1, tgt);
   });
   for (int64_t r = 0; r < N; ++r) {
     RowAcc<A> acc = rho::acc_empty<A>();
@@ -1157,8 +1167,6 @@ void score_kernel_general(const Problem& p, const Outputs& out) {
     return;
   }
   // Few rows, long vocabulary: pieces of every row, merged (zsum by addition).
-  int64_t piece = (nv + nsplit - 1) / nsplit;
-  piece = (piece + kBlock - 1) / kBlock * kBlock;
   const int64_t nparts = N * nsplit;
   std::unique_ptr<RowAcc<A>[]> part(new RowAcc<A>[static_cast<size_t>(nparts)]);
   std::unique_ptr<A[]> part_zs(new A[static_cast<size_t>(nparts)]);
@@ -1166,15 +1174,12 @@ void score_kernel_general(const Problem& p, const Outputs& out) {
     part[i] = rho::acc_empty<A>();
     part_zs[i] = A(0);
   }
-  parallel_chunks(nparts, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t r = task / nsplit, j0 = (task % nsplit) * piece, j1 = std::min(nv, j0 + piece);
-      const int ts = state(r);
-      if (j0 >= j1 || !reads(ts)) continue;
-      const int64_t tgt = ts == rho::kTargetOk ? p.targets[r] : -1;
-      part[task] = range_acc_transformed<scalar_t, M, kTransform>(logits + row_offset(p, r), p.stride_v, j0, j1, tgt,
-                                                                  ta, zsum != nullptr ? &part_zs[task] : nullptr);
-    }
+  for_row_pieces(p, nsplit, [&](int64_t task, int64_t r, int64_t j0, int64_t j1) {
+    const int ts = state(r);
+    if (!reads(ts)) return;
+    const int64_t tgt = ts == rho::kTargetOk ? p.targets[r] : -1;
+    part[task] = range_acc_transformed<scalar_t, M, kTransform>(logits + row_offset(p, r), p.stride_v, j0, j1, tgt,
+                                                                ta, zsum != nullptr ? &part_zs[task] : nullptr);
   });
   for (int64_t r = 0; r < N; ++r) {
     RowAcc<A> acc = rho::acc_empty<A>();

@@ -54,7 +54,13 @@ from .triton_ce_grad import _device_guard, _tanh
 NAME = "triton"
 
 _M_IRREDUCIBLE = 2  # rho::kIrreducible: the logits are not read (no split-V pass)
-_M_GRADNORM = 3  # rho::kGradNorm: two more running sums per row (never the fused select)
+# The fused select (score + on-chip sort in one kernel) takes the CE methods and irreducible only.
+# Gradnorm (dx, s2x) and entropy (t) keep more running sums live across the sort, and their fused
+# variants spilled 4-8 bytes on some targets in the six-target AOT run (gradnorm: sm_100, sm_120,
+# soft-capped sm_86 / sm_89; entropy, bf16: sm_90, sm_100, sm_120; one-program and ticket forms):
+# they take two stages (the score kernel, then torch.topk).  So do float64 logits (their fused
+# tiles spilled on sm_86 / sm_89 / sm_120 under triton 3.6).
+_FUSED_METHODS = (0, 1, 2)
 _INT32_MIN = -(2**31)  # high word of an ineligible row's key
 
 
@@ -449,8 +455,9 @@ _OVERRIDES: dict = {}
 
 # The single-launch select sorts all keys of one problem on chip (tl.sort) in its last program.
 # At 4096 int64 keys that sort dominated the kernel (registers of the whole streaming kernel,
-# serial tail on one SM); at <= 1024 keys it stays cheap.  Larger problems take two stages.
-FUSED_MAX_ROWS = 1024
+# serial tail on one SM); at 1024 keys its ticket variants still spilled 4-8 bytes on sm_86 /
+# sm_89 / sm_120 under triton 3.6 (the six-target AOT run).  Larger problems take two stages.
+FUSED_MAX_ROWS = 256
 ONE_PROGRAM_MAX_ELEMS = 1 << 16  # below this a single program is cheaper than a ticket
 # One program that streams every row block and then sorts: at N_P2 = 1024 its gradnorm variant
 # spilled on sm_80, so larger problems take the ticket path.
@@ -639,10 +646,8 @@ def _score_rows_impl(logits: Tensor, targets: Tensor, il: Optional[Tensor], meth
 def _use_fused(logits: Tensor, n: int, method: int) -> bool:
     if "fused" in _OVERRIDES:
         return bool(_OVERRIDES["fused"])
-    # Gradnorm (two more running sums) plus the on-chip sort spilled 4-8 bytes in the six-target
-    # AOT run: one-program variants on sm_100 (triton 3.8) and sm_120, soft-capped ones on sm_86 /
-    # sm_89 (triton 3.6) in both the one-program and the ticket form.  It takes two stages.
-    return n <= FUSED_MAX_ROWS and method != _M_GRADNORM and _plan(logits, n, logits.shape[-1]).split == 1
+    return (n <= FUSED_MAX_ROWS and method in _FUSED_METHODS and logits.dtype != torch.float64
+            and _plan(logits, n, logits.shape[-1]).split == 1)
 
 
 def _select_rows_impl(logits: Tensor, targets: Tensor, il: Optional[Tensor], k: int,
