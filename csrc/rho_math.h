@@ -273,8 +273,11 @@ template <typename T, typename Exp>
 RHO_HD T tanh_acc(T x, const Exp& exp_nonpos) {
   const T a = x < T(0) ? -x : x;
   const T u = a * a;
-  T p = T(kTanhPoly[0]);
-  for (int i = 1; i < kTanhPolyTerms; ++i) p = p * u + T(kTanhPoly[i]);
+  // A local copy: CUDA device code cannot index a namespace-scope array (the copy folds away).
+  static_assert(kTanhPolyTerms == 6, "the copy below lists every coefficient");
+  constexpr double c[kTanhPolyTerms] = {kTanhPoly[0], kTanhPoly[1], kTanhPoly[2], kTanhPoly[3], kTanhPoly[4], kTanhPoly[5]};
+  T p = T(c[0]);
+  for (int i = 1; i < kTanhPolyTerms; ++i) p = p * u + T(c[i]);
   const T small = a + a * (u * p);
   const T e = exp_nonpos(T(-2) * a);
   const T big = (T(1) - e) / (T(1) + e);

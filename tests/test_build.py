@@ -194,8 +194,9 @@ def test_spill_parser_catches(monkeypatch: pytest.MonkeyPatch) -> None:
 # it with nvcc for the host and run every "thread" of a 1..32-lane row group (warp-row kernels) or a
 # 256-thread block serially, merging with rho::acc_merge in the kernels' butterfly order.  This
 # checks the scalar-head / 16-byte-vector / scalar-tail partition, strided rows, the target column
-# (gradnorm's exclusion and CE's target pick), the special values, and rows of finite logits that
-# span more than FLT_MAX (hand-worked values) without a GPU.
+# (gradnorm's exclusion and CE's target pick), the special values, rows of finite logits that
+# span more than FLT_MAX (hand-worked values), and the logit transform (soft cap / scale) with the
+# z' sums of the zsum output, without a GPU.
 _ROW_SCAN_HARNESS = r"""
 // Host-only check of rho_cuda::scan_row (no GPU needed): random rows (V up to 6000, element
 // offsets 0..8 so every 16-byte misalignment occurs, strides 1 and 3, -inf / NaN / all -inf rows),
@@ -365,8 +366,123 @@ int run_extreme(const Extreme& e) {
   }
   return bad;
 }
+// The logit transform and the z' sums (Zprime): rows with -inf / +-inf / NaN under a soft cap
+// (30, or 2 so that tanh saturates; logit_scale 1 or 0.5) or a scale alone (0.25, -1.5: a negative
+// scale swaps +-inf); every thread (or tile slice x split) with its own Zprime, RowAccs merged in
+// the kernels' order and the sums added; lse, the score (CE with the picked z'_y) and zsum against
+// double on z' = cap * tanh(scale * z / cap) (or scale * z); the target pick against Zprime::one.
+template <typename A>
+bool check_transformed(const std::vector<double>& zr, int64_t y, int kM, const rho::RowAcc<A>& acc, A zy, A zsum,
+                       const char* what) {
+  const int V = (int)zr.size();
+  const A lse = rho::finalize_lse(acc);
+  double m = -INFINITY, want_zs = 0, abs_zs = 0; bool nan = false;
+  for (double v : zr) { if (v != v) nan = true; else if (v > m) m = v; want_zs += v; abs_zs += std::fabs(v); }
+  double rl;
+  if (nan) rl = NAN; else if (std::isinf(m)) rl = m; else { double d = 0; for (double v : zr) d += std::exp(v - m); rl = m + std::log(d); }
+  bool ok = (std::isnan(rl) && std::isnan((double)lse)) || rl == (double)lse || std::fabs(rl - (double)lse) < 1e-5 * (1 + std::fabs(rl));
+  const bool zs_ok = (std::isnan(want_zs) && std::isnan((double)zsum)) || want_zs == (double)zsum ||
+                     std::fabs(want_zs - (double)zsum) < 5e-5 * abs_zs + 1e-6;
+  double got = 0, want = 0;
+  if (ok && std::isfinite(rl) && y >= 0 && y < V) {
+    got = (double)rho::finalize_score<A>(kM, acc, lse, zy, A(0), rho::kTargetOk);
+    if (kM == rho::kLoss) {
+      want = rl - zr[y];
+    } else {
+      double g2 = 0, h = 0;
+      for (int j = 0; j < V; ++j) { double p = std::exp(zr[j] - rl); double q = p - (j == y ? 1 : 0); g2 += q * q; if (p > 0) h -= p * (zr[j] - rl); }
+      want = kM == rho::kGradNorm ? std::sqrt(g2) : h;
+    }
+    ok = got == want || std::fabs(got - want) < 2e-5 * (1 + std::fabs(want));  // == : z'_y = -inf, CE = +inf
+  }
+  if (!ok || !zs_ok) printf("%s kM=%d V=%d y=%ld: lse %g vs %g, score %g vs %g, zsum %g vs %g\n", what, kM, V, (long)y, (double)lse, rl, got, want, (double)zsum, want_zs);
+  return ok && zs_ok;
+}
+template <typename S, typename A, int kM, int kT>
+int run_transform(int iters) {
+  int bad = 0;
+  for (int it = 0; it < iters; ++it) {
+    const int V = (rng() % 4 == 0) ? 1000 + rng() % 5000 : 1 + rng() % 300; const int nt = kGroups[rng() % 7]; const int off = rng() % 9; const int sv = (rng() % 4 == 0) ? 3 : 1;
+    const int64_t y = (rng() % 8 == 0) ? -1 : (int64_t)(rng() % V);
+    const double cap = kT == rho::kSoftcap ? (rng() % 2 ? 30.0 : 2.0) : 0.0;
+    const double scale = kT == rho::kSoftcap ? (rng() % 2 ? 1.0 : 0.5) : (rng() % 2 ? 0.25 : -1.5);
+    const rho::TransformArgs<A> ta = rho::transform_args<A>(cap, scale);
+    std::vector<S> buf((size_t)V * sv + 64);
+    S* base = (S*)(((uintptr_t)buf.data() + 15) & ~(uintptr_t)15) + off;
+    const int special = rng() % 6;
+    for (int j = 0; j < V; ++j) {
+      float v = std::uniform_real_distribution<float>(-40, 40)(rng);
+      if (special == 1 && rng() % 5 == 0) v = -INFINITY;
+      if (special == 4 && rng() % 7 == 0) v = rng() % 2 ? INFINITY : -INFINITY;
+      base[(int64_t)j * sv] = S(v);
+    }
+    if (special == 2) base[(int64_t)(rng() % V) * sv] = S(NAN);
+    std::vector<double> zr(V);
+    for (int j = 0; j < V; ++j) {
+      const double v = (double)(A)base[(int64_t)j * sv];
+      zr[j] = cap != 0.0 ? cap * std::tanh(v * (scale / cap)) : v * scale;
+    }
+    std::vector<rho::RowAcc<A>> acc; A zsum = A(0), zy = A(0); int found = 0; bool same = true;
+    for (int t = 0; t < nt; ++t) {
+      Zprime<A, kT> zp{ta, A(0)}; TargetPick<A> pick{A(0), false};
+      acc.push_back(scan_row<S, A, kM>(base, V, sv, y, t, nt, &pick, zp));
+      zsum += zp.sum;
+      if (pick.found) { ++found; zy = pick.z; const A want = zp.one((A)base[y * sv]); same = same && (pick.z == want || (pick.z != pick.z && want != want)); }
+    }
+    const bool pick_ok = (y >= 0) ? (found == 1 && same) : found == 0;
+    if (!pick_ok) printf("transform target pick: V=%d nt=%d sv=%d y=%ld found=%d same=%d\n", V, nt, sv, (long)y, found, (int)same);
+    bad += !(pick_ok && check_transformed<A>(zr, y, kM, device_merge(acc), zy, zsum, "transform"));
+  }
+  return bad;
+}
+template <typename S, typename A, int kM, int kT>
+int run_tiles_transform(int iters) {
+  int bad = 0;
+  for (int it = 0; it < iters; ++it) {
+    const int V = (rng() % 3 == 0) ? 1 + rng() % 40 : 1 + rng() % (int)(2 * kTileChunk + 300);
+    const int sv = 1 + (int)(rng() % 3);  // one row (rows interleave with sv - 1 others)
+    const double cap = kT == rho::kSoftcap ? 30.0 : 0.0, scale = kT == rho::kSoftcap ? 0.5 : -1.5;
+    const rho::TransformArgs<A> ta = rho::transform_args<A>(cap, scale);
+    std::vector<S> buf((size_t)V * sv + 8);
+    const int special = rng() % 6;
+    std::vector<double> zr(V);
+    for (int j = 0; j < V; ++j) {
+      float v = std::uniform_real_distribution<float>(-40, 40)(rng);
+      if (special == 1 && rng() % 5 == 0) v = -INFINITY;
+      if (special == 4 && rng() % 7 == 0) v = rng() % 2 ? INFINITY : -INFINITY;
+      if (special == 2 && j == V / 2) v = NAN;
+      buf[(size_t)j * sv] = S(v);
+      const double w = (double)(A)buf[(size_t)j * sv];
+      zr[j] = cap != 0.0 ? cap * std::tanh(w * (scale / cap)) : w * scale;
+    }
+    const int64_t y = (int64_t)(rng() % V);
+    rho::RowAcc<A> acc = rho::acc_empty<A>(); A zsum = A(0);
+    for (int64_t sp = 0; sp < tile_splits(V); ++sp) {
+      Zprime<A, kT> zp{ta, A(0)};
+      rho::RowAcc<A> a = tile_slice_acc<S, A, kM>(buf.data(), V, sv, y, sp, 0, zp);
+      A zs = zp.sum;
+      for (int q = 1; q < kTileSlices; ++q) {
+        Zprime<A, kT> zq{ta, A(0)};
+        a = rho::acc_merge(a, tile_slice_acc<S, A, kM>(buf.data(), V, sv, y, sp, q, zq));
+        zs += zq.sum;
+      }
+      acc = sp == 0 ? a : rho::acc_merge(acc, a);
+      zsum += zs;
+    }
+    // The tile kernels read z_y on its own (finish_row): the same transform of the same value.
+    const A zy = Zprime<A, kT>{ta, A(0)}.one((A)buf[(size_t)y * sv]);
+    bad += !check_transformed<A>(zr, y, kM, acc, zy, zsum, "tile transform");
+  }
+  return bad;
+}
 int main() {
   int bad = 0;
+  bad += run_transform<float, float, rho::kLoss, rho::kSoftcap>(300); bad += run_transform<float, float, rho::kGradNorm, rho::kSoftcap>(200);
+  bad += run_transform<float, float, rho::kEntropy, rho::kScaleOnly>(200); bad += run_transform<float, float, rho::kLoss, rho::kScaleOnly>(200);
+  bad += run_transform<double, double, rho::kEntropy, rho::kSoftcap>(200); bad += run_transform<double, double, rho::kLoss, rho::kScaleOnly>(200);
+  bad += run_transform<__nv_bfloat16, float, rho::kLoss, rho::kSoftcap>(200); bad += run_transform<__half, float, rho::kGradNorm, rho::kScaleOnly>(200);
+  bad += run_tiles_transform<float, float, rho::kLoss, rho::kSoftcap>(40); bad += run_tiles_transform<float, float, rho::kEntropy, rho::kScaleOnly>(40);
+  bad += run_tiles_transform<__nv_bfloat16, float, rho::kGradNorm, rho::kSoftcap>(30);
   const double ln2 = std::log(2.0), ln4 = std::log(4.0);
   // p = (1, 0, 0, 0); (0.5, 0.5, 0, 0); (1/4, 1/4, 1/4, 1/4).
   const Extreme ext[] = {

@@ -15,6 +15,14 @@
 // scalar loads; it keeps one online RowAcc in fp32 (fp64 for fp64 logits) and rescales it once
 // per chunk of loaded values, not once per element.
 //
+// Logit transform (softcap / logit_scale, rho::Transform): every row kernel is a template on the
+// kind (none / scale / cap; irreducible reads no logits and has none); each value is transformed
+// to z' in the accumulation type right after widening, so the target's z_y is z' too.  The
+// transformed kernels also sum z' (score_rows' zsum output), merged by addition wherever the
+// RowAccs merge; plain logits with zsum run the scale kernel with logit_scale = 1.  kNoTransform
+// is the plain code, untouched.  fp64 with a transform skips the one-block select below (it would
+// spill at 1024 threads) for the ticket path.
+//
 // Top-k (select_rows), never a full sort of N scores:
 //   * tiny problems (N <= kFusedMaxRows, <= kFusedMaxBytes of logits): ONE launch -- one
 //     1024-thread block scores every row into shared memory, radix-selects the k-th largest
@@ -80,7 +88,19 @@ struct RowParams {
   const float* il;  // nullptr when the method does not read it
   int method;
   int64_t ignore_index;
+  int transform;  // rho::Transform: the row kernels' template argument (host dispatch only)
+  rho::TransformArgs<float> targs_f;  // for fp32 accumulation
+  rho::TransformArgs<double> targs_d;  // for fp64 (fp64 logits)
 };
+
+// The transform arguments in the accumulation type, computed once on the host.
+template <typename acc_t>
+__device__ __forceinline__ rho::TransformArgs<acc_t> transform_args_of(const RowParams& p) {
+  if constexpr (sizeof(acc_t) == sizeof(double))
+    return p.targs_d;
+  else
+    return p.targs_f;
+}
 
 struct SelOut {
   int64_t* idx;
@@ -97,6 +117,7 @@ struct RowOut {
   uint32_t* ticket;  // zeroed before the launch; nullptr = no selection tail
   uint32_t k;
   SelOut sel;
+  void* zsum;  // [N] acc_t or nullptr: sum_j z'_j (transformed kernels only; score_rows)
 };
 
 template <typename acc_t>
@@ -104,6 +125,7 @@ struct RowResult {
   float score;
   acc_t lse;
   int tstate;
+  acc_t zsum;  // sum of the row's z' (transformed kernels only)
 };
 
 template <typename acc_t, int kM>
@@ -134,6 +156,16 @@ __device__ __forceinline__ rho::RowAcc<acc_t> group_merge(rho::RowAcc<acc_t> a, 
   return a;
 }
 
+// The z' sums of a group (kSum), the same butterfly (a + b == b + a: every lane ends with the same
+// bits).  Kernels without a sum shuffle nothing.
+template <bool kSum, typename acc_t>
+__device__ __forceinline__ acc_t group_sum(acc_t s, int G) {
+  if constexpr (kSum) {
+    for (int off = G / 2; off > 0; off >>= 1) s += __shfl_xor_sync(kFull, s, off);
+  }
+  return s;
+}
+
 // Lanes that stream one row in the warp-row kernels: a power of two 1..32, from V and the
 // element size only (never the data or the GPU), so that score_rows and every select path
 // reduce a row in the same order.  About two 16-byte vectors per lane: short rows are packed
@@ -149,43 +181,52 @@ __host__ __device__ __forceinline__ int lanes_per_row(int64_t V) {
 }
 
 // Score one row with a group of nt threads (the whole block: kBlock; see group_row_result).  Must be
-// reached by every thread of the group; the result is valid in tid 0.
-template <typename scalar_t, int kKind, bool kBlock>
+// reached by every thread of the group; the result is valid in tid 0.  red_zs: the warps' z' sums
+// (transformed kernels only).
+template <typename scalar_t, int kKind, int kT, bool kBlock>
 __device__ __forceinline__ RowResult<typename rho::AccOf<scalar_t>::type> row_result(
     const RowParams& p, int64_t row, bool skip_ineligible, int tid, int nt,
-    rho::RowAcc<typename rho::AccOf<scalar_t>::type>* red) {
+    rho::RowAcc<typename rho::AccOf<scalar_t>::type>* red, typename rho::AccOf<scalar_t>::type* red_zs) {
   using acc_t = typename rho::AccOf<scalar_t>::type;
   constexpr int kM = kind_method(kKind);
+  constexpr bool kSum = kT != rho::kNoTransform;
   const int64_t y = p.targets[row];
   const int ts = rho::target_state(y, p.V, p.ignore_index);
   const acc_t il = p.il != nullptr ? static_cast<acc_t>(p.il[row]) : acc_t(0);
   rho::RowAcc<acc_t> a = rho::acc_empty<acc_t>();
   acc_t lse = rho::quiet_nan<acc_t>();
   acc_t zy = acc_t(0);
+  acc_t zs = rho::quiet_nan<acc_t>();
   // The condition is uniform over the group (one row), so the barriers inside are safe.
   if (kKind != kKindNone && !(skip_ineligible && ts != rho::kTargetOk)) {
     const int64_t b = row / p.T;
     const int64_t t = row - b * p.T;
     const scalar_t* rp = static_cast<const scalar_t*>(p.logits) + b * p.sb + t * p.st;
-    a = scan_row<scalar_t, acc_t, kM>(rp, p.V, p.sv, ts == rho::kTargetOk ? y : int64_t(-1), tid, nt);
+    Zprime<acc_t, kT> zp{transform_args_of<acc_t>(p), acc_t(0)};
+    a = scan_row<scalar_t, acc_t, kM>(rp, p.V, p.sv, ts == rho::kTargetOk ? y : int64_t(-1), tid, nt, nullptr, zp);
     a = warp_merge<acc_t, kM>(a);
+    zs = group_sum<kSum>(zp.sum, kWarp);
     if (kBlock) {
       const int warp = tid / kWarp;
       const int lane = tid % kWarp;
-      if (lane == 0) red[warp] = a;
+      if (lane == 0) {
+        red[warp] = a;
+        if (kSum) red_zs[warp] = zs;
+      }
       __syncthreads();
       if (warp == 0) {
         a = lane < nt / kWarp ? red[lane] : rho::acc_empty<acc_t>();
         a = warp_merge<acc_t, kM>(a);
+        if (kSum) zs = group_sum<kSum>(lane < nt / kWarp ? red_zs[lane] : acc_t(0), kWarp);
       }
       __syncthreads();  // red[] is reused by the next row
     }
     lse = rho::finalize_lse(a);
     // Only an in-range target is ever read.
-    if (kKind == kKindCE && ts == rho::kTargetOk && tid == 0) zy = static_cast<acc_t>(rp[y * p.sv]);
+    if (kKind == kKindCE && ts == rho::kTargetOk && tid == 0) zy = zp.one(static_cast<acc_t>(rp[y * p.sv]));
   }
   const acc_t s = rho::finalize_score<acc_t>(p.method, a, lse, zy, il, ts);
-  return RowResult<acc_t>{static_cast<float>(s), lse, ts};
+  return RowResult<acc_t>{static_cast<float>(s), lse, ts, zs};
 }
 
 // Score row `row` with the G-lane group holding lane `lane` of the warp (warp-row kernels).
@@ -193,8 +234,8 @@ __device__ __forceinline__ RowResult<typename rho::AccOf<scalar_t>::type> row_re
 // passes active = false and reads nothing.  The row is read whatever its target: nothing
 // waits on the target load, which is in flight together with the row's loads, and CE takes
 // the target logit from the row's own loads (no dependent load after the row).  The result is
-// valid in the group's first lane.
-template <typename scalar_t, int kKind>
+// valid in the group's first lane.  kSum: also the row's z' sum (kernels that may write zsum).
+template <typename scalar_t, int kKind, int kT, bool kSum = kT != rho::kNoTransform>
 __device__ __forceinline__ RowResult<typename rho::AccOf<scalar_t>::type> group_row_result(const RowParams& p,
                                                                                           int64_t row, bool active,
                                                                                           int lane, int G) {
@@ -209,8 +250,10 @@ __device__ __forceinline__ RowResult<typename rho::AccOf<scalar_t>::type> group_
   rho::RowAcc<acc_t> a = rho::acc_empty<acc_t>();
   acc_t lse = rho::quiet_nan<acc_t>();
   acc_t zy = acc_t(0);
+  acc_t zs = rho::quiet_nan<acc_t>();
   if (kKind != kKindNone) {
     TargetPick<acc_t> pick{acc_t(0), false};
+    Zprime<acc_t, kT, kSum> zp{transform_args_of<acc_t>(p), acc_t(0)};
     if (active) {
       const int64_t b = row / p.T;
       const int64_t t = row - b * p.T;
@@ -219,9 +262,10 @@ __device__ __forceinline__ RowResult<typename rho::AccOf<scalar_t>::type> group_
       // loads wait for y.  An ignored target column inside [0, V) then counts as the target for
       // the gradnorm sums, which do not matter: an ignored row scores -inf whatever they are.
       a = scan_row<scalar_t, acc_t, kM>(rp, p.V, p.sv, y, lane & (G - 1), G,
-                                        kKind == kKindCE ? &pick : nullptr);
+                                        kKind == kKindCE ? &pick : nullptr, zp);
     }
     a = group_merge<acc_t, kM>(a, G);
+    if (kSum) zs = group_sum<kSum>(zp.sum, G);
     if (kKind == kKindCE) {
       // Exactly one lane of the group read column y when 0 <= y < V; zy is not used otherwise.
       const unsigned found = __ballot_sync(kFull, pick.found);
@@ -234,7 +278,7 @@ __device__ __forceinline__ RowResult<typename rho::AccOf<scalar_t>::type> group_
   }
   const int ts = active ? rho::target_state(y, p.V, p.ignore_index) : rho::kTargetOutOfRange;
   const acc_t s = rho::finalize_score<acc_t>(p.method, a, lse, zy, il, ts);
-  return RowResult<acc_t>{static_cast<float>(s), lse, ts};
+  return RowResult<acc_t>{static_cast<float>(s), lse, ts, zs};
 }
 
 template <typename acc_t>
@@ -242,11 +286,12 @@ __device__ __forceinline__ uint64_t result_key(const RowResult<acc_t>& r, int64_
   return rho::select_key(r.score, rho::is_eligible(r.score, r.tstate), static_cast<uint32_t>(row));
 }
 
-template <typename acc_t>
+template <int kT, typename acc_t>
 __device__ __forceinline__ void write_row(const RowOut& o, int64_t row, const RowResult<acc_t>& r) {
   if (o.score != nullptr) o.score[row] = r.score;
   if (o.lse != nullptr) static_cast<acc_t*>(o.lse)[row] = r.lse;
   if (o.key != nullptr) o.key[row] = result_key(r, row);
+  if (kT != rho::kNoTransform && o.zsum != nullptr) static_cast<acc_t*>(o.zsum)[row] = r.zsum;
 }
 
 __host__ __device__ __forceinline__ int64_t next_pow2(int64_t x) {
@@ -299,9 +344,17 @@ __device__ void select_tail(const RowOut& o, int64_t n) {
   for (int i = threadIdx.x; i < static_cast<int>(o.k); i += blockDim.x) write_pick(o.sel, i, win[i], o.score, true);
 }
 
+// Blocks per SM the warp-row kernel is compiled for: 4 (64 registers), but fp64 with a transform
+// needs more registers than that (ptxas spilled 40-80 bytes at 4 on sm_90).
+template <typename scalar_t, int kT>
+__host__ __device__ constexpr int warp_kernel_min_blocks() {
+  return kT != rho::kNoTransform && sizeof(typename rho::AccOf<scalar_t>::type) == sizeof(double) ? 2 : 4;
+}
+
 // Rows of lanes_per_row lanes: each warp takes kWarp / G consecutive rows per step.
-template <typename scalar_t, int kKind>
-__global__ void __launch_bounds__(kRowThreads, 4) rho_rows_warp_kernel(RowParams p, RowOut o) {
+template <typename scalar_t, int kKind, int kT>
+__global__ void __launch_bounds__(kRowThreads, warp_kernel_min_blocks<scalar_t, kT>())
+    rho_rows_warp_kernel(RowParams p, RowOut o) {
   using acc_t = typename rho::AccOf<scalar_t>::type;
   const int G = lanes_per_row<scalar_t, kKind>(p.V);
   const int rows_per_warp = kWarp / G;
@@ -314,20 +367,21 @@ __global__ void __launch_bounds__(kRowThreads, 4) rho_rows_warp_kernel(RowParams
        base < p.n_rows; base += step) {
     const int64_t row = base + lane / G;
     const bool active = row < p.n_rows;
-    const RowResult<acc_t> r = group_row_result<scalar_t, kKind>(p, row, active, lane, G);
-    if (active && (lane & (G - 1)) == 0) write_row(o, row, r);
+    const RowResult<acc_t> r = group_row_result<scalar_t, kKind, kT>(p, row, active, lane, G);
+    if (active && (lane & (G - 1)) == 0) write_row<kT>(o, row, r);
   }
   if (o.ticket != nullptr) select_tail(o, p.n_rows);
 }
 
-template <typename scalar_t, int kKind>
+template <typename scalar_t, int kKind, int kT>
 __global__ void __launch_bounds__(kRowThreads, 4) rho_rows_block_kernel(RowParams p, RowOut o) {
   using acc_t = typename rho::AccOf<scalar_t>::type;
   __shared__ rho::RowAcc<acc_t> red[kRowThreads / kWarp];
+  __shared__ acc_t red_zs[kT == rho::kNoTransform ? 1 : kRowThreads / kWarp];  // unused when plain
   for (int64_t row = blockIdx.x; row < p.n_rows; row += gridDim.x) {
     const RowResult<acc_t> r =
-        row_result<scalar_t, kKind, true>(p, row, o.skip_ineligible, threadIdx.x, kRowThreads, red);
-    if (threadIdx.x == 0) write_row(o, row, r);
+        row_result<scalar_t, kKind, kT, true>(p, row, o.skip_ineligible, threadIdx.x, kRowThreads, red, red_zs);
+    if (threadIdx.x == 0) write_row<kT>(o, row, r);
   }
   if (o.ticket != nullptr) select_tail(o, p.n_rows);
 }
@@ -345,27 +399,35 @@ __device__ __forceinline__ const scalar_t* row_ptr(const RowParams& p, int64_t r
   return static_cast<const scalar_t*>(p.logits) + b * p.sb + t * p.st;
 }
 
-template <typename scalar_t, int kKind>
+template <typename scalar_t, int kKind, int kT>
 __device__ __forceinline__ void finish_row(const RowParams& p, const RowOut& o, int64_t row,
-                                           const rho::RowAcc<typename rho::AccOf<scalar_t>::type>& a) {
+                                           const rho::RowAcc<typename rho::AccOf<scalar_t>::type>& a,
+                                           typename rho::AccOf<scalar_t>::type zs) {
   using acc_t = typename rho::AccOf<scalar_t>::type;
   const int64_t y = p.targets[row];
   const int ts = rho::target_state(y, p.V, p.ignore_index);
   const acc_t il = p.il != nullptr ? static_cast<acc_t>(p.il[row]) : acc_t(0);
   const acc_t lse = rho::finalize_lse(a);
   acc_t zy = acc_t(0);
-  if (kKind == kKindCE && ts == rho::kTargetOk) zy = static_cast<acc_t>(row_ptr<scalar_t>(p, row)[y * p.sv]);
+  if (kKind == kKindCE && ts == rho::kTargetOk) {
+    zy = rho::transform_logit<kT>(static_cast<acc_t>(row_ptr<scalar_t>(p, row)[y * p.sv]),
+                                  transform_args_of<acc_t>(p), ExpFn{});
+  }
   const acc_t s = rho::finalize_score<acc_t>(p.method, a, lse, zy, il, ts);
-  write_row(o, row, RowResult<acc_t>{static_cast<float>(s), lse, ts});
+  write_row<kT>(o, row, RowResult<acc_t>{static_cast<float>(s), lse, ts, zs});
 }
 
-template <typename scalar_t, int kKind>
+// part_zs[split][row]: the z' sums beside part (transformed kernels with several splits only).
+template <typename scalar_t, int kKind, int kT>
 __global__ void __launch_bounds__(kRowThreads) rho_cols_tile_kernel(
-    RowParams p, RowOut o, rho::RowAcc<typename rho::AccOf<scalar_t>::type>* part, int64_t n_splits) {
+    RowParams p, RowOut o, rho::RowAcc<typename rho::AccOf<scalar_t>::type>* part,
+    typename rho::AccOf<scalar_t>::type* part_zs, int64_t n_splits) {
   using acc_t = typename rho::AccOf<scalar_t>::type;
   constexpr int kM = kind_method(kKind);
+  constexpr bool kSum = kT != rho::kNoTransform;
   static_assert(kTileRows == kWarp && kTileRows * kTileSlices == kRowThreads, "one warp per slice of a tile");
   __shared__ rho::RowAcc<acc_t> red[kTileSlices][kTileRows];
+  __shared__ acc_t red_zs[kSum ? kTileSlices : 1][kTileRows];  // unused when plain
   const int r = threadIdx.x % kTileRows;
   const int slice = threadIdx.x / kTileRows;
   const int64_t n_tiles = (p.n_rows + kTileRows - 1) / kTileRows;
@@ -374,33 +436,47 @@ __global__ void __launch_bounds__(kRowThreads) rho_cols_tile_kernel(
     const int64_t split = w / n_tiles;
     const int64_t row = tile * kTileRows + r;
     rho::RowAcc<acc_t> a = rho::acc_empty<acc_t>();
+    Zprime<acc_t, kT> zp{transform_args_of<acc_t>(p), acc_t(0)};
     // The raw target (see group_row_result): an ignored row's gradnorm sums do not matter.
     if (row < p.n_rows)
-      a = tile_slice_acc<scalar_t, acc_t, kM>(row_ptr<scalar_t>(p, row), p.V, p.sv, p.targets[row], split, slice);
+      a = tile_slice_acc<scalar_t, acc_t, kM>(row_ptr<scalar_t>(p, row), p.V, p.sv, p.targets[row], split, slice,
+                                              zp);
     red[slice][r] = a;
+    if (kSum) red_zs[slice][r] = zp.sum;
     __syncthreads();
     if (slice == 0 && row < p.n_rows) {
+      acc_t zs = zp.sum;
 #pragma unroll
-      for (int q = 1; q < kTileSlices; ++q) a = rho::acc_merge(a, red[q][r]);
-      if (n_splits == 1)
-        finish_row<scalar_t, kKind>(p, o, row, a);
-      else
+      for (int q = 1; q < kTileSlices; ++q) {
+        a = rho::acc_merge(a, red[q][r]);
+        if (kSum) zs += red_zs[q][r];
+      }
+      if (n_splits == 1) {
+        finish_row<scalar_t, kKind, kT>(p, o, row, a, zs);
+      } else {
         part[split * p.n_rows + row] = a;
+        if (kSum) part_zs[split * p.n_rows + row] = zs;
+      }
     }
     __syncthreads();  // red[] is reused by the next tile
   }
 }
 
-template <typename scalar_t, int kKind>
+template <typename scalar_t, int kKind, int kT>
 __global__ void __launch_bounds__(kRowThreads) rho_cols_final_kernel(
     RowParams p, RowOut o, const rho::RowAcc<typename rho::AccOf<scalar_t>::type>* __restrict__ part,
-    int64_t n_splits) {
+    const typename rho::AccOf<scalar_t>::type* __restrict__ part_zs, int64_t n_splits) {
   using acc_t = typename rho::AccOf<scalar_t>::type;
+  constexpr bool kSum = kT != rho::kNoTransform;
   for (int64_t row = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; row < p.n_rows;
        row += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     rho::RowAcc<acc_t> a = part[row];
-    for (int64_t s = 1; s < n_splits; ++s) a = rho::acc_merge(a, part[s * p.n_rows + row]);
-    finish_row<scalar_t, kKind>(p, o, row, a);
+    acc_t zs = kSum ? part_zs[row] : acc_t(0);
+    for (int64_t s = 1; s < n_splits; ++s) {
+      a = rho::acc_merge(a, part[s * p.n_rows + row]);
+      if (kSum) zs += part_zs[s * p.n_rows + row];
+    }
+    finish_row<scalar_t, kKind, kT>(p, o, row, a, zs);
   }
 }
 
@@ -536,9 +612,17 @@ __device__ void write_pick(const SelOut& o, int64_t i, uint64_t key, const float
   o.valid[i] = rho::key_valid(key);
 }
 
+// The one-block select kernel (1024 threads: at most 64 registers) holds fp64 with a transform
+// only by spilling: those problems take the ticket path instead (score_rows' row kernel, so the
+// same bits), and this kernel is not compiled for them.
+template <typename scalar_t, int kT>
+constexpr bool fused_select_fits() {
+  return kT == rho::kNoTransform || sizeof(typename rho::AccOf<scalar_t>::type) == sizeof(float);
+}
+
 // Small problems: score all rows, select and sort the winners, all in one block.
 // Dynamic shared memory: keys[n] | winners[P] | scores[n] (float).
-template <typename scalar_t, int kKind>
+template <typename scalar_t, int kKind, int kT>
 __global__ void __launch_bounds__(kFusedThreads) rho_fused_select_kernel(RowParams p, uint32_t k, SelOut o) {
   using acc_t = typename rho::AccOf<scalar_t>::type;
   extern __shared__ uint64_t smem[];
@@ -559,7 +643,7 @@ __global__ void __launch_bounds__(kFusedThreads) rho_fused_select_kernel(RowPara
   for (int base = static_cast<int>(threadIdx.x / kWarp) * rows_per_warp; base < n; base += kWarps * rows_per_warp) {
     const int row = base + lane / G;
     const bool active = row < n;
-    const RowResult<acc_t> r = group_row_result<scalar_t, kKind>(p, row, active, lane, G);
+    const RowResult<acc_t> r = group_row_result<scalar_t, kKind, kT, false>(p, row, active, lane, G);
     if (active && (lane & (G - 1)) == 0) {
       keys[row] = result_key(r, row);
       scores[row] = r.score;
@@ -708,8 +792,10 @@ void check_inputs(const at::Tensor& logits, const at::Tensor& targets, const std
   }
 }
 
+// transform: the rho::Transform the kernels run (score_rows with zsum runs plain logits as
+// kScaleOnly with logit_scale = 1); softcap / logit_scale give its arguments.
 RowParams make_params(const at::Tensor& logits, const at::Tensor& targets, const std::optional<at::Tensor>& il,
-                      int64_t method, int64_t ignore_index) {
+                      int64_t method, int64_t ignore_index, int transform, double softcap, double logit_scale) {
   RowParams p;
   p.logits = logits.data_ptr();
   p.V = logits.size(-1);
@@ -728,6 +814,9 @@ RowParams make_params(const at::Tensor& logits, const at::Tensor& targets, const
   p.il = rho::needs_il(static_cast<int>(method)) ? il->data_ptr<float>() : nullptr;
   p.method = static_cast<int>(method);
   p.ignore_index = ignore_index;
+  p.transform = transform;
+  p.targs_f = rho::transform_args<float>(softcap, logit_scale);
+  p.targs_d = rho::transform_args<double>(softcap, logit_scale);
   return p;
 }
 
@@ -736,20 +825,34 @@ struct Tag {
   using type = T;
 };
 
-// Calls f(Tag<scalar_t>{}, std::integral_constant<int, kind>{}) for the logits dtype and method.
+// Calls f(Tag<scalar_t>{}, std::integral_constant<int, kind>{}, std::integral_constant<int, transform>{})
+// for the logits dtype, method and p.transform.  Irreducible reads no logits: no transform.
 template <typename F>
-void dispatch(at::ScalarType st, int method, F&& f) {
+void dispatch(at::ScalarType st, int method, int transform, F&& f) {
+  using None = std::integral_constant<int, rho::kNoTransform>;
+  auto with_transform = [&](auto tag, auto kind) {
+    switch (transform) {
+      case rho::kSoftcap:
+        f(tag, kind, std::integral_constant<int, rho::kSoftcap>{});
+        break;
+      case rho::kScaleOnly:
+        f(tag, kind, std::integral_constant<int, rho::kScaleOnly>{});
+        break;
+      default:
+        f(tag, kind, None{});
+    }
+  };
   auto with_kind = [&](auto tag) {
     switch (method) {
       case rho::kReducible:
       case rho::kLoss:
-        f(tag, std::integral_constant<int, kKindCE>{});
+        with_transform(tag, std::integral_constant<int, kKindCE>{});
         break;
       case rho::kGradNorm:
-        f(tag, std::integral_constant<int, kKindGrad>{});
+        with_transform(tag, std::integral_constant<int, kKindGrad>{});
         break;
       case rho::kEntropy:
-        f(tag, std::integral_constant<int, kKindEnt>{});
+        with_transform(tag, std::integral_constant<int, kKindEnt>{});
         break;
       default:
         TORCH_CHECK_VALUE(false, "rho_kernels: unknown method id ", method);
@@ -758,9 +861,9 @@ void dispatch(at::ScalarType st, int method, F&& f) {
   if (method == rho::kIrreducible) {
     // The logits are not read: only the accumulation type (lse dtype) depends on the dtype.
     if (st == at::kDouble)
-      f(Tag<double>{}, std::integral_constant<int, kKindNone>{});
+      f(Tag<double>{}, std::integral_constant<int, kKindNone>{}, None{});
     else
-      f(Tag<float>{}, std::integral_constant<int, kKindNone>{});
+      f(Tag<float>{}, std::integral_constant<int, kKindNone>{}, None{});
     return;
   }
   switch (st) {
@@ -801,31 +904,35 @@ bool use_col_tiles(const RowParams& p) {
 }
 
 // Column-major tiles (never with a selection tail).
-template <typename scalar_t, int kKind>
+template <typename scalar_t, int kKind, int kT>
 void launch_tiles(const RowParams& p, const RowOut& o, cudaStream_t stream, const at::Tensor& like, int64_t cap) {
   using acc_t = typename rho::AccOf<scalar_t>::type;
   const int64_t n_tiles = (p.n_rows + kTileRows - 1) / kTileRows;
   const int64_t n_splits = tile_splits(p.V);
   at::Tensor ws;  // freed stream-ordered by the caching allocator, after the kernels
   rho::RowAcc<acc_t>* part = nullptr;
+  acc_t* part_zs = nullptr;  // after part (an offset of 5 acc_t per entry: aligned)
   if (n_splits > 1) {
-    ws = at::empty({p.n_rows * n_splits * static_cast<int64_t>(sizeof(rho::RowAcc<acc_t>))},
+    const int64_t parts = p.n_rows * n_splits;
+    const int64_t zs_bytes = kT != rho::kNoTransform ? parts * static_cast<int64_t>(sizeof(acc_t)) : 0;
+    ws = at::empty({parts * static_cast<int64_t>(sizeof(rho::RowAcc<acc_t>)) + zs_bytes},
                    like.options().dtype(at::kByte));
     part = reinterpret_cast<rho::RowAcc<acc_t>*>(ws.data_ptr());
+    if (zs_bytes != 0) part_zs = reinterpret_cast<acc_t*>(part + parts);
   }
-  rho_cols_tile_kernel<scalar_t, kKind>
-      <<<grid_for(n_tiles * n_splits, 1, cap), kRowThreads, 0, stream>>>(p, o, part, n_splits);
+  rho_cols_tile_kernel<scalar_t, kKind, kT>
+      <<<grid_for(n_tiles * n_splits, 1, cap), kRowThreads, 0, stream>>>(p, o, part, part_zs, n_splits);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   if (n_splits > 1) {
-    rho_cols_final_kernel<scalar_t, kKind>
-        <<<grid_for(p.n_rows, kRowThreads, cap), kRowThreads, 0, stream>>>(p, o, part, n_splits);
+    rho_cols_final_kernel<scalar_t, kKind, kT>
+        <<<grid_for(p.n_rows, kRowThreads, cap), kRowThreads, 0, stream>>>(p, o, part, part_zs, n_splits);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 }
 
 // smem: dynamic shared memory for the selection tail (0 without one); `like` gives the device
 // for the tile path's workspace.
-template <typename scalar_t, int kKind>
+template <typename scalar_t, int kKind, int kT>
 void launch_rows(const RowParams& p, const RowOut& o, size_t smem, cudaStream_t stream, const at::Tensor& like) {
   const int64_t cap = static_cast<int64_t>(sm_count()) * 64;
   // The selection tail's winners: at most 32 KiB, under the 48 KiB needing no opt-in.
@@ -834,30 +941,24 @@ void launch_rows(const RowParams& p, const RowOut& o, size_t smem, cudaStream_t 
   if constexpr (kKind != kKindNone) {  // irreducible reads no logits: never tiles
     if (use_col_tiles(p)) {
       TORCH_CHECK(o.ticket == nullptr, "rho_kernels(cuda): column-major tiles take no selection tail");
-      return launch_tiles<scalar_t, kKind>(p, o, stream, like, cap);
+      return launch_tiles<scalar_t, kKind, kT>(p, o, stream, like, cap);
     }
   }
   if (kKind == kKindNone || p.V <= kWarpRowMaxV) {
     const int64_t rows_per_block = static_cast<int64_t>(kRowThreads / kWarp) * (kWarp / lanes_per_row<scalar_t, kKind>(p.V));
     const unsigned grid = grid_for(p.n_rows, rows_per_block, cap);
-    rho_rows_warp_kernel<scalar_t, kKind><<<grid, kRowThreads, smem, stream>>>(p, o);
+    rho_rows_warp_kernel<scalar_t, kKind, kT><<<grid, kRowThreads, smem, stream>>>(p, o);
   } else {
     const unsigned grid = grid_for(p.n_rows, 1, cap);
-    rho_rows_block_kernel<scalar_t, kKind><<<grid, kRowThreads, smem, stream>>>(p, o);
+    rho_rows_block_kernel<scalar_t, kKind, kT><<<grid, kRowThreads, smem, stream>>>(p, o);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 
-// The logit transform and the zsum output are not in these kernels yet: rho_kernels/backends/
-// _extension.py runs a transformed problem on the materialised z' (the reference's plain_problem).
-void check_plain(double softcap, double logit_scale, bool with_zsum) {
+void check_transform(double softcap, double logit_scale) {
   TORCH_CHECK_VALUE(rho::transform_valid(softcap, logit_scale), "rho_kernels: softcap must be 0 (none) or finite and ",
                     "> 0 and logit_scale finite and non-zero, got softcap = ", softcap, ", logit_scale = ", logit_scale);
-  TORCH_CHECK_VALUE(rho::transform_kind(softcap, logit_scale) == rho::kNoTransform && !with_zsum,
-                    "rho_kernels(cuda): the CUDA kernel takes plain logits only (softcap = 0, logit_scale = 1, ",
-                    "with_zsum = False), got softcap = ", softcap, ", logit_scale = ", logit_scale,
-                    ", with_zsum = ", with_zsum);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> score_rows_cuda(const at::Tensor& logits, const at::Tensor& targets,
@@ -865,19 +966,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> score_rows_cuda(const at::Tensor&
                                                                int64_t ignore_index, bool with_lse, double softcap,
                                                                double logit_scale, bool with_zsum) {
   check_inputs(logits, targets, il, method);
-  check_plain(softcap, logit_scale, with_zsum);
+  check_transform(softcap, logit_scale);
   const c10::cuda::OptionalCUDAGuard guard(logits.device());
   const int64_t n = targets.numel();
   const auto lse_dtype = logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   at::Tensor score = at::empty({n}, logits.options().dtype(at::kFloat));
   at::Tensor lse = at::empty({with_lse ? n : 0}, logits.options().dtype(lse_dtype));
-  at::Tensor zsum = at::empty({0}, logits.options().dtype(lse_dtype));
+  at::Tensor zsum = at::empty({with_zsum ? n : 0}, logits.options().dtype(lse_dtype));
   if (n == 0) return {score, lse, zsum};
-  const RowParams p = make_params(logits, targets, il, method, ignore_index);
-  const RowOut o{score.data_ptr<float>(), with_lse ? lse.data_ptr() : nullptr, nullptr, false, nullptr, 0, SelOut{}};
+  const bool reads = rho::needs_logits(static_cast<int>(method));
+  if (with_zsum && !reads) zsum.fill_(rho::quiet_nan<double>());  // irreducible reads no logits
+  // Only the transformed kernels sum z': plain logits with zsum run as kScaleOnly with
+  // logit_scale = 1 (z * 1 == z exactly, so the scores keep their bits).
+  int transform = rho::transform_kind(softcap, logit_scale);
+  if (with_zsum && reads && transform == rho::kNoTransform) transform = rho::kScaleOnly;
+  const RowParams p = make_params(logits, targets, il, method, ignore_index, transform, softcap, logit_scale);
+  const RowOut o{score.data_ptr<float>(), with_lse ? lse.data_ptr() : nullptr, nullptr, false, nullptr, 0, SelOut{},
+                 with_zsum && reads ? zsum.data_ptr() : nullptr};
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  dispatch(logits.scalar_type(), static_cast<int>(method), [&](auto tag, auto kind) {
-    launch_rows<typename decltype(tag)::type, decltype(kind)::value>(p, o, 0, stream, logits);
+  dispatch(logits.scalar_type(), static_cast<int>(method), p.transform, [&](auto tag, auto kind, auto tf) {
+    launch_rows<typename decltype(tag)::type, decltype(kind)::value, decltype(tf)::value>(p, o, 0, stream, logits);
   });
   return {score, lse, zsum};
 }
@@ -887,7 +995,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> select_rows_cuda(const at::Tensor
                                                                 int64_t method, int64_t ignore_index, double softcap,
                                                                 double logit_scale) {
   check_inputs(logits, targets, il, method);
-  check_plain(softcap, logit_scale, false);
+  check_transform(softcap, logit_scale);
   const int64_t n = targets.numel();
   TORCH_CHECK_VALUE(k >= 0 && k <= n, "rho_kernels: k = ", k, " is out of range: need 0 <= k <= N = ", n);
   const c10::cuda::OptionalCUDAGuard guard(logits.device());
@@ -895,7 +1003,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> select_rows_cuda(const at::Tensor
   at::Tensor out_score = at::empty({k}, logits.options().dtype(at::kFloat));
   at::Tensor valid = at::empty({k}, logits.options().dtype(at::kBool));
   if (k == 0) return {idx, out_score, valid};  // also covers N == 0: nothing is launched
-  const RowParams p = make_params(logits, targets, il, method, ignore_index);
+  const RowParams p = make_params(logits, targets, il, method, ignore_index,
+                                 rho::transform_kind(softcap, logit_scale), softcap, logit_scale);
   const SelOut so{idx.data_ptr<int64_t>(), out_score.data_ptr<float>(), valid.data_ptr<bool>()};
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const uint32_t k32 = static_cast<uint32_t>(k);
@@ -907,17 +1016,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> select_rows_cuda(const at::Tensor
   // through the ticket path below instead (same kernel as score_rows).
   // Column-major logits take launch_rows' tile kernels, on the multi-kernel path below.
   const bool warp_rows = (method == rho::kIrreducible || logits.size(-1) <= kWarpRowMaxV) && !use_col_tiles(p);
-  if (n <= kFusedMaxRows && logit_bytes <= kFusedMaxBytes && warp_rows) {
+  const bool fused_fits = logits.scalar_type() != at::kDouble || p.transform == rho::kNoTransform;  // fused_select_fits
+  if (n <= kFusedMaxRows && logit_bytes <= kFusedMaxBytes && warp_rows && fused_fits) {
     // Tiny problem: one block does everything, no workspace.
     const size_t smem = static_cast<size_t>(n) * (sizeof(uint64_t) + sizeof(float)) +
                         static_cast<size_t>(next_pow2(k)) * sizeof(uint64_t);
     constexpr size_t kMaxSmem = kFusedMaxRows * (sizeof(uint64_t) + sizeof(float)) + kFusedMaxRows * sizeof(uint64_t);
-    dispatch(logits.scalar_type(), static_cast<int>(method), [&](auto tag, auto kind) {
-      auto kernel = rho_fused_select_kernel<typename decltype(tag)::type, decltype(kind)::value>;
-      static std::atomic<uint64_t> done{0};
-      if (smem > 48 * 1024) allow_smem(kernel, kMaxSmem, done);
-      kernel<<<1, kFusedThreads, smem, stream>>>(p, k32, so);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    dispatch(logits.scalar_type(), static_cast<int>(method), p.transform, [&](auto tag, auto kind, auto tf) {
+      using scalar_t = typename decltype(tag)::type;
+      if constexpr (fused_select_fits<scalar_t, decltype(tf)::value>()) {
+        auto kernel = rho_fused_select_kernel<scalar_t, decltype(kind)::value, decltype(tf)::value>;
+        static std::atomic<uint64_t> done{0};
+        if (smem > 48 * 1024) allow_smem(kernel, kMaxSmem, done);
+        kernel<<<1, kFusedThreads, smem, stream>>>(p, k32, so);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      }
     });
     return {idx, out_score, valid};
   }
@@ -930,10 +1043,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> select_rows_cuda(const at::Tensor
     float* scores_p = reinterpret_cast<float*>(base + n * 8);
     uint32_t* ticket = reinterpret_cast<uint32_t*>(base + n * 12);
     C10_CUDA_CHECK(cudaMemsetAsync(ticket, 0, sizeof(uint32_t), stream));
-    const RowOut o{scores_p, nullptr, keys_p, true, ticket, k32, so};
+    const RowOut o{scores_p, nullptr, keys_p, true, ticket, k32, so, nullptr};
     const size_t smem = static_cast<size_t>(next_pow2(k)) * sizeof(uint64_t);  // winners only, <= 32 KiB
-    dispatch(logits.scalar_type(), static_cast<int>(method), [&](auto tag, auto kind) {
-      launch_rows<typename decltype(tag)::type, decltype(kind)::value>(p, o, smem, stream, logits);
+    dispatch(logits.scalar_type(), static_cast<int>(method), p.transform, [&](auto tag, auto kind, auto tf) {
+      launch_rows<typename decltype(tag)::type, decltype(kind)::value, decltype(tf)::value>(p, o, smem, stream,
+                                                                                           logits);
     });
     return {idx, out_score, valid};
   }
@@ -948,9 +1062,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> select_rows_cuda(const at::Tensor
   uint32_t* hist_p = reinterpret_cast<uint32_t*>(hist.data_ptr<int32_t>());
   uint64_t* win_p = reinterpret_cast<uint64_t*>(win.data_ptr<int64_t>());
 
-  const RowOut o{scores_p, nullptr, keys_p, true, nullptr, 0, SelOut{}};
-  dispatch(logits.scalar_type(), static_cast<int>(method), [&](auto tag, auto kind) {
-    launch_rows<typename decltype(tag)::type, decltype(kind)::value>(p, o, 0, stream, logits);
+  const RowOut o{scores_p, nullptr, keys_p, true, nullptr, 0, SelOut{}, nullptr};
+  dispatch(logits.scalar_type(), static_cast<int>(method), p.transform, [&](auto tag, auto kind, auto tf) {
+    launch_rows<typename decltype(tag)::type, decltype(kind)::value, decltype(tf)::value>(p, o, 0, stream, logits);
   });
   const unsigned sel_grid = grid_for(n, kRowThreads * 8, static_cast<int64_t>(sm_count()) * 4);
   for (int pass = 0; pass < kRadixPasses; ++pass) {
