@@ -52,16 +52,6 @@ def row_logits(p: RowProblem) -> Tensor:
     return transform(z, p.softcap, p.logit_scale)
 
 
-def plain_problem(p: RowProblem) -> RowProblem:
-    """``p`` with its logits replaced by the transformed ones (materialised ``[N, V]`` in the
-    accumulation dtype) and no transform left: how a backend without the transform in its
-    kernel runs a transformed problem (same numbers, one extra ``N x V`` pass)."""
-    if not has_transform(p.softcap, p.logit_scale):
-        return p
-    z = row_logits(p).view(*p.lead_shape, p.num_classes)
-    return p._replace(logits=z, softcap=0.0, logit_scale=1.0)
-
-
 def row_zsum(p: RowProblem) -> Tensor:
     """``sum_j z'_j`` per row (``[N]``, the lse dtype; NaN for ``irreducible``, which reads no logit)."""
     if METHODS[p.method] == "irreducible":

@@ -17,7 +17,6 @@ from typing import Any, Optional
 import torch
 from torch import Tensor
 
-from .. import reference
 from .._contract import RowProblem, lse_dtype
 
 # setup.py writes this JSON file next to the compiled _C: the torch it was compiled against, the
@@ -110,22 +109,14 @@ def unavailable_reason(dispatch_key: str, device_type: str, device: torch.device
     return None
 
 
-# The CPU kernel applies the logit transform and sums z' itself; the CUDA kernel does not yet, so
-# there a transformed problem runs on the materialised z' (reference.plain_problem: the same
-# numbers, one more N x V pass) and zsum comes from torch.
+# Both kernels (CPU and CUDA) apply the logit transform and sum z' themselves.
 def score_rows(p: RowProblem, with_lse: bool = True, with_zsum: bool = False):
-    if p.logits.device.type != "cpu":
-        q = reference.plain_problem(p)
-        score, lse, _ = torch.ops.rho_kernels.score_rows(q.logits, q.targets, q.il, q.method, q.ignore_index, with_lse)
-        return (score, lse, reference.row_zsum(q)) if with_zsum else (score, lse)
     score, lse, zsum = torch.ops.rho_kernels.score_rows(p.logits, p.targets, p.il, p.method, p.ignore_index, with_lse,
                                                         p.softcap, p.logit_scale, with_zsum)
     return (score, lse, zsum) if with_zsum else (score, lse)
 
 
 def select_rows(p: RowProblem, k: int) -> tuple[Tensor, Tensor, Tensor]:
-    if p.logits.device.type != "cpu":
-        p = reference.plain_problem(p)
     return torch.ops.rho_kernels.select_rows(p.logits, p.targets, p.il, k, p.method, p.ignore_index,
                                              p.softcap, p.logit_scale)
 
