@@ -417,11 +417,12 @@ __device__ __forceinline__ void finish_row(const RowParams& p, const RowOut& o, 
   write_row<kT>(o, row, RowResult<acc_t>{static_cast<float>(s), lse, ts, zs});
 }
 
-// part_zs[split][row]: the z' sums beside part (transformed kernels with several splits only).
+// One block's tiles (rho_cols_tile_kernel*).  part_zs[split][row]: the z' sums beside part
+// (transformed kernels with several splits only).
 template <typename scalar_t, int kKind, int kT>
-__global__ void __launch_bounds__(kRowThreads) rho_cols_tile_kernel(
-    RowParams p, RowOut o, rho::RowAcc<typename rho::AccOf<scalar_t>::type>* part,
-    typename rho::AccOf<scalar_t>::type* part_zs, int64_t n_splits) {
+__device__ __forceinline__ void cols_tiles(const RowParams& p, const RowOut& o,
+                                           rho::RowAcc<typename rho::AccOf<scalar_t>::type>* part,
+                                           typename rho::AccOf<scalar_t>::type* part_zs, int64_t n_splits) {
   using acc_t = typename rho::AccOf<scalar_t>::type;
   constexpr int kM = kind_method(kKind);
   constexpr bool kSum = kT != rho::kNoTransform;
@@ -460,6 +461,28 @@ __global__ void __launch_bounds__(kRowThreads) rho_cols_tile_kernel(
     }
     __syncthreads();  // red[] is reused by the next tile
   }
+}
+
+// fp64 with a transform asks for 2 blocks per SM (a 128-register cap): with the plain kernels'
+// bounds alone ptxas for sm_120 chose 64 registers and spilled 8 bytes.  A second kernel, not a
+// template argument of the bounds, so that the plain kernels keep their exact attributes.
+template <typename scalar_t, int kT>
+constexpr bool tiles_need_two_blocks() {
+  return kT != rho::kNoTransform && sizeof(typename rho::AccOf<scalar_t>::type) == sizeof(double);
+}
+
+template <typename scalar_t, int kKind, int kT>
+__global__ void __launch_bounds__(kRowThreads) rho_cols_tile_kernel(
+    RowParams p, RowOut o, rho::RowAcc<typename rho::AccOf<scalar_t>::type>* part,
+    typename rho::AccOf<scalar_t>::type* part_zs, int64_t n_splits) {
+  cols_tiles<scalar_t, kKind, kT>(p, o, part, part_zs, n_splits);
+}
+
+template <typename scalar_t, int kKind, int kT>
+__global__ void __launch_bounds__(kRowThreads, 2) rho_cols_tile_kernel_2b(
+    RowParams p, RowOut o, rho::RowAcc<typename rho::AccOf<scalar_t>::type>* part,
+    typename rho::AccOf<scalar_t>::type* part_zs, int64_t n_splits) {
+  cols_tiles<scalar_t, kKind, kT>(p, o, part, part_zs, n_splits);
 }
 
 template <typename scalar_t, int kKind, int kT>
@@ -920,8 +943,13 @@ void launch_tiles(const RowParams& p, const RowOut& o, cudaStream_t stream, cons
     part = reinterpret_cast<rho::RowAcc<acc_t>*>(ws.data_ptr());
     if (zs_bytes != 0) part_zs = reinterpret_cast<acc_t*>(part + parts);
   }
-  rho_cols_tile_kernel<scalar_t, kKind, kT>
-      <<<grid_for(n_tiles * n_splits, 1, cap), kRowThreads, 0, stream>>>(p, o, part, part_zs, n_splits);
+  auto tiles = [&](auto kernel) {
+    kernel<<<grid_for(n_tiles * n_splits, 1, cap), kRowThreads, 0, stream>>>(p, o, part, part_zs, n_splits);
+  };
+  if constexpr (tiles_need_two_blocks<scalar_t, kT>())
+    tiles(rho_cols_tile_kernel_2b<scalar_t, kKind, kT>);
+  else
+    tiles(rho_cols_tile_kernel<scalar_t, kKind, kT>);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   if (n_splits > 1) {
     rho_cols_final_kernel<scalar_t, kKind, kT>
