@@ -10,17 +10,16 @@ import math
 import multiprocessing
 import os
 import signal
-import socket
 import tempfile
 
 import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 from torch.utils.data import TensorDataset
 
+from _spawn import launch  # tests/ is on the path
 from rho_kernels.training import IndexedDataset, IrreducibleLossStore, TokenLossStore, il_build
 
 torch.set_num_threads(1)
@@ -189,42 +188,32 @@ def test_build_killed_at_random_points_resumes_to_the_clean_table(tmp_path, kind
 
 
 # ------------------------------------------------------------------------------ distributed
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _dist_worker(rank: int, world: int, port: int, folder: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    try:
-        ds, m = _data(), _model()
-        one = IrreducibleLossStore.build(m, ds, **BUILD)  # this process alone: the reference
-        for kw in ({}, {"checkpoint": os.path.join(folder, f"ex{world}")},
-                   {"checkpoint": os.path.join(folder, f"ex{world}"), "mmap": True}):
-            got = IrreducibleLossStore.build(m, ds, distributed=True, **BUILD, **kw)
-            assert _same(got.losses, one.losses), (world, kw)
-            assert got.fingerprint == one.fingerprint and got.num_ignored == one.num_ignored == 2
-        inp, tgt = _tokens()
-        lengths = torch.tensor([6, 3, 5, 1, 6, 2, 4, 6, 5, 3, 2])
-        for dtype in (torch.float16, torch.float32):
-            tds = IndexedDataset(TensorDataset(inp, tgt))
-            ref = TokenLossStore.build(_LM(), tds, dtype=dtype, batch_size=3, progress=False)
-            for kw in ({}, {"checkpoint": os.path.join(folder, f"tok{world}{dtype}"), "mmap": True}):
-                got = TokenLossStore.build(_LM(), tds, dtype=dtype, batch_size=3, progress=False, distributed=True, **kw)
-                assert _same(got.values, ref.values) and got.fingerprint == ref.fingerprint, (world, dtype, kw)
-        rds = _Ragged(inp, tgt, lengths)
-        ref = TokenLossStore.build(_LM(), rds, lengths=lengths, batch_size=3, progress=False)
-        got = TokenLossStore.build(_LM(), rds, lengths=lengths, batch_size=3, progress=False, distributed=True)
-        assert _same(got.values, ref.values) and torch.equal(got.offsets, ref.offsets)
-        if world == 3:  # the 2-rank run's folder cannot be resumed with 3 ranks
-            with pytest.raises(ValueError, match="2-rank build"):
-                IrreducibleLossStore.build(m, ds, distributed=True, checkpoint=os.path.join(folder, "ex2"), **BUILD)
-        with open(os.path.join(folder, f"ok{world}-{rank}"), "w") as f:
-            f.write("ok")
-    finally:
-        dist.destroy_process_group()
+def _dist_worker(rank: int, world: int, folder: str) -> None:
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    ds, m = _data(), _model()
+    one = IrreducibleLossStore.build(m, ds, **BUILD)  # this process alone: the reference
+    for kw in ({}, {"checkpoint": os.path.join(folder, f"ex{world}")},
+               {"checkpoint": os.path.join(folder, f"ex{world}"), "mmap": True}):
+        got = IrreducibleLossStore.build(m, ds, distributed=True, **BUILD, **kw)
+        assert _same(got.losses, one.losses), (world, kw)
+        assert got.fingerprint == one.fingerprint and got.num_ignored == one.num_ignored == 2
+    inp, tgt = _tokens()
+    lengths = torch.tensor([6, 3, 5, 1, 6, 2, 4, 6, 5, 3, 2])
+    for dtype in (torch.float16, torch.float32):
+        tds = IndexedDataset(TensorDataset(inp, tgt))
+        ref = TokenLossStore.build(_LM(), tds, dtype=dtype, batch_size=3, progress=False)
+        for kw in ({}, {"checkpoint": os.path.join(folder, f"tok{world}{dtype}"), "mmap": True}):
+            got = TokenLossStore.build(_LM(), tds, dtype=dtype, batch_size=3, progress=False, distributed=True, **kw)
+            assert _same(got.values, ref.values) and got.fingerprint == ref.fingerprint, (world, dtype, kw)
+    rds = _Ragged(inp, tgt, lengths)
+    ref = TokenLossStore.build(_LM(), rds, lengths=lengths, batch_size=3, progress=False)
+    got = TokenLossStore.build(_LM(), rds, lengths=lengths, batch_size=3, progress=False, distributed=True)
+    assert _same(got.values, ref.values) and torch.equal(got.offsets, ref.offsets)
+    if world == 3:  # the 2-rank run's folder cannot be resumed with 3 ranks
+        with pytest.raises(ValueError, match="2-rank build"):
+            IrreducibleLossStore.build(m, ds, distributed=True, checkpoint=os.path.join(folder, "ex2"), **BUILD)
+    with open(os.path.join(folder, f"ok{world}-{rank}"), "w") as f:
+        f.write("ok")
 
 
 @pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available() or not hasattr(os, "fork"),
@@ -233,8 +222,7 @@ def test_distributed_build_is_bit_identical_to_one_process_with_2_and_3_ranks():
     with tempfile.TemporaryDirectory() as folder:
         for world in (2, 3):
             # fork: the workers need no fresh interpreter (importing torch takes seconds)
-            mp.start_processes(_dist_worker, args=(world, _free_port(), folder), nprocs=world, join=True,
-                               start_method="fork")
+            launch(_dist_worker, world, world, folder, start_method="fork")
         assert sorted(f for f in os.listdir(folder) if f.startswith("ok")) == ["ok2-0", "ok2-1", "ok3-0", "ok3-1", "ok3-2"]
 
 

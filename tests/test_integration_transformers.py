@@ -27,6 +27,7 @@ from transformers import (  # noqa: E402
     TrainingArguments,
 )
 
+from _spawn import launch  # noqa: E402  (tests/ is on the path)
 from rho_kernels.integrations import transformers as rkt  # noqa: E402
 from rho_kernels.tokens import kept_count  # noqa: E402
 from rho_kernels.training import IrreducibleLossStore  # noqa: E402
@@ -446,22 +447,7 @@ def test_rho_loss_ratio_resume_and_checks(tmp_path):
 
 
 # ------------------------------------------------------------------------------ DDP (gloo, 2 ranks)
-def _ddp_worker(rank, port, tmpdir, world):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
-                      WORLD_SIZE=str(world))
-    torch.set_num_threads(1)
-    import torch.distributed as dist
-
-    try:
-        _ddp_checks(tmpdir, world)
-    finally:
-        # Tear the group down before exit: a gloo group left to the interpreter's shutdown can
-        # abort the process ("terminate called without an active exception") after a pass.
-        if dist.is_initialized():
-            dist.destroy_process_group()
-
-
-def _ddp_checks(tmpdir, world):
+def _ddp_worker(rank, tmpdir, world):  # the Trainer initialises the group from the env
     import torch.distributed as dist
 
     model, ref = tiny_llama(0), tiny_llama(1)
@@ -491,11 +477,4 @@ def _ddp_checks(tmpdir, world):
 
 
 def test_rho1_ddp_selects_per_rank(tmp_path):
-    import socket
-
-    import torch.multiprocessing as mp
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_ddp_worker, args=(port, str(tmp_path), 2), nprocs=2, join=True)
+    launch(_ddp_worker, 2, str(tmp_path), 2)

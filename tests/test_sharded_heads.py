@@ -18,11 +18,11 @@ import sys
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 
 import rho_kernels as rk
-from test_vocab_parallel import _free_port, _same_on_every_rank  # tests/ is on the path
+from _spawn import free_port, launch  # tests/ is on the path
+from test_vocab_parallel import _same_on_every_rank
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORLD = 2
@@ -44,34 +44,6 @@ def _data(seed: int, rows: int = 24):
     targets.view(-1)[2:4] = torch.tensor([11, 12])  # both sides of the 2-rank shard boundary (12 | 11)
     ref = torch.rand(rows // 8, 8, generator=g) * 2
     return hidden, targets, ref
-
-
-def _launch(fn, *args, nprocs=WORLD):
-    mp.spawn(_run, args=(fn, _free_port(), nprocs, args), nprocs=nprocs, join=True)
-
-
-def _run(rank, fn, port, world, args):
-    torch.set_num_threads(1)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
-                      WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world))
-    try:
-        fn(rank, *args)
-    except Exception:
-        # mp.spawn reports whichever rank failed first, often a peer's "connection closed".
-        import traceback
-
-        traceback.print_exc()
-        raise
-    finally:
-        # A gloo group left to the interpreter's shutdown can abort the process after a pass.
-        if dist.is_initialized():
-            dist.destroy_process_group()
-    # Every check has passed: leave without the interpreter's teardown, where a thread that
-    # DeepSpeed / gloo left joinable can still abort the process (std::terminate, SIGABRT: seen
-    # in CI after the ZeRO-3 trainer case's checks had all passed).
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
 
 
 # ------------------------------------------------------------------------------ op level
@@ -282,7 +254,7 @@ def _op_worker(rank, with_deepspeed):
 
 def test_sharded_heads_gloo():
     """TP (DTensor weight, logits, head module), FSDP2 step, full_tensor() wrong, ZeRO-3 step."""
-    _launch(_op_worker, HAS_DEEPSPEED)
+    launch(_op_worker, WORLD, HAS_DEEPSPEED)
     if not HAS_DEEPSPEED:
         pytest.skip(f"the ZeRO-3 cases did not run: {NO_DEEPSPEED} (TP and FSDP2 passed)")
 
@@ -430,7 +402,7 @@ def test_trainers_match_one_process(engine, one_process_losses, tmp_path):
     fully_shard model (see _fsdp2_compute_loss for why not Trainer(fsdp=...) on CPU)."""
     if engine == "zero3" and not HAS_DEEPSPEED:
         pytest.skip(NO_DEEPSPEED)
-    _launch(_trainer_worker, engine, str(tmp_path), one_process_losses[engine])
+    launch(_trainer_worker, WORLD, engine, str(tmp_path), one_process_losses[engine])
 
 
 # ------------------------------------------------------------------------------ the recipe
@@ -438,7 +410,7 @@ def _recipe(*argv, nproc=None):
     env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}
     env.pop("RANK", None)
     launcher = [] if nproc is None else ["-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-                                         "--master_port", str(_free_port())]
+                                         "--master_port", str(free_port())]
     out = subprocess.run([sys.executable, *launcher, os.path.join(ROOT, "python", "rho1_fsdp_tp.py"), *argv],
                          env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
